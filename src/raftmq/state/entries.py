@@ -1,0 +1,350 @@
+"""State-machine entries: every change of durable broker state as one discrete operation.
+
+Theory of operation
+-------------------
+The broker never writes durable state directly.  Each change a client could find
+again after a crash or failover (DESIGN.md §2 "what must be a proposal") is
+expressed as one of the operations below, handed to a ``Store`` (state/store.py)
+in a batch, and acknowledged to the client only when the store says the batch is
+committed.  The operations mirror Mosquitto's persistence events
+(``plugin_persist__handle_<object>_<add|update|delete>``): a session, a
+subscription, a queued message, a retained message, a will, QoS 2 receive state,
+a dynamic-security change.
+
+The same operations are Raft log entries: ``encode_ops``/``decode_ops`` turn a
+batch into bytes and back.  Applying the same entries in the same order always
+gives the same tables (state/machine.py), so everything here is plain data:
+no clocks, no randomness; times are absolute milliseconds chosen by the
+proposer (e.g. a message's expiry time).
+
+Wire format of one batch:  u32 count, then per op: u8 tag, u32 header length,
+orjson header (a list of the op's scalar fields), u32 message length, message
+bytes (0 when the op has no message).  A message: u16 topic length, topic
+(UTF-8), u8 flags (qos | retain << 2), u64 expiry_at_ms, u32 properties length,
+properties (orjson, only for MQTT 5 properties; ``correlation_data`` travels as a
+latin-1 string), payload (rest).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# ---------------------------------------------------------------------------
+# The application message as it is stored (queues, retained, wills).
+
+
+@dataclass(slots=True)
+class Message:
+    """One application message.
+
+    ``properties`` holds MQTT 5 PUBLISH properties by name, as the codec gives
+    them ("payload_format_indicator", "content_type", "response_topic",
+    "correlation_data" (bytes), "user_property" (list of (key, value))),
+    never "topic_alias" or "subscription_identifier" (those are per delivery).
+    ``expiry_at`` is the absolute time in ms since the epoch at which the
+    message expires, 0 for never (message expiry interval, MQTT 5 §3.3.2.3.3).
+    """
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    properties: dict[str, Any] | None = None
+    expiry_at: int = 0
+
+
+_MSG_HEAD = struct.Struct("<H")
+_MSG_MID = struct.Struct("<BQI")
+
+
+def encode_message(m: Message) -> bytes:
+    topic = m.topic.encode()
+    props = b""
+    if m.properties:
+        p = m.properties
+        if "correlation_data" in p:
+            p = dict(p)
+            p["correlation_data"] = p["correlation_data"].decode("latin-1")
+        props = orjson.dumps(p)
+    return b"".join(
+        (
+            _MSG_HEAD.pack(len(topic)),
+            topic,
+            _MSG_MID.pack(m.qos | (m.retain << 2), m.expiry_at, len(props)),
+            props,
+            m.payload,
+        )
+    )
+
+
+def decode_message(b: bytes | memoryview) -> Message:
+    b = bytes(b)
+    (tlen,) = _MSG_HEAD.unpack_from(b, 0)
+    pos = 2
+    topic = b[pos : pos + tlen].decode()
+    pos += tlen
+    flags, expiry_at, plen = _MSG_MID.unpack_from(b, pos)
+    pos += _MSG_MID.size
+    props = None
+    if plen:
+        props = orjson.loads(b[pos : pos + plen])
+        pos += plen
+        if "correlation_data" in props:
+            props["correlation_data"] = props["correlation_data"].encode("latin-1")
+        if "user_property" in props:
+            props["user_property"] = [tuple(kv) for kv in props["user_property"]]
+    return Message(topic, b[pos:], flags & 3, bool(flags & 4), props, expiry_at)
+
+
+# ---------------------------------------------------------------------------
+# Operations.  Tags are part of the on-disk format: never renumber.
+
+# Subscription options packed as in the MQTT 5 SUBSCRIBE options byte:
+#   bits 0-1 maximum QoS, bit 2 no local, bit 3 retain as published,
+#   bits 4-5 retain handling.
+
+
+def pack_sub_options(qos: int, no_local: bool, retain_as_published: bool, retain_handling: int) -> int:
+    return qos | (no_local << 2) | (retain_as_published << 3) | (retain_handling << 4)
+
+
+def unpack_sub_options(o: int) -> tuple[int, bool, bool, int]:
+    return o & 3, bool(o & 4), bool(o & 8), (o >> 4) & 3
+
+
+@dataclass(slots=True)
+class SessionPut:
+    """A persistent session is created or resumed (CONNECT accepted).
+
+    ``clean``: the session starts empty (clean start / clean session) -- any
+    stored subscriptions, queued messages and QoS 2 state of the id are dropped.
+    """
+
+    TAG = 1
+    client_id: str
+    protocol_version: int
+    expiry_interval: int
+    clean: bool
+    username: str | None = None
+
+
+@dataclass(slots=True)
+class SessionExpiry:
+    """The session expiry interval changed (MQTT 5 DISCONNECT may change it)."""
+
+    TAG = 2
+    client_id: str
+    expiry_interval: int
+
+
+@dataclass(slots=True)
+class SessionDelete:
+    """The session ended (expired, clean disconnect of a non-persistent one, taken over clean)."""
+
+    TAG = 3
+    client_id: str
+
+
+@dataclass(slots=True)
+class SubAdd:
+    TAG = 4
+    client_id: str
+    topic_filter: str  # as the client sent it, "$share/group/..." included
+    options: int  # pack_sub_options()
+    subscription_id: int = 0  # MQTT 5 subscription identifier, 0 = none
+
+
+@dataclass(slots=True)
+class SubRemove:
+    TAG = 5
+    client_id: str
+    topic_filter: str
+
+
+@dataclass(slots=True)
+class WillSet:
+    """The will of a persistent session (published when the session ends or after its delay)."""
+
+    TAG = 6
+    client_id: str
+    delay_interval: int
+    message: Message | None = None
+
+
+@dataclass(slots=True)
+class WillDelete:
+    TAG = 7
+    client_id: str
+
+
+@dataclass(slots=True)
+class RetainSet:
+    TAG = 8
+    message: Message | None = None  # message.topic is the key
+
+
+@dataclass(slots=True)
+class RetainDelete:
+    TAG = 9
+    topic: str
+
+
+@dataclass(slots=True)
+class QueueAdd:
+    """One message queued for (or in flight to) one or more persistent sessions.
+
+    ``deliveries``: per session ``[client_id, seq, packet_id, qos, subscription_ids]``.
+    ``seq`` orders a session's queue (chosen by the proposer, strictly increasing
+    per session); ``packet_id`` is 0 while the message waits, or the packet id it
+    was sent with when it goes out at once; ``qos`` is the granted delivery QoS.
+    """
+
+    TAG = 10
+    deliveries: list[list[Any]]
+    message: Message | None = None
+
+
+# Delivery states of a queued message.
+QUEUED = 0  # waiting, not yet sent
+SENT = 1  # PUBLISH sent with packet_id, awaiting PUBACK / PUBREC
+PUBREC_RECEIVED = 2  # QoS 2: PUBREL sent, awaiting PUBCOMP
+
+
+@dataclass(slots=True)
+class QueueUpdate:
+    TAG = 11
+    client_id: str
+    seq: int
+    packet_id: int
+    state: int  # QUEUED / SENT / PUBREC_RECEIVED
+
+
+@dataclass(slots=True)
+class QueueRemove:
+    """Delivery finished (PUBACK, PUBCOMP), or the message expired or was dropped."""
+
+    TAG = 12
+    client_id: str
+    seq: int
+
+
+@dataclass(slots=True)
+class Qos2InAdd:
+    """QoS 2 PUBLISH received and routed; PUBREC may now be sent."""
+
+    TAG = 13
+    client_id: str
+    packet_id: int
+
+
+@dataclass(slots=True)
+class Qos2InRemove:
+    """PUBREL received; PUBCOMP may now be sent."""
+
+    TAG = 14
+    client_id: str
+    packet_id: int
+
+
+@dataclass(slots=True)
+class Dynsec:
+    """One dynamic-security change, as produced by raftmq.dynsec (a JSON-able dict)."""
+
+    TAG = 15
+    change: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Noop:
+    """Appended by a new leader; also used to force a commit (barrier)."""
+
+    TAG = 0
+
+
+Op = (
+    SessionPut | SessionExpiry | SessionDelete | SubAdd | SubRemove | WillSet | WillDelete
+    | RetainSet | RetainDelete | QueueAdd | QueueUpdate | QueueRemove | Qos2InAdd
+    | Qos2InRemove | Dynsec | Noop
+)
+
+OP_TYPES: dict[int, type] = {
+    t.TAG: t
+    for t in (
+        Noop, SessionPut, SessionExpiry, SessionDelete, SubAdd, SubRemove, WillSet,
+        WillDelete, RetainSet, RetainDelete, QueueAdd, QueueUpdate, QueueRemove,
+        Qos2InAdd, Qos2InRemove, Dynsec,
+    )
+}
+
+_U32 = struct.Struct("<I")
+_OP_HEAD = struct.Struct("<BI")
+
+
+def encode_ops(ops: list[Op]) -> bytes:
+    parts = [_U32.pack(len(ops))]
+    for op in ops:
+        fields = [getattr(op, f) for f in op.__slots__ if f != "message"]
+        head = orjson.dumps(fields)
+        msg = getattr(op, "message", None)
+        mb = encode_message(msg) if msg is not None else b""
+        parts += (_OP_HEAD.pack(op.TAG, len(head)), head, _U32.pack(len(mb)), mb)
+    return b"".join(parts)
+
+
+def decode_ops(b: bytes | memoryview) -> list[Op]:
+    b = bytes(b)
+    (n,) = _U32.unpack_from(b, 0)
+    pos = 4
+    ops: list[Op] = []
+    for _ in range(n):
+        tag, hlen = _OP_HEAD.unpack_from(b, pos)
+        pos += _OP_HEAD.size
+        fields = orjson.loads(b[pos : pos + hlen])
+        pos += hlen
+        (mlen,) = _U32.unpack_from(b, pos)
+        pos += 4
+        cls = OP_TYPES[tag]
+        op = cls(*fields)
+        if mlen:
+            op.message = decode_message(b[pos : pos + mlen])
+        pos += mlen
+        ops.append(op)
+    return ops
+
+
+# ---------------------------------------------------------------------------
+# What a store hands back at start-up: the tables, as the broker rebuilds them.
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    seq: int
+    packet_id: int
+    state: int
+    qos: int
+    subscription_ids: list[int]
+    message: Message
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    client_id: str
+    protocol_version: int
+    expiry_interval: int
+    username: str | None = None
+    # topic filter -> (packed options, subscription id)
+    subscriptions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    will: tuple[int, Message] | None = None  # (delay interval, message)
+    queue: list[QueuedMessage] = field(default_factory=list)  # ordered by seq
+    qos2_in: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class LoadedState:
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    retained: dict[str, Message] = field(default_factory=dict)
+    dynsec: dict[str, Any] | None = None  # Mosquitto dynamic-security.json document
