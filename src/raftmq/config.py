@@ -1,0 +1,270 @@
+"""Broker configuration: one frozen ``Config`` loaded from a TOML file.
+
+Keys follow mosquitto.conf names wherever Mosquitto has the setting, so an
+operator moving from Mosquitto finds them where they expect::
+
+    allow_anonymous = false
+    max_inflight_messages = 20
+    persistent_client_expiration = "2w"
+
+    [[listener]]
+    host = "0.0.0.0"
+    port = 1883
+
+Behaviour without a config file follows Mosquitto 2.0: the broker listens on
+127.0.0.1:1883 only and accepts anonymous clients.  As soon as the file names
+a listener, ``allow_anonymous`` defaults to false (an operator who opens the
+broker to the network must decide about authentication).
+
+Validation is table-driven: every accepted key is one row of ``_TOP_KEYS``
+(or of a section's table in ``_SECTIONS``), with the function that checks and
+converts its value.  An unknown key or a bad value raises ``ConfigError``
+naming the key and the file; nothing is silently ignored.
+
+Extending: a new top-level key is one row in ``_TOP_KEYS`` plus one field of
+``Config``.  Cluster keys (node_id, peers, cluster_secret, ...) go in a
+``[cluster]`` table: add their rows to ``_CLUSTER_KEYS`` and the fields to
+``ClusterConfig``; ``load_config`` needs no change.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 1883
+
+MODES = ("standalone", "ha", "dynsec-sync")
+# sync: acknowledge QoS>0 / persistent state only after fsync (group commit).
+# async: acknowledge once written to the OS (LMDB without fsync per commit).
+# none: nothing durable (in-memory store), like Mosquitto with persistence off.
+DURABILITIES = ("sync", "async", "none")
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration file or option is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The ``[cluster]`` table: filled in by the Raft work (node_id, peers, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[Listener, ...] = (Listener(DEFAULT_HOST, DEFAULT_PORT),)
+    allow_anonymous: bool = True
+    allow_zero_length_clientid: bool = True
+    max_inflight_messages: int = 20
+    max_queued_messages: int = 1000
+    max_packet_size: int = 0  # 0 = unlimited (the protocol's 268435455 cap still holds)
+    max_keepalive: int = 65535
+    retain_available: bool = True
+    message_size_limit: int = 0  # 0 = unlimited
+    persistent_client_expiration: int = 0  # seconds; 0 = never expire
+    sys_interval: int = 10  # seconds; 0 = no $SYS topics
+    data_dir: str = "./data"
+    mode: str = "standalone"
+    durability: str = "sync"
+    workers: int = 1
+    log_level: str = "info"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    source: str = "<defaults>"  # the file it came from, for messages
+
+
+# ---------------------------------------------------------------------------
+# Value checkers: each takes (value, key, where) and returns the converted
+# value or raises ConfigError.
+
+Checker = Callable[[Any, str, str], Any]
+
+
+def _error(key: str, where: str, why: str) -> ConfigError:
+    return ConfigError(f"{where}: invalid value for '{key}': {why}")
+
+
+def _bool(value: Any, key: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise _error(key, where, f"expected true or false, got {value!r}")
+
+
+def _int_range(lo: int, hi: int) -> Checker:
+    def check(value: Any, key: str, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error(key, where, f"expected an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise _error(key, where, f"{value} is outside {lo}..{hi}")
+        return value
+
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Checker:
+    def check(value: Any, key: str, where: str) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise _error(key, where, f"{value!r} is not one of {', '.join(options)}")
+        return value.lower()
+
+    return check
+
+
+def _string(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _error(key, where, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+# Mosquitto's persistent_client_expiration units: h, d, w, m (month), y.
+# Plain seconds ("s") and an integer are accepted too.
+_DURATION_UNITS = {"s": 1, "h": 3600, "d": 86400, "w": 7 * 86400, "m": 30 * 86400, "y": 365 * 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([shdwmy])\s*$")
+
+
+def parse_duration(value: Any, key: str = "duration", where: str = "<option>") -> int:
+    """Seconds from an int or a Mosquitto-style duration string like "1d", "2h", "1w"."""
+    if isinstance(value, bool):
+        raise _error(key, where, f"expected seconds or a duration like '2h', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise _error(key, where, f"{value} is negative")
+        return value
+    if isinstance(value, str):
+        if value.strip().isdigit():
+            return int(value)
+        match = _DURATION_RE.match(value)
+        if match:
+            return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise _error(key, where, f"expected seconds or a duration like '2h', '1d', '1w', got {value!r}")
+
+
+def _listeners(value: Any, key: str, where: str) -> tuple[Listener, ...]:
+    # TOML `[[listener]]` gives a list of tables; a single `[listener]` table is accepted too.
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list) or not items:
+        raise _error(key, where, "expected one or more tables {host, port}")
+    result = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise _error(key, where, f"expected a table {{host, port}}, got {item!r}")
+        unknown = set(item) - {"host", "port"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key 'listener.{sorted(unknown)[0]}'")
+        if "port" not in item:
+            raise _error(key, where, "a listener needs a port")
+        port = _int_range(0, 65535)(item["port"], "listener.port", where)
+        host = _string(item.get("host", "0.0.0.0"), "listener.host", where)
+        result.append(Listener(host, port))
+    return tuple(result)
+
+
+_MAX_REMAINING_LENGTH = 268_435_455  # MQTT's largest Remaining Length (4-byte varint)
+
+# key -> (Config field, checker)
+_TOP_KEYS: dict[str, tuple[str, Checker]] = {
+    "listener": ("listeners", _listeners),
+    "allow_anonymous": ("allow_anonymous", _bool),
+    "allow_zero_length_clientid": ("allow_zero_length_clientid", _bool),
+    "max_inflight_messages": ("max_inflight_messages", _int_range(0, 65535)),
+    "max_queued_messages": ("max_queued_messages", _int_range(0, 2**31 - 1)),
+    "max_packet_size": ("max_packet_size", _int_range(0, _MAX_REMAINING_LENGTH + 5)),
+    "max_keepalive": ("max_keepalive", _int_range(0, 65535)),
+    "retain_available": ("retain_available", _bool),
+    "message_size_limit": ("message_size_limit", _int_range(0, _MAX_REMAINING_LENGTH)),
+    "persistent_client_expiration": ("persistent_client_expiration", parse_duration),
+    "sys_interval": ("sys_interval", _int_range(0, 2**31 - 1)),
+    "data_dir": ("data_dir", _string),
+    "mode": ("mode", _choice(MODES)),
+    "durability": ("durability", _choice(DURABILITIES)),
+    "workers": ("workers", _int_range(1, 256)),
+    "log_level": ("log_level", _choice(LOG_LEVELS)),
+}
+
+# Rows of the [cluster] table, same shape as _TOP_KEYS (fields of ClusterConfig).
+_CLUSTER_KEYS: dict[str, tuple[str, Checker]] = {}
+
+# section name -> (its rows, the dataclass it builds, the Config field it fills)
+_SECTIONS: dict[str, tuple[dict[str, tuple[str, Checker]], type, str]] = {
+    "cluster": (_CLUSTER_KEYS, ClusterConfig, "cluster"),
+}
+
+
+def _check_table(
+    table: Mapping[str, Any], rows: dict[str, tuple[str, Checker]], where: str, prefix: str = ""
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in rows:
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'")
+        attr, check = rows[key]
+        values[attr] = check(raw, prefix + key, where)
+    return values
+
+
+def config_from_mapping(data: Mapping[str, Any], where: str = "<config>") -> Config:
+    """Validate a parsed TOML document and build the ``Config``."""
+    top: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key in _SECTIONS:
+            rows, cls, attr = _SECTIONS[key]
+            if not isinstance(raw, dict):
+                raise _error(key, where, "expected a table")
+            sections[attr] = cls(**_check_table(raw, rows, where, prefix=f"{key}."))
+        else:
+            top.update(_check_table({key: raw}, _TOP_KEYS, where))
+    if "listeners" in top and "allow_anonymous" not in top:
+        # Mosquitto 2.0: a configured listener means no anonymous access unless asked for.
+        top["allow_anonymous"] = False
+    return Config(**top, **sections, source=where)
+
+
+def load_config(path: str | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read ``path`` (TOML; None = defaults) and apply command-line ``overrides``.
+
+    ``overrides`` uses Config attribute names (``data_dir``, ``log_level``, ...)
+    plus ``host`` and ``port``, which replace the listeners by a single one, like
+    mosquitto's ``-p``: the missing half comes from the first configured
+    listener, else 127.0.0.1 / 1883.  None values are ignored.
+    """
+    data: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = path
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    config = config_from_mapping(data, where)
+
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    host = changes.pop("host", None)
+    port = changes.pop("port", None)
+    if host is not None or port is not None:
+        first = config.listeners[0]
+        port = _int_range(0, 65535)(port if port is not None else first.port, "port", "<command line>")
+        changes["listeners"] = (Listener(host if host is not None else first.host, port),)
+    names = {f.name for f in fields(Config)}
+    for key, value in list(changes.items()):
+        if key not in names:
+            raise ConfigError(f"<command line>: unknown option '{key}'")
+        row = next((r for r in _TOP_KEYS.values() if r[0] == key), None)
+        if row is not None and key != "listeners":
+            changes[key] = row[1](value, key, "<command line>")
+    return replace(config, **changes)
