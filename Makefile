@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel "Cython>=3.0"
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 ## build: recompile the Cython extensions in place after editing ext/
@@ -36,6 +36,7 @@ test: test-deps install
 
 ## bench: raftmq and Mosquitto side by side, ratios printed
 bench: test-deps install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/compare.py
 
 lint:
