@@ -1,0 +1,124 @@
+"""The ``raftmq`` command line.
+
+One function per subcommand, registered in ``COMMANDS``: a subcommand is a
+pair (add its arguments to a parser, run it with the parsed namespace and
+return the exit status).  ``cluster ...`` and ``dynsec ...`` are added the same
+way.
+
+Exit statuses: 0 success, 1 runtime failure, 2 usage or configuration error
+(argparse's convention).
+
+Logs go to stderr, one line per event, prefixed like Mosquitto's with the Unix
+time in seconds ("1732550000: New client connected from ..."), so log-reading
+habits and scripts carry over.  ``-v`` switches to debug level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from raftmq import __version__
+from raftmq.config import Config, ConfigError, load_config
+
+log = logging.getLogger("raftmq.cli")
+
+LOG_FORMAT = "%(created).0f: %(message)s"
+DEBUG_LOG_FORMAT = "%(created).3f: %(name)s %(levelname)s: %(message)s"
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "notice": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def setup_logging(level: str) -> None:
+    """Configure the ``raftmq`` loggers once, for the whole process."""
+    root = logging.getLogger()
+    if getattr(setup_logging, "_done", False):
+        root.setLevel(_LEVELS[level])
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT if level == "debug" else LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[level])
+    setup_logging._done = True  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------
+# serve
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "-p", "--port", type=int, metavar="PORT",
+        help="listen on PORT instead of the configured listeners (like mosquitto -p)",
+    )
+    parser.add_argument(
+        "--host", metavar="HOST",
+        help="address to listen on with --port (default: the first listener's, else 127.0.0.1)",
+    )
+    parser.add_argument("--data-dir", metavar="DIR", help="directory for durable state")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def serve(config: Config) -> int:
+    """Run the broker until SIGTERM/SIGINT; the one place that decides how it starts.
+
+    Standalone with an in-memory store for now; the supervisor (raft process +
+    workers) replaces this body.
+    """
+    from raftmq.broker.server import run
+    from raftmq.state.store import MemoryStore
+
+    return run(config, MemoryStore())
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    overrides = {"port": args.port, "host": args.host, "data_dir": args.data_dir}
+    if args.verbose:
+        overrides["log_level"] = "debug"
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    log.info("raftmq version %s starting", __version__)
+    if args.config:
+        log.info("Config loaded from %s.", args.config)
+    else:
+        log.info("Using default config.")
+    return serve(config)
+
+
+# ---------------------------------------------------------------------------
+
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
+
+COMMANDS: dict[str, Command] = {
+    "serve": (_add_serve_args, _run_serve, "run the broker"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raftmq", description="MQTT broker cluster on Raft")
+    parser.add_argument("--version", action="version", version=f"raftmq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (add_args, _run, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _add_args, run, _help = COMMANDS[args.command]
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 0
