@@ -1,0 +1,191 @@
+"""``RaftStore``: the broker's Store (state/store.py) backed by the node's raft process.
+
+A worker never writes LMDB.  ``submit(ops, done)`` sends the ops as one
+proposal over the local channel (raft/channel.py) and calls ``done`` on the
+worker's loop when the raft process reports the entry committed (fsynced on
+this node in standalone, on a majority in a cluster).  Proposals submitted in
+one loop turn leave in one write, and the raft process proposes everything it
+read in one turn together: one Ready, one LMDB transaction, one fsync.
+
+``load()`` asks the raft process for the committed state (LOAD) rather than
+opening the LMDB map read-only: the answer is a consistent cut *in the same
+stream* as the ENTRY fan-out that follows it, so a worker neither misses nor
+double-applies an entry committed while it loads.  Start-up is the only time it
+is used, so the cost (one pickle of the tables) does not matter.
+
+Failure: if the channel breaks (the raft process restarts) every pending
+proposal fails: its ``done`` is never called, so the client never gets an
+acknowledgement for it (it retransmits after reconnecting, [MQTT-4.4.0-1]); the
+store reconnects in the background.  A FAILED answer (not leader, leadership
+lost) is handled the same way.  ``set_failure_listener`` lets the broker learn
+about it (e.g. to disconnect the affected clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from collections.abc import Callable
+
+from raftmq.raft import channel as ch
+from raftmq.state.entries import LoadedState, Op, decode_ops, encode_ops
+
+log = logging.getLogger("raftmq.raft.client")
+
+_FAIL_REASONS = {ch.NOT_LEADER: "not leader", ch.DROPPED: "leadership lost", ch.SHUTTING_DOWN: "shutting down"}
+
+
+class RaftStore:
+    def __init__(self, data_dir: str, worker_id: int = 1, connect_timeout: float = 60.0) -> None:
+        self.data_dir = data_dir
+        self.worker_id = worker_id
+        self.connect_timeout = connect_timeout
+        self._next_id = 1
+        self._pending: dict[int, Callable[[], None] | None] = {}
+        self._listener: Callable[[list[Op]], None] | None = None
+        self._failure_listener: Callable[[str], None] | None = None
+        self._proto: ch.FrameProtocol | None = None
+        self._blocking: ch.BlockingChannel | None = None
+        self._attach_task: asyncio.Task | None = None
+        self._closed = False
+        self._down_logged = False
+
+    # -- Store protocol ------------------------------------------------------------
+
+    def load(self) -> LoadedState:
+        """The committed state, from the raft process (waits while it starts)."""
+        if self._blocking is None:
+            self._blocking = ch.BlockingChannel(
+                self.data_dir, self.worker_id, timeout=self.connect_timeout, fanout=True
+            )
+        self._blocking.send(ch.frame(ch.LOAD))
+        state = pickle.loads(self._blocking.recv_until(ch.LOADED))
+        self._maybe_attach()
+        return state
+
+    def submit(self, ops: list[Op], done: Callable[[], None] | None = None) -> None:
+        self._maybe_attach()
+        proto = self._proto
+        if proto is None or proto.closed:
+            if self._attach_task is None or self._attach_task.done():
+                self._start_reconnect()
+            self._fail("raft process unavailable")
+            return
+        rid = self._next_id
+        self._next_id += 1
+        self._pending[rid] = done
+        proto.send(ch.request_frame(ch.PROPOSE, rid, encode_ops(ops)))
+
+    def set_remote_listener(self, listener: Callable[[list[Op]], None]) -> None:
+        self._listener = listener
+        self._maybe_attach()
+
+    def set_failure_listener(self, listener: Callable[[str], None]) -> None:
+        """Called with a reason when proposals fail (they will never be acknowledged)."""
+        self._failure_listener = listener
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._attach_task is not None and not self._attach_task.done():
+            self._attach_task.cancel()
+        if self._proto is not None:
+            self._proto.close()
+        if self._blocking is not None:
+            self._blocking.close()
+            self._blocking = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- connection --------------------------------------------------------------
+
+    def _maybe_attach(self) -> None:
+        """Hand the start-up socket to the running loop (once one runs)."""
+        if self._proto is not None or self._blocking is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        blocking, self._blocking = self._blocking, None
+        leftover = list(blocking._pending)
+        sock = blocking.sock
+        sock.setblocking(False)
+        proto = self._new_protocol()
+        self._proto = proto  # sends are queued until connection_made
+        self._attach_task = loop.create_task(self._attach(sock, proto, leftover))
+
+    async def _attach(self, sock, proto: ch.FrameProtocol, leftover: list[tuple[int, bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_unix_connection(lambda: proto, sock=sock)
+        if leftover:
+            self._on_frames(proto, leftover)
+
+    def _new_protocol(self) -> ch.FrameProtocol:
+        return ch.FrameProtocol(self._on_frames, on_lost=self._on_lost)
+
+    def _start_reconnect(self) -> None:
+        if self._closed:
+            return
+        self._attach_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        path = ch.socket_path(self.data_dir)
+        while not self._closed:
+            proto = self._new_protocol()
+            try:
+                await loop.create_unix_connection(lambda p=proto: p, path)
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            proto.send(ch.hello_frame(self.worker_id, True))
+            self._proto = proto
+            self._down_logged = False
+            log.info("Worker %d reconnected to the raft process", self.worker_id)
+            # Entries committed while we were away are not replayed: the live
+            # state of this worker may miss remote changes until it restarts.
+            return
+
+    def _on_lost(self, proto: ch.FrameProtocol) -> None:
+        if proto is not self._proto:
+            return
+        self._proto = None
+        if self._pending:
+            n = len(self._pending)
+            self._pending.clear()
+            self._fail(f"channel to the raft process lost with {n} proposals pending")
+        if not self._closed:
+            log.warning("Worker %d lost its channel to the raft process; reconnecting", self.worker_id)
+            self._start_reconnect()
+
+    def _fail(self, reason: str) -> None:
+        if not self._down_logged:
+            log.warning("Proposals failed: %s (not acknowledged)", reason)
+            self._down_logged = True
+        if self._failure_listener is not None:
+            self._failure_listener(reason)
+
+    # -- frames from the raft process ----------------------------------------------
+
+    def _on_frames(self, proto: ch.FrameProtocol, frames: list[tuple[int, bytes]]) -> None:
+        pending = self._pending
+        for kind, body in frames:
+            if kind == ch.COMMITTED:
+                for rid in ch.parse_ids(body):
+                    done = pending.pop(rid, None)
+                    if done is not None:
+                        done()
+            elif kind == ch.ENTRY:
+                if self._listener is not None:
+                    self._listener(decode_ops(body))
+            elif kind == ch.FAILED:
+                reason = _FAIL_REASONS.get(body[0], "failed")
+                ids = ch.parse_ids(body[1:])
+                for rid in ids:
+                    pending.pop(rid, None)
+                self._fail(f"{len(ids)} proposals: {reason}")
