@@ -1,0 +1,57 @@
+"""The authentication / authorisation hook of the broker.
+
+The broker asks an ``AuthHook`` two questions, in the manner of Mosquitto's
+security plugins (and of its dynamic-security plugin, which raftmq.dynsec
+implements with this interface):
+
+- ``authenticate(client_id, username, password) -> int``: an MQTT 5 reason
+  code; 0 accepts the connection, 0x86 (bad user name or password) or 0x87
+  (not authorized) refuse it.  The broker turns the code into a 3.x CONNACK
+  return code (4 / 5) for older clients.
+- ``acl_check(client, access, topic, qos, retain) -> bool`` where ``access`` is
+  one of ``ACCESS_*`` below (Mosquitto's dynsec ACL types publishClientSend,
+  publishClientReceive, subscribe, unsubscribe), ``client`` the connection
+  (``.client_id``, ``.username``).
+
+Without a hook, ``DefaultAuth`` follows Mosquitto 2.0 with no password file
+and no plugin: a client without a user name is accepted only when
+``allow_anonymous`` is true, a client with a user name is accepted (no
+password database to check it against), and every ACL check passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+ACCESS_PUBLISH_SEND = "publish_client_send"
+ACCESS_PUBLISH_RECEIVE = "publish_client_receive"
+ACCESS_SUBSCRIBE = "subscribe"
+ACCESS_UNSUBSCRIBE = "unsubscribe"
+
+RC_SUCCESS = 0x00
+RC_BAD_USERNAME_OR_PASSWORD = 0x86
+RC_NOT_AUTHORIZED = 0x87
+
+
+class AuthHook(Protocol):
+    def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int: ...
+
+    def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool: ...
+
+
+class DefaultAuth:
+    """No password database, no ACLs: ``allow_anonymous`` alone decides."""
+
+    # The broker skips acl_check calls entirely when this is False (hot path).
+    checks_acl = False
+
+    def __init__(self, allow_anonymous: bool) -> None:
+        self.allow_anonymous = allow_anonymous
+
+    def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
+        if username is None and not self.allow_anonymous:
+            return RC_NOT_AUTHORIZED
+        return RC_SUCCESS
+
+    def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
+        return True

@@ -1,0 +1,102 @@
+"""Packet dispatch: the one place that maps packet types to handlers and
+errors to DISCONNECT reason codes (in the manner of Mosquitto's
+``handle__packet``).
+
+Handlers (broker/handlers/<packet>.py) raise ``MQTTError(reason_code, why)``
+for a protocol violation of the client; ``handle_packets`` turns it into the
+standard's reaction: MQTT 5 DISCONNECT with that reason code then close
+[MQTT-4.13.1-1], MQTT 3.x close.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from raftmq._codec import (
+    Auth,
+    Connect,
+    Disconnect,
+    MQTTError,
+    Pingreq,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Subscribe,
+    Unsubscribe,
+)
+from raftmq.broker.handlers.auth import handle_auth
+from raftmq.broker.handlers.connect import handle_connect
+from raftmq.broker.handlers.disconnect import handle_disconnect
+from raftmq.broker.handlers.ping import handle_pingreq
+from raftmq.broker.handlers.publish import (
+    handle_puback,
+    handle_pubcomp,
+    handle_publish,
+    handle_pubrec,
+    handle_pubrel,
+)
+from raftmq.broker.handlers.subscribe import handle_subscribe, handle_unsubscribe
+
+if TYPE_CHECKING:
+    from raftmq.broker.protocol import Connection
+    from raftmq.broker.server import Broker
+
+log = logging.getLogger("raftmq.broker")
+
+# Reason codes (MQTT 5 §2.4) used by the broker.
+RC_MALFORMED = 0x81
+RC_PROTOCOL_ERROR = 0x82
+
+HANDLERS: dict[type, Any] = {
+    Publish: handle_publish,
+    Puback: handle_puback,
+    Pubrec: handle_pubrec,
+    Pubrel: handle_pubrel,
+    Pubcomp: handle_pubcomp,
+    Subscribe: handle_subscribe,
+    Unsubscribe: handle_unsubscribe,
+    Pingreq: handle_pingreq,
+    Disconnect: handle_disconnect,
+    Auth: handle_auth,
+    Connect: handle_connect,
+}
+
+
+def handle_packets(broker: Broker, conn: Connection, packets: list) -> None:
+    """Handle every packet parsed from one read, in order."""
+    stats = broker.stats
+    stats.messages_received += len(packets)
+    handlers = HANDLERS
+    try:
+        if conn.state == 0:  # NEW: the first packet must be CONNECT [MQTT-3.1.0-1]
+            first = packets[0]
+            if type(first) is not Connect:
+                log.info("Client %s sent %s before CONNECT, disconnecting.",
+                         conn.label(), type(first).__name__.upper())
+                conn.close()
+                return
+        for packet in packets:
+            if conn.state == 2:  # CLOSING: ignore what follows
+                return
+            handlers[type(packet)](broker, conn, packet)
+    except MQTTError as e:
+        protocol_error(conn, e.reason_code, str(e))
+
+
+def protocol_error(conn: Connection, reason_code: int, why: str) -> None:
+    """React to a protocol violation: 5.0 DISCONNECT(reason) and close; 3.x close."""
+    if conn.state == 2:
+        return
+    log.info("Client %s disconnected due to protocol error (0x%02x %s).", conn.label(),
+             reason_code, why)
+    if conn.state == 0:
+        # Before CONNACK a server must not send DISCONNECT [MQTT-3.2.0-2]
+        # (a CONNECT the parser refused gets its CONNACK from the parser's code).
+        from raftmq.broker.handlers.connect import refuse_unparsable_connect
+
+        refuse_unparsable_connect(conn, reason_code)
+        return
+    conn.disconnect(reason_code)

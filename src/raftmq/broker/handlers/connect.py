@@ -1,0 +1,206 @@
+"""CONNECT: validate, authenticate, open or resume the session, CONNACK.
+
+A flat run of checks in the order of the standard (MQTT 5 §3.1.4, 3.1.1
+§3.1.4); each refusal is a CONNACK with the version's code and a close.
+Takeover and resume happen only after authentication (as in Mosquitto's
+``connect__on_authorised``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from raftmq._codec import Connack, MQTTError
+from raftmq._trie import valid_topic_name
+from raftmq.broker.session import EXPIRY_NEVER
+from raftmq.state.entries import Message, SessionPut, WillDelete, WillSet
+
+if TYPE_CHECKING:
+    from raftmq._codec import Connect
+    from raftmq.broker.protocol import Connection
+    from raftmq.broker.server import Broker
+
+log = logging.getLogger("raftmq.broker")
+
+# MQTT 5 CONNACK reason codes (§3.2.2.2).
+RC_UNSPECIFIED = 0x80
+RC_MALFORMED = 0x81
+RC_PROTOCOL_ERROR = 0x82
+RC_UNSUPPORTED_VERSION = 0x84
+RC_CLIENT_ID_NOT_VALID = 0x85
+RC_BAD_USER_PASS = 0x86
+RC_NOT_AUTHORIZED = 0x87
+RC_SERVER_UNAVAILABLE = 0x88
+RC_BAD_AUTH_METHOD = 0x8C
+RC_TOPIC_NAME_INVALID = 0x90
+RC_PACKET_TOO_LARGE = 0x95
+RC_PAYLOAD_FORMAT_INVALID = 0x99
+RC_RETAIN_NOT_SUPPORTED = 0x9A
+RC_QOS_NOT_SUPPORTED = 0x9B
+
+# MQTT 3.1.1 CONNACK return codes (§3.2.2.3) for each 5.0 reason code.
+V3_RETURN_CODE = {
+    0x00: 0,
+    RC_UNSUPPORTED_VERSION: 1,
+    RC_CLIENT_ID_NOT_VALID: 2,
+    RC_SERVER_UNAVAILABLE: 3,
+    0x9C: 3,
+    0x9D: 3,
+    RC_BAD_USER_PASS: 4,
+    RC_NOT_AUTHORIZED: 5,
+}
+
+# Topic Alias Maximum the broker announces (MQTT 5 §3.2.2.3.8); Mosquitto uses 10.
+TOPIC_ALIAS_MAXIMUM = 10
+
+
+def refuse(conn: Connection, reason_code: int) -> None:
+    """CONNACK with a refusal, then close [MQTT-3.2.2-6, MQTT-3.2.2-7]."""
+    if conn.version == 5:
+        conn.write(Connack(False, reason_code, None).encode(5))
+    else:
+        conn.write(Connack(False, V3_RETURN_CODE.get(reason_code, 5), None).encode(conn.version))
+    conn.close()
+
+
+def refuse_unparsable_connect(conn: Connection, reason_code: int) -> None:
+    """The parser refused the CONNECT itself: only an unsupported protocol
+    version is answered (return code 1 / reason 0x84, [MQTT-3.1.2-2]); anything
+    else closes the connection silently."""
+    if reason_code == RC_UNSUPPORTED_VERSION:
+        version = getattr(conn.parser, "protocol_version", 4) or 4
+        # A 5.0-style CONNACK only to a client that spoke 5; otherwise 3.1.1's.
+        conn.version = 5 if version == 5 else 4
+        log.info("Client %s:%d refused: unsupported protocol version.", *conn.peer)
+        refuse(conn, RC_UNSUPPORTED_VERSION)
+    else:
+        conn.close()
+
+
+def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
+    if conn.state != 0:
+        # A second CONNECT is a protocol error [MQTT-3.1.0-2].
+        raise MQTTError(RC_PROTOCOL_ERROR, "second CONNECT")
+    config = broker.config
+    version = p.protocol_version
+    conn.version = version
+    props = p.properties or {}
+    v5 = version == 5
+
+    # -- client identifier [MQTT-3.1.3-5 .. 9] --------------------------------
+    client_id = p.client_id
+    assigned = None
+    if not client_id:
+        if version == 3:
+            return refuse(conn, RC_CLIENT_ID_NOT_VALID)  # 3.1 needs 1..23 characters
+        if not config.allow_zero_length_clientid:
+            return refuse(conn, RC_CLIENT_ID_NOT_VALID)
+        if version == 4 and not p.clean_start:
+            # 3.1.1: a zero-length id requires CleanSession=1 [MQTT-3.1.3-8].
+            return refuse(conn, RC_CLIENT_ID_NOT_VALID)
+        client_id = assigned = f"auto-{uuid.uuid4()}"
+
+    # -- MQTT 5 CONNECT properties -------------------------------------------
+    if v5:
+        if props.get("authentication_method") is not None:
+            # No enhanced authentication method is supported: 0x8C [MQTT-4.12.0-1].
+            return refuse(conn, RC_BAD_AUTH_METHOD)
+        conn.client_receive_max = props.get("receive_maximum", 65535)
+        conn.client_max_packet = props.get("maximum_packet_size", conn.client_max_packet)
+        conn.client_alias_max = props.get("topic_alias_maximum", 0)
+        conn.problem_info = props.get("request_problem_information", 1) != 0
+        expiry = props.get("session_expiry_interval", 0)
+    elif p.clean_start:
+        expiry = 0  # 3.x clean session: the session ends with the connection
+    else:
+        expiry = config.persistent_client_expiration or EXPIRY_NEVER
+
+    # -- keep alive (MQTT 5 §3.2.2.3.14 Server Keep Alive) -------------------------
+    keepalive = p.keepalive
+    server_keepalive = None
+    if config.max_keepalive and keepalive > config.max_keepalive:
+        if v5:
+            keepalive = server_keepalive = config.max_keepalive
+        else:
+            # Mosquitto refuses a 3.x client asking for more than max_keepalive.
+            return refuse(conn, RC_CLIENT_ID_NOT_VALID)
+
+    # -- will -----------------------------------------------------------------
+    will = None
+    if p.will_topic is not None:
+        if not valid_topic_name(p.will_topic):
+            if v5:
+                return refuse(conn, RC_TOPIC_NAME_INVALID)
+            return conn.close()
+        if p.will_retain and not config.retain_available:
+            if v5:
+                return refuse(conn, RC_RETAIN_NOT_SUPPORTED)  # [MQTT-3.2.2-13]
+            return conn.close()
+        wprops = dict(p.will_properties) if p.will_properties else {}
+        delay = wprops.pop("will_delay_interval", 0)
+        if wprops.get("payload_format_indicator") == 1:
+            try:
+                p.will_payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return refuse(conn, RC_PAYLOAD_FORMAT_INVALID)  # [MQTT-3.1.3-11]
+        expiry_at = 0
+        interval = wprops.pop("message_expiry_interval", None)
+        if interval is not None:
+            expiry_at = 0  # counted from when the will is published (will.py)
+            wprops["message_expiry_interval"] = interval
+        will = (delay, Message(p.will_topic, bytes(p.will_payload or b""), p.will_qos,
+                               bool(p.will_retain), wprops or None, expiry_at))
+
+    # -- authentication ---------------------------------------------------------
+    username = p.username
+    rc = broker.auth.authenticate(client_id, username, p.password)
+    if rc != 0:
+        log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
+                 client_id)
+        return refuse(conn, rc if rc >= 0x80 else RC_NOT_AUTHORIZED)
+
+    # -- accepted: take over / resume / create the session ------------------------
+    conn.client_id = client_id
+    conn.username = username
+    conn.keepalive = keepalive
+    conn.will = will
+    conn.clean_start = bool(p.clean_start)
+    conn.state = 1
+    ops: list = []
+    session, present = broker.attach_session(conn, client_id, version, expiry, bool(p.clean_start),
+                                             username, ops)
+    if session.persistent:
+        ops.append(SessionPut(client_id, version, expiry, bool(p.clean_start), username))
+        session.durable = True
+        if will is not None:
+            ops.append(WillSet(client_id, will[0], will[1]))
+        elif present:
+            ops.append(WillDelete(client_id))
+
+    cprops = None
+    if v5:
+        cprops = dict(broker.connack_properties)
+        if assigned is not None:
+            cprops["assigned_client_identifier"] = assigned
+        if server_keepalive is not None:
+            cprops["server_keep_alive"] = server_keepalive
+    connack = Connack(present, 0, cprops or None).encode(version)
+
+    log.info("New client connected from %s:%d as %s (p%d, c%d, k%d%s).", conn.peer[0],
+             conn.peer[1], client_id, {3: 1, 4: 2, 5: 5}.get(version, version),
+             1 if p.clean_start else 0, keepalive,
+             f", u'{username}'" if username is not None else "")
+
+    def send_connack() -> None:
+        if conn.state != 1 or session.conn is not conn:
+            return
+        conn.write(connack)
+        # [MQTT-4.4.0-1]: resend unacknowledged PUBLISH / PUBREL, then what is queued.
+        broker.router.resume(session)
+
+    if ops:
+        broker.commit(ops, send_connack)
+    else:
+        broker.after_commit(send_connack)

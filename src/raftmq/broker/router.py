@@ -1,0 +1,309 @@
+"""Routing: the subscription trie, shared-subscription member choice, and the
+per-session delivery machinery (queue -> in flight -> acknowledged).
+
+Delivery rules:
+- one copy per matching subscription, like Mosquitto (overlapping
+  subscriptions each get their copy, with their own subscription identifier);
+- QoS of a delivery = min(message QoS, subscription QoS) [MQTT-3.8.4-8];
+- QoS 0 goes to online subscribers only and is never stored;
+- QoS 1/2 go through the session: in flight at once while the window allows
+  (min(max_inflight_messages, client Receive Maximum) [MQTT-3.3.4-7]), queued
+  otherwise (up to ``max_queued_messages``, then dropped and counted), queued
+  while the client is offline (persistent sessions);
+- a persistent session's queue changes are store ops, and its PUBLISH is
+  written only once they are committed (so a message that went out is found
+  again after a crash, with its packet id);
+- shared subscriptions: one member per group gets each message, round-robin
+  over the members, preferring connected ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from raftmq._codec import encode_publish
+from raftmq._trie import TopicTrie
+from raftmq.broker.session import Outgoing, Session, Subscription
+from raftmq.state.entries import (
+    PUBREC_RECEIVED,
+    SENT,
+    Message,
+    QueueAdd,
+    QueueRemove,
+    QueueUpdate,
+)
+
+if TYPE_CHECKING:
+    from raftmq.broker.server import Broker
+
+log = logging.getLogger("raftmq.broker")
+
+
+class Router:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.sessions: dict[str, Session] = broker.sessions
+        self.trie = TopicTrie()
+        self.subscription_count = 0
+        self._rr: dict[tuple[str, str], int] = {}
+        self.max_inflight = broker.config.max_inflight_messages or 65535
+        self.max_queued = broker.config.max_queued_messages
+
+    # -- subscriptions ----------------------------------------------------------
+
+    def subscribe(self, session: Session, sub: Subscription) -> bool:
+        """Add or replace a subscription; True when it is new [MQTT-3.8.4-3]."""
+        key = sub.topic_filter
+        is_new = key not in session.subscriptions
+        session.subscriptions[key] = sub
+        self.trie.subscribe(sub.topic_filter, session.client_id, sub)
+        if is_new:
+            self.subscription_count += 1
+        return is_new
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        sub = session.subscriptions.pop(topic_filter, None)
+        if sub is None:
+            return False
+        self.trie.unsubscribe(topic_filter, session.client_id)
+        self.subscription_count -= 1
+        return True
+
+    def unsubscribe_all(self, session: Session) -> None:
+        for topic_filter in list(session.subscriptions):
+            self.unsubscribe(session, topic_filter)
+
+    # -- publishing -------------------------------------------------------------
+
+    def route(self, message: Message, sender_id: str | None, ops: list | None,
+              retain_durable: bool = True) -> int:
+        """Store the retained message and deliver to every matching subscription.
+
+        ``ops`` collects store operations (None for QoS 0 messages, which never
+        create any).  Returns the number of deliveries.
+        """
+        broker = self.broker
+        if message.retain:
+            broker.retained.store(message, ops if ops is not None else broker.pending_ops,
+                                  retain_durable)
+        normal, shared = self.trie.match(message.topic)
+        if not normal and not shared:
+            return 0
+        sessions = self.sessions
+        qos = message.qos
+        stats = broker.stats
+        delivered = 0
+        if qos == 0:
+            # Fast path: encode once per (version, retain flag), reuse for every subscriber.
+            cache: dict = {}
+            for client_id, sub, _filter in normal:
+                if sub.no_local and client_id == sender_id:
+                    continue
+                session = sessions[client_id]
+                conn = session.conn
+                if conn is None or conn.state != 1:
+                    continue
+                retain = message.retain and sub.retain_as_published
+                version = conn.version
+                if version == 5 and (sub.sub_id or message.properties or message.expiry_at):
+                    data = self._encode_v5(conn, message, 0, retain, sub.sub_id)
+                    if data is None:
+                        continue
+                else:
+                    key = (version == 5, retain)
+                    data = cache.get(key)
+                    if data is None:
+                        data = cache[key] = encode_publish(message.topic, message.payload, 0,
+                                                           retain, False, 0, None, version)
+                if conn.paused or len(data) > conn.client_max_packet:
+                    stats.publish_dropped += 1
+                    continue
+                conn.write(data)
+                delivered += 1
+            for _group, _filter, members in shared:
+                member = self._pick_member(_group, _filter, members, online_only=True)
+                if member is None:
+                    continue
+                client_id, sub = member
+                conn = sessions[client_id].conn
+                data = self._encode_v5(conn, message, 0, False, sub.sub_id) if conn.version == 5 \
+                    else encode_publish(message.topic, message.payload, 0, False, False, 0, None,
+                                        conn.version)
+                if data is not None and not conn.paused and len(data) <= conn.client_max_packet:
+                    conn.write(data)
+                    delivered += 1
+            stats.publish_sent += delivered
+            return delivered
+
+        add = QueueAdd([], message)
+        for client_id, sub, _filter in normal:
+            if sub.no_local and client_id == sender_id:
+                continue
+            self.deliver(sessions[client_id], message, sub, message.retain and sub.retain_as_published,
+                         add, ops)
+            delivered += 1
+        for group, topic_filter, members in shared:
+            member = self._pick_member(group, topic_filter, members, online_only=False)
+            if member is None:
+                continue
+            client_id, sub = member
+            self.deliver(sessions[client_id], message, sub, False, add, ops)
+            delivered += 1
+        if add.deliveries:
+            ops.append(add)
+        return delivered
+
+    def _pick_member(self, group: str, topic_filter: str, members: list, online_only: bool):
+        """Round-robin over a share group's members, connected ones first."""
+        n = len(members)
+        key = (group, topic_filter)
+        start = self._rr.get(key, 0)
+        sessions = self.sessions
+        for i in range(n):
+            idx = (start + i) % n
+            client_id = members[idx][0]
+            conn = sessions[client_id].conn
+            if conn is not None and conn.state == 1:
+                self._rr[key] = idx + 1
+                return members[idx]
+        if online_only or not n:
+            return None
+        self._rr[key] = start + 1
+        return members[start % n]
+
+    def _encode_v5(self, conn, message: Message, qos: int, retain: bool, sub_id: int,
+                   packet_id: int = 0, dup: bool = False) -> bytes | None:
+        props = conn.publish_properties(message, [sub_id] if sub_id else None)
+        if props is None:
+            return None
+        return encode_publish(message.topic, message.payload, qos, retain, dup, packet_id,
+                              props or None, 5)
+
+    def deliver(self, session: Session, message: Message, sub: Subscription, retain: bool,
+                add: QueueAdd | None, ops: list | None) -> None:
+        """Deliver one message to one session for one subscription."""
+        qos = message.qos if message.qos < sub.qos else sub.qos
+        conn = session.conn
+        broker = self.broker
+        if qos == 0:
+            if conn is None or conn.state != 1:
+                return
+            if conn.version == 5:
+                data = self._encode_v5(conn, message, 0, retain, sub.sub_id)
+                if data is None:
+                    return
+            else:
+                data = encode_publish(message.topic, message.payload, 0, retain, False, 0, None,
+                                      conn.version)
+            if len(data) <= conn.client_max_packet:
+                conn.write(data)
+                broker.stats.publish_sent += 1
+            return
+        if not session.persistent and (conn is None or conn.state != 1):
+            return
+        if len(session.queue) >= self.max_queued and self.max_queued:
+            broker.stats.publish_dropped += 1
+            return
+        out = Outgoing(session.take_seq(), message, qos, retain, [sub.sub_id] if sub.sub_id else None)
+        online = conn is not None and conn.state == 1
+        if online and not session.queue and len(session.inflight) < self._window(conn):
+            out.packet_id = session.next_packet_id()
+            out.state = SENT
+            session.inflight[out.packet_id] = out
+            if session.durable:
+                # Written after the QueueAdd is committed [DESIGN §2].
+                broker.after_commit_write(conn, out)
+            else:
+                conn.send_outgoing(out)
+        else:
+            session.queue.append(out)
+        if session.durable:
+            entry = [session.client_id, out.seq, out.packet_id, qos, out.sub_ids or []]
+            if add is not None:
+                add.deliveries.append(entry)
+            else:
+                target = ops if ops is not None else broker.pending_ops
+                target.append(QueueAdd([entry], message))
+
+    def _window(self, conn) -> int:
+        rm = conn.client_receive_max
+        return rm if rm < self.max_inflight else self.max_inflight
+
+    def send_retained(self, session: Session, sub: Subscription) -> None:
+        """Retained messages matching a new subscription, retain flag set [MQTT-3.3.1-9]."""
+        for message in self.broker.retained.match(sub.match_filter):
+            self.deliver(session, message, sub, True, None, None)
+
+    # -- acknowledgements and flow -------------------------------------------
+
+    def delivery_done(self, session: Session, out: Outgoing) -> None:
+        """PUBACK / PUBCOMP (or a failed PUBREC): the message is delivered."""
+        session.inflight.pop(out.packet_id, None)
+        if session.durable:
+            self.broker.pending_ops.append(QueueRemove(session.client_id, out.seq))
+        if session.queue:
+            self.pump(session)
+
+    def pump(self, session: Session) -> None:
+        """Move queued messages into flight while the window allows."""
+        conn = session.conn
+        if conn is None or conn.state != 1:
+            return
+        window = self._window(conn)
+        queue = session.queue
+        broker = self.broker
+        now_ms = 0
+        while queue and len(session.inflight) < window:
+            out = queue.popleft()
+            expiry = out.message.expiry_at
+            if expiry:
+                now_ms = now_ms or int(time.time() * 1000)
+                if expiry <= now_ms:
+                    # An expired message is not delivered (MQTT 5 §3.3.2.3.3).
+                    if session.durable:
+                        broker.pending_ops.append(QueueRemove(session.client_id, out.seq))
+                    continue
+            out.packet_id = session.next_packet_id()
+            out.state = SENT
+            session.inflight[out.packet_id] = out
+            if session.durable:
+                broker.pending_ops.append(QueueUpdate(session.client_id, out.seq, out.packet_id, SENT))
+                broker.after_commit_write(conn, out)
+            else:
+                conn.send_outgoing(out)
+
+    def resume(self, session: Session) -> None:
+        """After CONNACK: resend in-flight messages (PUBLISH with DUP, or PUBREL) in
+        their original order with their packet ids [MQTT-4.4.0-1], then pump the queue."""
+        conn = session.conn
+        for out in list(session.inflight.values()):
+            if out.state == PUBREC_RECEIVED:
+                conn.write(bytes((0x62, 2, out.packet_id >> 8, out.packet_id & 0xFF)))
+            elif not conn.send_outgoing(out, dup=True):
+                self.delivery_done(session, out)
+        self.pump(session)
+
+    def requeue_shared(self, session: Session) -> None:
+        """A session with shared subscriptions ends: its unacknowledged shared
+        messages go to another member of their group (MQTT 5 §4.8.2)."""
+        pending = [o for o in list(session.inflight.values()) + list(session.queue)
+                   if o.state != PUBREC_RECEIVED]
+        if not pending or not any(s.share_group for s in session.subscriptions.values()):
+            return
+        for out in pending:
+            for sub in session.subscriptions.values():
+                if sub.share_group is None:
+                    continue
+                normal, shared = self.trie.match(out.message.topic)
+                for group, topic_filter, members in shared:
+                    if group != sub.share_group:
+                        continue
+                    others = [m for m in members if m[0] != session.client_id]
+                    member = self._pick_member(group, topic_filter, others, online_only=True) \
+                        if others else None
+                    if member is not None:
+                        self.deliver(self.sessions[member[0]], out.message, member[1], False,
+                                     None, None)
+                break

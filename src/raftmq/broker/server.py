@@ -1,0 +1,453 @@
+"""The broker of one worker: ``Broker(config, store, auth=None)``.
+
+Lifecycle: ``await broker.start()`` loads the committed state from the store,
+listens, and starts the 0.5 s upkeep tick (keepalive, connect timeout, session
+expiry, delayed wills, ``$SYS``); ``await broker.stop()`` stops accepting,
+tells MQTT 5 clients DISCONNECT 0x8B (server shutting down), flushes and
+closes every connection.  ``run(config, store)`` runs it on uvloop until
+SIGTERM/SIGINT and returns the process exit status.
+
+Hooks for the other parts of raftmq:
+
+- ``Broker.auth``: the ``AuthHook`` (broker/auth.py): ``authenticate`` at
+  CONNECT, ``acl_check`` on publish (send and receive), subscribe and
+  unsubscribe.  Replace it before ``start()`` (dynsec does).  If the hook has
+  ``checks_acl = False`` the broker skips ACL calls entirely.
+- ``Broker.control_handlers: dict[str, Callable[[Connection, Message], None]]``:
+  a PUBLISH to a topic starting with ``$CONTROL/`` goes, after the ACL check,
+  to the handler registered for that exact topic and is never routed to
+  subscribers.  The handler answers with ``publish_message``.
+- ``Broker.publish_message(message)``: inject a message as if published by the
+  broker (retained and routed; QoS 1/2 queued for persistent sessions).
+- ``Broker.disconnect_clients(predicate, reason_code)``: kick every connected
+  client for which ``predicate(conn)`` is true (5.0 DISCONNECT with the reason,
+  3.x close).  ``conn.client_id``, ``conn.username`` identify it.
+- ``Broker.store``: the Store (state/store.py); durable changes are submitted
+  through ``Broker.commit`` so that acknowledgements wait for ``done``.
+
+Durability (DESIGN.md §2): every durable change is an op (state/entries.py).
+Ops produced while handling one read are collected in ``pending_ops`` and
+submitted as ONE batch at the end of ``data_received`` (``flush_ops``); the
+acknowledgements that depend on them (``commit(ops, action)``) run from the
+batch's ``done``.  Batches complete in order, so an ack that depends on nothing
+but must not overtake an earlier one is chained with ``after_commit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from raftmq._trie import parse_shared
+from raftmq.broker.auth import ACCESS_PUBLISH_SEND, DefaultAuth
+from raftmq.broker.protocol import CLOSING, CONNECTED, NEW, Connection
+from raftmq.broker.retained import Retained
+from raftmq.broker.router import Router
+from raftmq.broker.session import EXPIRY_NEVER, Outgoing, Session, Subscription
+from raftmq.broker.sys_topics import Stats, SysTopics
+from raftmq.broker.will import Wills, will_to_publish
+from raftmq.state.entries import (
+    PUBREC_RECEIVED,
+    SENT,
+    Message,
+    SessionDelete,
+    WillDelete,
+    unpack_sub_options,
+)
+
+log = logging.getLogger("raftmq.broker")
+
+# A connection that has not completed CONNECT this long after accept is closed.
+CONNECT_TIMEOUT = 10.0
+TICK = 0.5
+RC_SESSION_TAKEN_OVER = 0x8E
+RC_KEEP_ALIVE_TIMEOUT = 0x8D
+RC_SERVER_SHUTTING_DOWN = 0x8B
+
+
+class Broker:
+    def __init__(self, config: Any, store: Any, auth: Any = None) -> None:
+        self.config = config
+        self.store = store
+        self.auth = auth if auth is not None else DefaultAuth(config.allow_anonymous)
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[Connection] = set()
+        self.control_handlers: dict[str, Callable[[Any, Message], None]] = {}
+        self.stats = Stats()
+        self.retained = Retained()
+        self.router = Router(self)
+        self.wills = Wills(self)
+        self.sys: SysTopics | None = None
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.ports: list[int] = []
+        # Writes gathered per connection, flushed once per loop turn.
+        self._dirty: list[Connection] = []
+        # Store batching.
+        self.pending_ops: list = []
+        self._pending_actions: list[Callable[[], None]] = []
+        self.outstanding_batches = 0
+        self._last_batch_actions: list[Callable[[], None]] = []
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._next_sys = 0.0
+        # What the broker announces in an MQTT 5 CONNACK (§3.2.2.3).
+        inflight = config.max_inflight_messages
+        self.receive_maximum = inflight if 0 < inflight < 65535 else 65535
+        self.topic_alias_maximum = 10
+        props: dict[str, Any] = {"topic_alias_maximum": self.topic_alias_maximum}
+        if self.receive_maximum != 65535:
+            props["receive_maximum"] = self.receive_maximum
+        if not config.retain_available:
+            props["retain_available"] = 0
+        if config.max_packet_size:
+            props["maximum_packet_size"] = config.max_packet_size
+        self.connack_properties = props
+
+    # -- write gathering --------------------------------------------------------
+
+    def mark_dirty(self, conn: Connection) -> None:
+        dirty = self._dirty
+        if not dirty:
+            self.loop.call_soon(self._flush)
+        dirty.append(conn)
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        self._dirty = []
+        stats = self.stats
+        sent = 0
+        nbytes = 0
+        for conn in dirty:
+            conn.dirty = False
+            out = conn.out
+            if not out or conn.state == CLOSING:
+                out.clear()
+                continue
+            sent += len(out)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            nbytes += len(data)
+            conn.transport.write(data)
+        stats.messages_sent += sent
+        stats.bytes_sent += nbytes
+
+    # -- store batching ---------------------------------------------------------
+
+    def commit(self, ops: list, action: Callable[[], None] | None) -> None:
+        """Submit ``ops`` with this read's batch; run ``action`` once committed."""
+        self.pending_ops.extend(ops)
+        if action is not None:
+            self._pending_actions.append(action)
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` after everything submitted so far is committed (now if nothing is)."""
+        if self.pending_ops:
+            self._pending_actions.append(action)
+        elif self.outstanding_batches:
+            self._last_batch_actions.append(action)
+        else:
+            action()
+
+    def after_commit_write(self, conn: Connection, out: Outgoing) -> None:
+        """Write an in-flight message of a durable session once its op is committed."""
+        packet_id = out.packet_id
+        session = conn.session
+
+        def write() -> None:
+            if conn.state == CONNECTED and session is not None and \
+                    session.inflight.get(packet_id) is out and out.state == SENT:
+                if not conn.send_outgoing(out):
+                    self.router.delivery_done(session, out)
+
+        self._pending_actions.append(write)
+
+    def flush_ops(self) -> None:
+        if not self.pending_ops:
+            if self._pending_actions:
+                actions = self._pending_actions
+                self._pending_actions = []
+                for action in actions:
+                    self.after_commit(action)
+            return
+        ops = self.pending_ops
+        actions = self._pending_actions
+        self.pending_ops = []
+        self._pending_actions = []
+        self.outstanding_batches += 1
+        self._last_batch_actions = actions
+        self.store.submit(ops, lambda: self._batch_done(actions))
+
+    def _batch_done(self, actions: list[Callable[[], None]]) -> None:
+        self.outstanding_batches -= 1
+        for action in actions:
+            action()
+        if self.pending_ops and not self.outstanding_batches:
+            self.flush_ops()
+
+    # -- connections and sessions -------------------------------------------------
+
+    def on_connection_made(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.stats.connections += 1
+
+    def clients_connected(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.conn is not None)
+
+    def attach_session(self, conn: Connection, client_id: str, version: int, expiry: int,
+                       clean: bool, username: str | None, ops: list) -> tuple[Session, bool]:
+        """Bind ``conn`` to the session of ``client_id``: take over a connected one
+        [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4, MQTT-3.1.2-5]."""
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.conn is not None:
+            old = existing.conn
+            log.info("Client %s already connected, closing old connection.", client_id)
+            existing.conn = None
+            old.session = None
+            old_will = None if old.graceful else old.will
+            old.will = None
+            old.disconnect(RC_SESSION_TAKEN_OVER)
+            if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
+                self.publish_will(client_id, old_will[1], durable_session=existing)
+        if existing is not None and (clean or not existing.persistent):
+            self.end_session(existing, ops)
+            existing = None
+        else:
+            self.wills.cancel(client_id)  # reconnected within the will delay [MQTT-3.1.3-9]
+        if existing is not None:
+            session = existing
+            session.protocol_version = version
+            session.expiry_interval = expiry
+            session.username = username
+            session.expire_at = 0.0
+            present = True
+        else:
+            session = Session(client_id, version, expiry, username)
+            self.sessions[client_id] = session
+            present = False
+        session.conn = conn
+        conn.session = session
+        connected = self.clients_connected()
+        if connected > self.stats.clients_maximum:
+            self.stats.clients_maximum = connected
+        return session, present
+
+    def end_session(self, session: Session, ops: list) -> None:
+        """The session ends (expired, clean start, expiry 0 at close): drop it all."""
+        self.router.requeue_shared(session)
+        self.router.unsubscribe_all(session)
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        if session.durable:
+            ops.append(SessionDelete(session.client_id))
+            session.durable = False
+        # A will still waiting for its delay is published when the session ends.
+        self.wills.fire(session.client_id)
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        session = conn.session
+        if session is None or session.conn is not conn:
+            if conn.client_id and conn.state != NEW:
+                pass
+            return
+        session.conn = None
+        if not conn.graceful:
+            log.info("Client %s closed its connection.", conn.client_id)
+        will = None if conn.graceful else conn.will
+        ops: list = []
+        if conn.graceful and conn.will is not None and session.durable:
+            ops.append(WillDelete(session.client_id))
+        if session.expiry_interval == 0:
+            if will is not None:
+                self.publish_will(session.client_id, will[1], durable_session=None)
+            self.end_session(session, ops)
+        else:
+            if session.expiry_interval != EXPIRY_NEVER:
+                session.expire_at = self.loop.time() + session.expiry_interval
+            if will is not None:
+                delay = min(will[0], session.expiry_interval)
+                if delay == 0:
+                    self.publish_will(session.client_id, will[1], durable_session=session)
+                else:
+                    self.wills.schedule(session.client_id, delay, will[1])
+        self.pending_ops.extend(ops)
+        self.flush_ops()
+
+    def publish_will(self, client_id: str, will: Message, durable_session: Session | None = None
+                     ) -> None:
+        message = will_to_publish(will)
+        auth = self.auth
+        if getattr(auth, "checks_acl", True):
+            client = type("WillClient", (), {"client_id": client_id, "username": None})()
+            session = self.sessions.get(client_id)
+            if session is not None:
+                client.username = session.username
+            if not auth.acl_check(client, ACCESS_PUBLISH_SEND, message.topic, message.qos,
+                                  message.retain):
+                return
+        ops: list = []
+        session = durable_session or self.sessions.get(client_id)
+        if session is not None and session.durable:
+            ops.append(WillDelete(client_id))
+        self.router.route(message, client_id, ops)
+        self.pending_ops.extend(ops)
+
+    # -- hooks ----------------------------------------------------------------
+
+    def publish_message(self, message: Message) -> None:
+        """Inject a message as if published by the broker."""
+        ops: list = []
+        self.router.route(message, None, ops)
+        self.pending_ops.extend(ops)
+        self.flush_ops()
+
+    def disconnect_clients(self, predicate: Callable[[Connection], bool], reason_code: int) -> int:
+        n = 0
+        for conn in list(self.connections):
+            if conn.state == CONNECTED and predicate(conn):
+                conn.disconnect(reason_code)
+                n += 1
+        return n
+
+    # -- upkeep ---------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+        try:
+            self._upkeep()
+        except Exception:  # never let upkeep die
+            log.exception("upkeep failed")
+
+    def _upkeep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if conn.rx_bytes != conn.rx_seen:
+                conn.rx_seen = conn.rx_bytes
+                conn.rx_seen_at = now
+            if conn.state == NEW:
+                if now - conn.accepted_at > CONNECT_TIMEOUT:
+                    log.info("Client %s:%d did not send CONNECT in time, disconnecting.",
+                             *conn.peer)
+                    conn.close()
+            elif conn.state == CONNECTED and conn.keepalive:
+                # [MQTT-3.1.2-24]: nothing received for 1.5 x keepalive: close.
+                if now - conn.rx_seen_at > conn.keepalive * 1.5:
+                    log.info("Client %s has exceeded timeout, disconnecting.", conn.client_id)
+                    conn.disconnect(RC_KEEP_ALIVE_TIMEOUT)
+        ops: list = []
+        for session in list(self.sessions.values()):
+            if session.conn is None and session.expire_at and session.expire_at <= now:
+                log.info("Expiring client %s.", session.client_id)
+                self.stats.clients_expired += 1
+                self.end_session(session, ops)
+        self.wills.tick(now)
+        interval = self.config.sys_interval
+        if interval and now >= self._next_sys and self.sys is not None:
+            self._next_sys = now + interval
+            self.sys.publish()
+        self.pending_ops.extend(ops)
+        self.flush_ops()
+
+    # -- start-up from the store ------------------------------------------------
+
+    def _load(self) -> None:
+        state = self.store.load()
+        for message in state.retained.values():
+            self.retained.load(message)
+        now = self.loop.time()
+        for record in state.sessions.values():
+            session = Session(record.client_id, record.protocol_version, record.expiry_interval,
+                              record.username)
+            session.durable = True
+            if record.expiry_interval != EXPIRY_NEVER:
+                session.expire_at = now + record.expiry_interval
+            self.sessions[record.client_id] = session
+            for topic_filter, (options, sub_id) in record.subscriptions.items():
+                qos, no_local, rap, rh = unpack_sub_options(options)
+                group, match_filter = parse_shared(topic_filter)
+                self.router.subscribe(session, Subscription(topic_filter, qos, no_local, rap, rh,
+                                                            sub_id, group, match_filter))
+            for q in record.queue:
+                out = Outgoing(q.seq, q.message, q.qos, q.message.retain, q.subscription_ids or None,
+                               q.packet_id, q.state)
+                if q.state in (SENT, PUBREC_RECEIVED) and q.packet_id:
+                    session.inflight[q.packet_id] = out
+                else:
+                    out.packet_id = 0
+                    session.queue.append(out)
+                session.next_seq = max(session.next_seq, q.seq + 1)
+            session.qos2_in = set(record.qos2_in)
+            if record.will is not None:
+                delay, message = record.will
+                self.wills.schedule(record.client_id, min(delay, record.expiry_interval), message)
+        if state.sessions or state.retained:
+            log.info("Restored %d sessions and %d retained messages.", len(state.sessions),
+                     len(state.retained))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._load()
+        self.sys = SysTopics(self)
+        self._next_sys = self.loop.time()
+        for listener in self.config.listeners:
+            server = await self.loop.create_server(lambda: Connection(self), listener.host,
+                                                   listener.port, reuse_address=True,
+                                                   backlog=1024)
+            self.servers.append(server)
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+                self.ports.append(port)
+                log.info("Opening ipv4 listen socket on port %d.", port)
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.state == CONNECTED:
+                conn.graceful = False
+                conn.disconnect(RC_SERVER_SHUTTING_DOWN)
+            else:
+                conn.close()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self.flush_ops()
+        for server in self.servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+            except (TimeoutError, Exception):
+                pass
+        self.servers.clear()
+
+
+def run(config: Any, store: Any, auth: Any = None) -> int:
+    """Run one broker on uvloop until SIGTERM / SIGINT; the process exit status."""
+    import uvloop
+
+    async def main() -> int:
+        broker = Broker(config, store, auth)
+        await broker.start()
+        log.info("raftmq version %s running.", _version())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("raftmq version %s terminating.", _version())
+        await broker.stop()
+        await store.close()
+        return 0
+
+    return uvloop.run(main())
+
+
+def _version() -> str:
+    from raftmq.broker.sys_topics import VERSION
+
+    return VERSION
