@@ -1,0 +1,457 @@
+"""The replicated state machine: committed Raft entries applied to LMDB tables.
+
+Theory of operation
+-------------------
+Every durable change of broker state is an op (state/entries.py); a Raft log
+entry carries a batch of ops.  ``apply`` runs committed entries, in log order,
+against the tables of DESIGN.md §3 (layout in state/tables.py) inside ONE LMDB
+write transaction that also records the applied index and term.  So after a
+crash the tables and the applied index always agree: entries at or below the
+applied index are skipped, the next one resumes at applied + 1, and no entry is
+applied twice or skipped (Raft §5.3 state machine safety needs exactly this).
+
+``apply`` is deterministic: it reads no clock and no randomness and depends only
+on the tables and the entries, so every member (and a member rebuilt from a
+snapshot plus the tail of the log) ends with byte-identical tables.  An op that
+cannot be applied (a malformed batch, a dynsec change the dynsec module
+rejects) is reported in the results and changes nothing -- it must not raise,
+or the node would fail on the same entry at every restart.
+
+Hot path: op headers are read with ``rawops.iter_raw_ops`` and message bytes are
+stored as they are (no ``Message`` objects); ``load`` decodes them once at
+start-up for a broker worker.
+
+Op semantics (one paragraph each in state/entries.py):
+
+* SessionPut: put the session row; with ``clean`` first drop the client's
+  subscriptions, queue, QoS 2 receive state and will.
+* SessionExpiry: change the expiry interval of an existing session.
+* SessionDelete: drop everything of the client.
+* SubAdd / SubRemove, WillSet / WillDelete, RetainSet / RetainDelete,
+  Qos2InAdd / Qos2InRemove: put / delete one row.
+* QueueAdd: one queue row per delivery (state SENT if it has a packet id, else
+  QUEUED), each with its own copy of the message.
+* QueueUpdate: rewrite the packet id and state of an existing row.
+* QueueRemove: delete the row.
+* Dynsec: ``document = apply_dynsec(document, change)`` (pluggable, see
+  ``default_apply_dynsec``).
+
+Conf-change entries: ``on_conf_change(entry)`` (the raft process passes one that
+calls the core's ``apply_conf_change``) returns the new membership, stored in
+the meta table at that index; it is what ``LmdbStorage.initial_state`` reports
+after a restart.  The state package does not import the raft package
+(DESIGN.md §7), so entries are duck-typed (``index``, ``term``, ``kind``,
+``data``).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import lmdb
+import orjson
+
+from raftmq.state import tables as T
+from raftmq.state.entries import (
+    QUEUED,
+    SENT,
+    LoadedState,
+    QueuedMessage,
+    SessionRecord,
+    decode_message,
+)
+from raftmq.state.rawops import MalformedBatch, iter_raw_ops, message_topic
+
+log = logging.getLogger("raftmq.state")
+
+# Entry kinds, as raft/types.py numbers them (NORMAL = 0, CONF_CHANGE = 1).
+KIND_CONF_CHANGE = 1
+
+# Op tags, as state/entries.py numbers them (part of the on-disk format).
+_NOOP, _SESSION_PUT, _SESSION_EXPIRY, _SESSION_DELETE, _SUB_ADD, _SUB_REMOVE = 0, 1, 2, 3, 4, 5
+_WILL_SET, _WILL_DELETE, _RETAIN_SET, _RETAIN_DELETE, _QUEUE_ADD, _QUEUE_UPDATE = 6, 7, 8, 9, 10, 11
+_QUEUE_REMOVE, _QOS2_IN_ADD, _QOS2_IN_REMOVE, _DYNSEC = 12, 13, 14, 15
+
+
+class LogEntry(Protocol):
+    term: int
+    index: int
+    data: bytes
+    kind: int
+
+
+class ApplyGapError(RuntimeError):
+    """An entry beyond applied index + 1 was offered: applying it would skip entries."""
+
+
+class SnapshotFormatError(ValueError):
+    """Snapshot data that is not ours, truncated, or fails its checksum."""
+
+
+DynsecApply = Callable[[dict[str, Any] | None, dict[str, Any]], dict[str, Any]]
+
+
+def default_apply_dynsec(document: dict[str, Any] | None, change: dict[str, Any]) -> dict[str, Any]:
+    """Until raftmq.dynsec provides ``apply_dynsec``: only whole-document replacement,
+    ``{"op": "replace", "document": {...}}``."""
+    if change.get("op") == "replace" and isinstance(change.get("document"), dict):
+        return change["document"]
+    raise ValueError(f"unsupported dynsec change {change.get('op')!r}")
+
+
+def _find_apply_dynsec() -> DynsecApply:
+    try:
+        from raftmq.dynsec import apply_dynsec  # type: ignore[attr-defined]
+    except ImportError:
+        return default_apply_dynsec
+    return apply_dynsec  # type: ignore[no-any-return]
+
+
+_SNAP_MAGIC = b"RMQSNAP1"
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class StateMachine:
+    """The tables of DESIGN.md §3 in an LMDB environment; see the module doc.
+
+    ``backing`` is the node's ``LmdbStorage`` (the machine attaches itself to
+    it, so ``storage.save(..., committed=...)`` applies in the log's
+    transaction and ``storage.snapshot()`` serializes the tables) or a bare
+    ``lmdb.Environment`` (a worker's read-only view, tools, tests).
+    """
+
+    def __init__(
+        self,
+        backing: Any,
+        *,
+        apply_dynsec: DynsecApply | None = None,
+        on_conf_change: Callable[[LogEntry], Any] | None = None,
+    ) -> None:
+        if isinstance(backing, lmdb.Environment):
+            self.env = backing
+            storage = None
+        else:
+            self.env = backing.env
+            storage = backing
+        self.apply_dynsec = apply_dynsec or _find_apply_dynsec()
+        self.on_conf_change = on_conf_change
+        readonly = self.env.flags()["readonly"]
+        with self.env.begin(write=not readonly) as txn:
+            dbs = {name: self.env.open_db(name, txn=txn, create=not readonly) for name in T.MACHINE_DBS}
+        self._dbs = dbs
+        self.db_sessions = dbs[T.DB_SESSIONS]
+        self.db_subs = dbs[T.DB_SUBS]
+        self.db_wills = dbs[T.DB_WILLS]
+        self.db_retained = dbs[T.DB_RETAINED]
+        self.db_queues = dbs[T.DB_QUEUES]
+        self.db_qos2_in = dbs[T.DB_QOS2_IN]
+        self.db_dynsec = dbs[T.DB_DYNSEC]
+        self.db_meta = dbs[T.DB_META]
+        if storage is not None:
+            storage.machine = self
+
+    # -- meta ------------------------------------------------------------------------
+
+    def applied(self) -> tuple[int, int]:
+        """(index, term) of the last applied entry; (0, 0) if none."""
+        with self.env.begin() as txn:
+            return T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
+
+    def applied_index(self) -> int:
+        return self.applied()[0]
+
+    def conf_state(self) -> tuple[list[int], list[int]]:
+        """(voters, learners) as of the applied index."""
+        with self.env.begin() as txn:
+            return T.parse_conf_state_row(txn.get(T.META_CONF_STATE, db=self.db_meta))
+
+    @property
+    def cluster_id(self) -> str | None:
+        with self.env.begin() as txn:
+            b = txn.get(T.META_CLUSTER_ID, db=self.db_meta)
+        return b.decode() if b is not None else None
+
+    def set_cluster_id(self, cluster_id: str) -> None:
+        """Recorded once when a cluster is created; carried by snapshots."""
+        with self.env.begin(write=True) as txn:
+            txn.put(T.META_CLUSTER_ID, cluster_id.encode(), db=self.db_meta)
+
+    # -- apply -----------------------------------------------------------------------
+
+    def apply(self, entries: Sequence[LogEntry]) -> list[tuple[int, Any]]:
+        """Apply committed entries in one write transaction (with the applied index).
+
+        Returns ``(index, result)`` for each entry applied now (entries at or
+        below the applied index are skipped): result is None, or the list of
+        per-op error strings, or the new membership of a conf change.
+        Raises ApplyGapError if an entry would skip some.
+        """
+        with self.env.begin(write=True) as txn:
+            return self.apply_in(txn, entries)
+
+    def apply_in(self, txn: lmdb.Transaction, entries: Sequence[LogEntry]) -> list[tuple[int, Any]]:
+        """``apply`` inside the caller's write transaction (LmdbStorage.save)."""
+        applied, applied_term = T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
+        results: list[tuple[int, Any]] = []
+        for e in entries:
+            index = e.index
+            if index <= applied:
+                continue
+            if index != applied + 1:
+                raise ApplyGapError(f"entry {index} offered after applied index {applied}")
+            if e.kind == KIND_CONF_CHANGE:
+                result = self._apply_conf_change(txn, e)
+            elif e.data:
+                result = self._apply_batch(txn, index, e.data)
+            else:
+                result = None  # a new leader's empty entry (Raft §8)
+            results.append((index, result))
+            applied, applied_term = index, e.term
+        if results:
+            txn.put(T.META_APPLIED, T.applied_row(applied, applied_term), db=self.db_meta)
+        return results
+
+    def _apply_conf_change(self, txn: lmdb.Transaction, e: LogEntry) -> Any:
+        if self.on_conf_change is None:
+            log.warning("conf change at %d applied without on_conf_change: membership not recorded", e.index)
+            return None
+        cs = self.on_conf_change(e)
+        voters, learners = getattr(cs, "voters", ()), getattr(cs, "learners", ())
+        txn.put(T.META_CONF_STATE, T.conf_state_row(voters, learners), db=self.db_meta)
+        return cs
+
+    def _apply_batch(self, txn: lmdb.Transaction, index: int, data: bytes) -> list[str] | None:
+        errors: list[str] | None = None
+        put, get, delete = txn.put, txn.get, txn.delete
+        ck_of = T.client_key
+        try:
+            for tag, f, msg in iter_raw_ops(data):
+                if tag == _QUEUE_ADD:
+                    state_of = (QUEUED, SENT)
+                    for cid, seq, packet_id, qos, sub_ids in f[0]:
+                        row = T.queue_row(packet_id, state_of[packet_id != 0], qos, sub_ids, msg)
+                        put(T.seq_key(ck_of(cid), seq), row, db=self.db_queues)
+                elif tag == _QUEUE_REMOVE:
+                    delete(T.seq_key(ck_of(f[0]), f[1]), db=self.db_queues)
+                elif tag == _QUEUE_UPDATE:
+                    key = T.seq_key(ck_of(f[0]), f[1])
+                    row = get(key, db=self.db_queues)
+                    if row is not None:
+                        put(key, T.QUEUE_STATE.pack(f[2], f[3]) + row[T.QUEUE_STATE.size :], db=self.db_queues)
+                elif tag == _QOS2_IN_ADD:
+                    put(T.qos2_key(ck_of(f[0]), f[1]), b"", db=self.db_qos2_in)
+                elif tag == _QOS2_IN_REMOVE:
+                    delete(T.qos2_key(ck_of(f[0]), f[1]), db=self.db_qos2_in)
+                elif tag == _SESSION_PUT:
+                    cid, protocol_version, expiry, clean, username = f
+                    ck = ck_of(cid)
+                    if clean:
+                        self._drop_client_rows(txn, ck)
+                    put(ck, T.session_row(cid, protocol_version, expiry, username), db=self.db_sessions)
+                elif tag == _SESSION_EXPIRY:
+                    ck = ck_of(f[0])
+                    row = get(ck, db=self.db_sessions)
+                    if row is not None:
+                        cid, protocol_version, _, username = T.parse_session_row(row)
+                        put(ck, T.session_row(cid, protocol_version, f[1], username), db=self.db_sessions)
+                elif tag == _SESSION_DELETE:
+                    ck = ck_of(f[0])
+                    self._drop_client_rows(txn, ck)
+                    delete(ck, db=self.db_sessions)
+                elif tag == _SUB_ADD:
+                    cid, topic_filter, options, sub_id = f
+                    key = ck_of(cid) + T.filter_key(topic_filter)
+                    put(key, T.sub_row(options, sub_id, topic_filter), db=self.db_subs)
+                elif tag == _SUB_REMOVE:
+                    delete(ck_of(f[0]) + T.filter_key(f[1]), db=self.db_subs)
+                elif tag == _WILL_SET:
+                    ck = ck_of(f[0])
+                    if len(msg):
+                        put(ck, T.will_row(f[1], msg), db=self.db_wills)
+                    else:
+                        delete(ck, db=self.db_wills)
+                elif tag == _WILL_DELETE:
+                    delete(ck_of(f[0]), db=self.db_wills)
+                elif tag == _RETAIN_SET:
+                    if len(msg):
+                        put(T.topic_key(message_topic(msg)), msg, db=self.db_retained)
+                elif tag == _RETAIN_DELETE:
+                    delete(T.topic_key(f[0]), db=self.db_retained)
+                elif tag == _DYNSEC:
+                    err = self._apply_dynsec(txn, f[0])
+                    if err is not None:
+                        errors = (errors or []) + [err]
+                elif tag == _NOOP:
+                    pass
+                else:
+                    errors = (errors or []) + [f"unknown op tag {tag}"]
+                    log.error("entry %d: unknown op tag %d ignored", index, tag)
+        except (MalformedBatch, ValueError, TypeError, IndexError, struct.error) as exc:
+            # Deterministic on every member: the same bytes fail the same way.
+            # Ops before the bad one stay applied (entries are atomic per batch
+            # of the log, not per op; a well-formed proposer never gets here).
+            log.error("entry %d: malformed op batch: %s", index, exc)
+            errors = (errors or []) + [f"malformed: {exc}"]
+        return errors
+
+    def _drop_client_rows(self, txn: lmdb.Transaction, ck: bytes) -> None:
+        """Delete every subscription, queued message and QoS 2 state of a client, and its will."""
+        for name in T.PER_CLIENT_DBS:
+            cur = txn.cursor(db=self._dbs[name])
+            if cur.set_range(ck):
+                while cur.key()[: len(ck)] == ck and len(cur.key()) > len(ck):
+                    if not cur.delete():
+                        break
+        txn.delete(ck, db=self.db_wills)
+
+    def _apply_dynsec(self, txn: lmdb.Transaction, change: dict[str, Any]) -> str | None:
+        raw = txn.get(T.DYNSEC_DOCUMENT, db=self.db_dynsec)
+        document = orjson.loads(raw) if raw is not None else None
+        try:
+            new = self.apply_dynsec(document, change)
+        except Exception as exc:  # noqa: BLE001 - a rejected change is a result, not a crash
+            return f"dynsec: {exc}"
+        txn.put(T.DYNSEC_DOCUMENT, orjson.dumps(new, option=orjson.OPT_SORT_KEYS), db=self.db_dynsec)
+        return None
+
+    # -- load --------------------------------------------------------------------------
+
+    def load(self) -> LoadedState:
+        """Everything a broker worker rebuilds at start-up, from one read transaction."""
+        with self.env.begin() as txn:
+            return self._load_in(txn)
+
+    def _load_in(self, txn: lmdb.Transaction) -> LoadedState:
+        state = LoadedState()
+        by_ck: dict[bytes, SessionRecord] = {}
+        for ck, row in txn.cursor(db=self.db_sessions):
+            cid, protocol_version, expiry, username = T.parse_session_row(row)
+            rec = SessionRecord(cid, protocol_version, expiry, username)
+            by_ck[ck] = rec
+            state.sessions[cid] = rec
+        for key, row in txn.cursor(db=self.db_subs):
+            rec = by_ck.get(key[: T.client_key_len(key)])
+            if rec is not None:
+                options, sub_id, topic_filter = T.parse_sub_row(row)
+                rec.subscriptions[topic_filter] = (options, sub_id)
+        for ck, row in txn.cursor(db=self.db_wills):
+            rec = by_ck.get(ck)
+            if rec is not None:
+                delay, msg = T.parse_will_row(row)
+                rec.will = (delay, decode_message(msg))
+        for key, row in txn.cursor(db=self.db_queues):
+            n = T.client_key_len(key)
+            rec = by_ck.get(key[:n])
+            if rec is not None:
+                packet_id, state_, qos, sub_ids, msg = T.parse_queue_row(row)
+                rec.queue.append(
+                    QueuedMessage(T.key_seq(key, n), packet_id, state_, qos, sub_ids, decode_message(msg))
+                )
+        for key, _ in txn.cursor(db=self.db_qos2_in):
+            n = T.client_key_len(key)
+            rec = by_ck.get(key[:n])
+            if rec is not None:
+                rec.qos2_in.add(T.key_packet_id(key, n))
+        for _, row in txn.cursor(db=self.db_retained):
+            msg = decode_message(row)
+            state.retained[msg.topic] = msg
+        raw = txn.get(T.DYNSEC_DOCUMENT, db=self.db_dynsec)
+        state.dynsec = orjson.loads(raw) if raw is not None else None
+        return state
+
+    def dynsec_document(self) -> dict[str, Any] | None:
+        with self.env.begin() as txn:
+            raw = txn.get(T.DYNSEC_DOCUMENT, db=self.db_dynsec)
+        return orjson.loads(raw) if raw is not None else None
+
+    # -- snapshots ----------------------------------------------------------------------
+    #
+    # Format: magic, u32 header length, orjson header {"index", "term", "voters",
+    # "learners"}, then per table of tables.MACHINE_DBS: u32 name length, name,
+    # u64 row count, rows (u32 key length, key, u32 value length, value) in key
+    # order; finally u32 crc32 of everything before it.  Key order and sorted
+    # JSON make it a pure function of the tables: equal tables, equal bytes.
+
+    def snapshot_data(self) -> bytes:
+        """All tables and the applied index, from one read transaction."""
+        return self.snapshot_with_meta()[4]
+
+    def snapshot_with_meta(self) -> tuple[int, int, list[int], list[int], bytes]:
+        """(applied index, its term, voters, learners, snapshot data), consistent."""
+        with self.env.begin() as txn:
+            index, term = T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
+            voters, learners = T.parse_conf_state_row(txn.get(T.META_CONF_STATE, db=self.db_meta))
+            head = orjson.dumps({"index": index, "term": term, "voters": voters, "learners": learners})
+            parts = [_SNAP_MAGIC, _U32.pack(len(head)), head]
+            for name in T.MACHINE_DBS:
+                rows: list[bytes] = []
+                count = 0
+                for key, value in txn.cursor(db=self._dbs[name]):
+                    rows += (_U32.pack(len(key)), key, _U32.pack(len(value)), value)
+                    count += 1
+                parts += (_U32.pack(len(name)), name, _U64.pack(count))
+                parts += rows
+        body = b"".join(parts)
+        return index, term, voters, learners, body + _U32.pack(zlib.crc32(body))
+
+    def restore(self, data: bytes) -> tuple[int, int]:
+        """Replace all tables by a snapshot's, atomically; returns its (index, term)."""
+        with self.env.begin(write=True) as txn:
+            return self.restore_in(txn, data)
+
+    def restore_in(self, txn: lmdb.Transaction, data: bytes) -> tuple[int, int]:
+        """``restore`` inside the caller's write transaction (LmdbStorage.save)."""
+        mv = memoryview(data)
+        if len(mv) < len(_SNAP_MAGIC) + 8 or bytes(mv[: len(_SNAP_MAGIC)]) != _SNAP_MAGIC:
+            raise SnapshotFormatError("not a raftmq state snapshot")
+        (crc,) = _U32.unpack_from(mv, len(mv) - 4)
+        if zlib.crc32(mv[:-4]) != crc:
+            raise SnapshotFormatError("snapshot checksum mismatch")
+        pos = len(_SNAP_MAGIC)
+        (hlen,) = _U32.unpack_from(mv, pos)
+        pos += 4
+        head = orjson.loads(mv[pos : pos + hlen])
+        pos += hlen
+        seen = set()
+        try:
+            for _ in T.MACHINE_DBS:
+                (nlen,) = _U32.unpack_from(mv, pos)
+                pos += 4
+                name = bytes(mv[pos : pos + nlen])
+                pos += nlen
+                if name not in self._dbs or name in seen:
+                    raise SnapshotFormatError(f"unknown table {name!r} in snapshot")
+                seen.add(name)
+                (count,) = _U64.unpack_from(mv, pos)
+                pos += 8
+                items = []
+                for _ in range(count):
+                    (klen,) = _U32.unpack_from(mv, pos)
+                    key = bytes(mv[pos + 4 : pos + 4 + klen])
+                    pos += 4 + klen
+                    (vlen,) = _U32.unpack_from(mv, pos)
+                    items.append((key, bytes(mv[pos + 4 : pos + 4 + vlen])))
+                    pos += 4 + vlen
+                db = self._dbs[name]
+                txn.drop(db, delete=False)
+                if items:
+                    txn.cursor(db=db).putmulti(items, append=True)
+        except struct.error as exc:
+            raise SnapshotFormatError(f"truncated snapshot: {exc}") from exc
+        if pos != len(mv) - 4:
+            raise SnapshotFormatError("trailing bytes in snapshot")
+        return head["index"], head["term"]
+
+
+def load_state(path: str) -> LoadedState:
+    """A broker worker's start-up read of a node's tables (read-only, another process)."""
+    env = T.open_environment(path, readonly=True)
+    try:
+        return StateMachine(env).load()
+    finally:
+        env.close()
