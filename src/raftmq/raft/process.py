@@ -1,0 +1,700 @@
+"""The raft process: the I/O shell around the sans-IO Raft core of one node.
+
+Theory of operation
+-------------------
+One process per node, the only writer of the node's LMDB environment
+(``<data_dir>/raft.lmdb``).  It runs one uvloop event loop with three inputs:
+
+* a ticker (``tick_ms``) driving ``node.tick()`` (elections, heartbeats);
+* the peer transport (raft/transport.py): messages from the other members;
+* the local channel (raft/channel.py, ``<data_dir>/raft.sock``): proposals,
+  LOAD and admin requests from the broker workers and the CLI.
+
+Every input only *queues* and schedules one ``_process`` call for the end of
+the loop turn.  ``_process`` proposes everything queued (``propose_many``), then
+runs etcd raft's loop until the core has nothing more::
+
+    rd = node.ready()
+    storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=...)   # 1 txn, 1 fsync
+    transport.send(rd.messages); transport.flush()                       # only after the fsync
+    notify proposers / fan out committed entries to the workers
+    node.advance(rd)
+
+So every proposal that arrived while the previous fsync ran shares the next
+transaction and fsync and the next AppendEntries (group commit).  The state
+machine applies committed entries inside that same transaction
+(``LmdbStorage.save``), so the tables, the log and the applied index never
+disagree after a crash.
+
+Entries: the data of a normal entry proposed here is an *envelope* --
+``u8 version, u64 origin node, u32 channel connection, u64 request id`` --
+followed by the op batch (state/entries.py).  When the entry commits, the
+origin node finds the proposer by (connection, request id) and answers
+COMMITTED; every other worker that asked for fan-out gets the op batch as an
+ENTRY frame.  The state machine only ever sees the op batch.
+
+A proposal whose outcome becomes unknown (this node loses leadership before it
+commits) is answered FAILED: the worker never acknowledges it to its client.
+It may still commit under the next leader; that is safe (an unacknowledged
+message may be delivered, an acknowledged one is never lost).
+
+Snapshots: every ``snapshot_entries`` applied entries the log is compacted up
+to ``applied - snapshot_entries // 4`` (a margin for slightly slow followers);
+the core sends a follower that needs compacted entries a snapshot, which the
+storage serializes from the tables (``storage.snapshot()``).  Membership
+changes arrive as committed CONF_CHANGE entries; the state machine calls back
+``node.apply_conf_change`` and records the new membership in the same
+transaction.
+
+Durability: "sync" (default) opens LMDB with a flush at every commit, so a
+proposer is told COMMITTED only after the entry is on disk (on a majority, in a
+cluster).  "async" commits to the OS page cache and fsyncs once a second: a
+crash of the process loses nothing, a crash of the machine may lose the last
+second of acknowledged messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pickle
+import random
+import signal
+import struct
+import sys
+import time
+import tomllib
+from typing import Any
+
+import orjson
+
+from raftmq.cluster.config import ClusterSettings, cluster_from_mapping, parse_hostport
+from raftmq.raft import channel as ch
+from raftmq.raft import messages as wire
+from raftmq.raft.core import Config as CoreConfig
+from raftmq.raft.core import NotLeader, ProposalDropped, RawNode
+from raftmq.raft.lmdb_storage import LmdbStorage
+from raftmq.raft.transport import PeerTransport, read_secret_file
+from raftmq.raft.types import (
+    NORMAL,
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    MessageType,
+    Ready,
+    Role,
+)
+from raftmq.state.machine import StateMachine
+
+log = logging.getLogger("raftmq.raft.process")
+
+ENVELOPE = struct.Struct("<BQIQ")  # version, origin node id, connection id, request id
+ENVELOPE_VERSION = 1
+LMDB_DIR = "raft.lmdb"
+PEERS_FILE = "peers.json"
+ASYNC_FSYNC_INTERVAL = 1.0
+# A learner is promoted once it is this close to the leader's last index.
+PROMOTE_LAG = 64
+
+
+def pack_envelope(origin: int, conn_id: int, req_id: int) -> bytes:
+    return ENVELOPE.pack(ENVELOPE_VERSION, origin, conn_id, req_id)
+
+
+class RaftProcess:
+    def __init__(self, settings: ClusterSettings, data_dir: str, durability: str = "sync") -> None:
+        self.settings = settings
+        self.id = settings.node_id
+        self.data_dir = data_dir
+        self.durability = durability
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.secret: bytes | None = None
+        if settings.secret_file is not None:
+            self.secret = read_secret_file(settings.secret_file)  # raises SecretFileError
+        self.storage = LmdbStorage(os.path.join(data_dir, LMDB_DIR), sync=durability != "async")
+        self.machine = StateMachine(self.storage, on_conf_change=self._on_conf_change)
+        self._bootstrap()
+        self.node = RawNode(
+            CoreConfig(
+                id=self.id,
+                election_tick=settings.election_ticks,
+                heartbeat_tick=settings.heartbeat_ticks,
+                pre_vote=True,
+                check_quorum=True,
+                applied=self.machine.applied_index(),
+            ),
+            self.storage,
+            random.Random(),
+        )
+        self.role = Role.FOLLOWER
+        self.leader = 0
+        self.applied = self.machine.applied_index()
+        self.conf_state = self.storage.conf_state()
+        self._load_barrier: int | None = None  # applied index a LOAD must wait for
+        self._leader_barrier = 0
+        # Channel connections and what they wait for.
+        self._conns: dict[int, ch.FrameProtocol] = {}
+        self._next_conn = 1
+        self._proposals: list[tuple[int, int, bytes]] = []  # (conn id, request id, ops)
+        self._pending: dict[tuple[int, int], int] = {}  # (conn, req) -> proposing term
+        self._waiting_loads: list[ch.FrameProtocol] = []
+        self._admin_waits: list[tuple[Any, ch.FrameProtocol, int, float]] = []
+        self._learners_to_promote: set[int] = set()
+        self._scheduled = False
+        self._stopping = False
+        self._last_compact_check = self.applied
+        self.transport: PeerTransport | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.peer_addresses: dict[int, tuple[str, int]] = self._load_peer_addresses()
+        self.committed_count = 0
+
+    # -- start-up ------------------------------------------------------------------
+
+    def _bootstrap(self) -> None:
+        """A brand-new member of a new cluster records the initial membership."""
+        hs, cs = self.storage.initial_state()
+        fresh = hs.term == 0 and self.storage.last_index() == 0 and not cs.voters and not cs.learners
+        voters = self.settings.initial_voters()
+        if fresh and voters:
+            self.storage.set_conf_state(ConfState(voters=voters))
+            log.info("Bootstrapped a new Raft group: voters %s", list(voters))
+
+    def _load_peer_addresses(self) -> dict[int, tuple[str, int]]:
+        addrs = {p.id: (p.host, p.port) for p in self.settings.peers}
+        try:
+            with open(os.path.join(self.data_dir, PEERS_FILE), "rb") as f:
+                for k, v in orjson.loads(f.read()).items():
+                    addrs.setdefault(int(k), (v[0], int(v[1])))
+        except FileNotFoundError:
+            pass
+        addrs.pop(self.id, None)
+        return addrs
+
+    def _save_peer_addresses(self) -> None:
+        path = os.path.join(self.data_dir, PEERS_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps({str(k): [h, p] for k, (h, p) in self.peer_addresses.items()}))
+        os.replace(tmp, path)
+
+    def _on_peer_address(self, node_id: int, host: str, port: int) -> None:
+        if self.peer_addresses.get(node_id) != (host, port):
+            self.peer_addresses[node_id] = (host, port)
+            self._save_peer_addresses()
+            if self.transport is not None:
+                self.transport.set_peer(node_id, host, port)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop_event.set)
+        if self.settings.listen is not None:
+            assert self.secret is not None
+            self.transport = PeerTransport(
+                self.id, self.secret, self.settings.listen, self._on_peer_messages, self._on_peer_address
+            )
+            await self.transport.start()
+            for nid, (host, port) in self.peer_addresses.items():
+                self.transport.set_peer(nid, host, port)
+        await self._start_channel()
+        ticker = loop.create_task(self._ticker())
+        syncer = loop.create_task(self._async_fsync()) if self.durability == "async" else None
+        if self.conf_state.voters == (self.id,):
+            # A one-member group (standalone) need not wait an election timeout.
+            self.node.campaign()
+        self._schedule()
+        log.info(
+            "Raft node %d started: data %s, applied %d, voters %s, learners %s",
+            self.id, self.data_dir, self.applied, list(self.conf_state.voters), list(self.conf_state.learners),
+        )
+        await self._stop_event.wait()
+        log.info("Raft node %d shutting down", self.id)
+        self._stopping = True
+        ticker.cancel()
+        if syncer is not None:
+            syncer.cancel()
+        self._process()  # persist whatever is in flight
+        self._fail_all(ch.SHUTTING_DOWN)
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            conn.close()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.durability == "async":
+            self.storage.sync()
+        self.storage.close()
+        try:
+            os.unlink(ch.socket_path(self.data_dir))
+        except OSError:
+            pass
+        log.info("Raft node %d stopped", self.id)
+
+    async def _start_channel(self) -> None:
+        path = ch.socket_path(self.data_dir)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)  # the socket is created 0600: only this user may propose
+        try:
+            self._server = await asyncio.get_running_loop().create_unix_server(self._new_conn, path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    def _new_conn(self) -> ch.FrameProtocol:
+        proto = ch.FrameProtocol(self._on_channel_frames, on_lost=self._on_conn_lost)
+        proto.conn_id = self._next_conn  # type: ignore[attr-defined]
+        self._next_conn += 1
+        self._conns[proto.conn_id] = proto  # type: ignore[attr-defined]
+        return proto
+
+    def _on_conn_lost(self, proto: ch.FrameProtocol) -> None:
+        cid = proto.conn_id  # type: ignore[attr-defined]
+        self._conns.pop(cid, None)
+        # Its pending proposals may still commit; nobody is left to tell.
+        for key in [k for k in self._pending if k[0] == cid]:
+            del self._pending[key]
+        if proto in self._waiting_loads:
+            self._waiting_loads.remove(proto)
+
+    # -- timers --------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        interval = self.settings.tick_ms / 1000
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            now = time.monotonic()
+            if now - next_at > 5 * interval:
+                next_at = now  # the loop was blocked: do not fire a burst of ticks
+            self.node.tick()
+            self._check_admin_waits()
+            self._schedule()
+
+    async def _async_fsync(self) -> None:
+        while True:
+            await asyncio.sleep(ASYNC_FSYNC_INTERVAL)
+            await asyncio.get_running_loop().run_in_executor(None, self.storage.sync)
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._process)
+
+    def _on_peer_messages(self, src: int, payloads: list[bytes]) -> None:
+        step = self.node.step
+        decode = wire.decode
+        for p in payloads:
+            try:
+                step(decode(p))
+            except ProposalDropped:
+                pass
+        self._schedule()
+
+    def _on_channel_frames(self, proto: ch.FrameProtocol, frames: list[tuple[int, bytes]]) -> None:
+        cid = proto.conn_id  # type: ignore[attr-defined]
+        proposals = self._proposals
+        for kind, body in frames:
+            if kind == ch.PROPOSE:
+                proposals.append((cid, ch.U64.unpack_from(body)[0], body[8:]))
+            elif kind == ch.HELLO:
+                proto.worker_id = ch.U32.unpack_from(body)[0]
+                proto.fanout = len(body) > 4 and bool(body[4] & 1)
+            elif kind == ch.LOAD:
+                self._waiting_loads.append(proto)
+            elif kind == ch.ADMIN:
+                rid = ch.U64.unpack_from(body)[0]
+                try:
+                    self._on_admin(proto, rid, orjson.loads(body[8:]))
+                except Exception as exc:  # an admin request must never kill the node
+                    log.exception("admin request failed")
+                    self._admin_reply(proto, rid, {"ok": False, "error": str(exc)})
+        self._schedule()
+
+    # -- the Ready loop --------------------------------------------------------------
+
+    def _process(self) -> None:
+        self._scheduled = False
+        if self._proposals:
+            self._propose_queued()
+        node = self.node
+        while node.has_ready():
+            self._handle_ready(node.ready())
+        if self._waiting_loads:
+            self._serve_loads()
+
+    def _propose_queued(self) -> None:
+        queued, self._proposals = self._proposals, []
+        if self._stopping:
+            self._fail_requests(queued, ch.SHUTTING_DOWN)
+            return
+        if self.role != Role.LEADER:
+            self._fail_requests(queued, ch.NOT_LEADER)
+            return
+        me = self.id
+        pack = ENVELOPE.pack
+        datas = [pack(ENVELOPE_VERSION, me, cid, rid) + ops for cid, rid, ops in queued]
+        try:
+            self.node.propose_many(datas)
+        except NotLeader:
+            self._fail_requests(queued, ch.NOT_LEADER)
+            return
+        except ProposalDropped:
+            self._fail_requests(queued, ch.DROPPED)
+            return
+        term = self._term
+        pending = self._pending
+        for cid, rid, _ in queued:
+            pending[(cid, rid)] = term
+
+    @property
+    def _term(self) -> int:
+        return self.storage.hard_state.term
+
+    def _handle_ready(self, rd: Ready) -> None:
+        if rd.soft_state is not None:
+            self._on_soft_state(rd.soft_state.role, rd.soft_state.leader)
+        committed = rd.committed_entries
+        stripped = [_strip(e) for e in committed] if committed else ()
+        # 1. Persist (and apply) in one transaction, one fsync.
+        self.storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=stripped)
+        if rd.snapshot is not None and not rd.snapshot.is_empty():
+            self.applied = rd.snapshot.meta.index
+            self.conf_state = rd.snapshot.meta.conf_state
+            self._sync_transport_peers()
+            log.info("Installed snapshot at index %d (term %d)", rd.snapshot.meta.index, rd.snapshot.meta.term)
+        # 2. Only now may messages vouching for that state leave (Raft thesis §3.8).
+        if rd.messages and self.transport is not None:
+            send = self.transport.send
+            encode = wire.encode
+            unreachable = set()
+            snaps = []
+            for m in rd.messages:
+                ok = send(m.dst, encode(m))
+                if not ok:
+                    unreachable.add(m.dst)
+                if m.type == MessageType.SNAP:
+                    snaps.append((m.dst, ok))
+            self.transport.flush()
+            for nid in unreachable:
+                self.node.report_unreachable(nid)
+            for nid, ok in snaps:
+                self.node.report_snapshot(nid, ok)
+                if ok:
+                    log.info("Sent a snapshot to node %d", nid)
+        # 3. Tell proposers and fan out.
+        if committed:
+            self._after_commit(committed)
+        self.node.advance(rd)
+
+    def _on_soft_state(self, role: Role, leader: int) -> None:
+        was_leader = self.role == Role.LEADER
+        if role != self.role or leader != self.leader:
+            log.info("Raft node %d is now %s (leader %d, term %d)", self.id, role.name.lower(), leader, self._term)
+        self.role, self.leader = role, leader
+        if role == Role.LEADER and not was_leader:
+            # Entries up to the new leader's first entry may be committed but
+            # not yet known as such: a LOAD waits until they are applied.
+            self._leader_barrier = self.storage.last_index() + 1
+        if was_leader and role != Role.LEADER:
+            self._fail_all(ch.DROPPED)
+
+    def _after_commit(self, committed: list[Entry]) -> None:
+        me = self.id
+        pending = self._pending
+        conns = self._conns
+        done: dict[int, list[int]] = {}
+        fanout = [c for c in conns.values() if c.fanout]
+        unpack = ENVELOPE.unpack_from
+        for e in committed:
+            if e.kind != NORMAL:
+                continue
+            data = e.data
+            if len(data) < ENVELOPE.size or data[0] != ENVELOPE_VERSION:
+                continue
+            _v, origin, cid, rid = unpack(data)
+            if origin == me and pending.pop((cid, rid), None) is not None:
+                lst = done.get(cid)
+                if lst is None:
+                    done[cid] = [rid]
+                else:
+                    lst.append(rid)
+            if fanout:
+                frame = None
+                for c in fanout:
+                    if origin == me and c.conn_id == cid:  # type: ignore[attr-defined]
+                        continue
+                    if frame is None:
+                        frame = ch.frame(ch.ENTRY, data[ENVELOPE.size :])
+                    c.send(frame)
+        for cid, rids in done.items():
+            c = conns.get(cid)
+            if c is not None:
+                c.send(ch.frame(ch.COMMITTED, ch.ids_body(rids)))
+        last = committed[-1].index
+        self.committed_count += len(committed)
+        self.applied = max(self.applied, last)
+        if self.applied - self._last_compact_check >= self.settings.snapshot_entries:
+            self._last_compact_check = self.applied
+            self._compact()
+
+    def _compact(self) -> None:
+        upto = self.applied - self.settings.snapshot_entries // 4
+        if upto < self.storage.first_index():
+            return
+        try:
+            self.storage.compact(upto)
+        except Exception:
+            log.exception("log compaction to %d failed", upto)
+            return
+        log.info("Compacted the raft log up to index %d (applied %d)", upto, self.applied)
+
+    def _on_conf_change(self, e: Entry) -> ConfState:
+        """Called by the state machine inside the apply transaction."""
+        cc = ConfChange.decode(e.data)
+        cs = self.node.apply_conf_change(cc)
+        self.conf_state = cs
+        log.info("Membership change at %d: %s node %d -> voters %s, learners %s",
+                 e.index, cc.type.name.lower(), cc.node_id, list(cs.voters), list(cs.learners))
+        if cc.type == ConfChangeType.REMOVE:
+            self._learners_to_promote.discard(cc.node_id)
+            if cc.node_id == self.id:
+                log.warning("Raft node %d was removed from the cluster", self.id)
+        asyncio.get_running_loop().call_soon(self._sync_transport_peers)
+        return cs
+
+    def _sync_transport_peers(self) -> None:
+        """Keep connections to the members (and to anyone we know an address of)."""
+        if self.transport is None:
+            return
+        members = set(self.conf_state.voters) | set(self.conf_state.learners)
+        for nid in list(self.transport.peers):
+            if nid not in members and nid not in self.peer_addresses:
+                self.transport.remove_peer(nid)
+        for nid in members:
+            addr = self.peer_addresses.get(nid)
+            if addr is not None and nid != self.id:
+                self.transport.set_peer(nid, *addr)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def _fail_requests(self, reqs: list[tuple[int, int, bytes]], reason: int) -> None:
+        by_conn: dict[int, list[int]] = {}
+        for cid, rid, _ in reqs:
+            by_conn.setdefault(cid, []).append(rid)
+        self._send_failed(by_conn, reason)
+
+    def _fail_all(self, reason: int) -> None:
+        by_conn: dict[int, list[int]] = {}
+        for cid, rid in self._pending:
+            by_conn.setdefault(cid, []).append(rid)
+        self._pending.clear()
+        if self._proposals:
+            for cid, rid, _ in self._proposals:
+                by_conn.setdefault(cid, []).append(rid)
+            self._proposals = []
+        self._send_failed(by_conn, reason)
+
+    def _send_failed(self, by_conn: dict[int, list[int]], reason: int) -> None:
+        for cid, rids in by_conn.items():
+            c = self._conns.get(cid)
+            if c is not None:
+                c.send(ch.frame(ch.FAILED, bytes((reason,)) + ch.ids_body(rids)))
+
+    def _load_ready(self) -> bool:
+        if self.role == Role.LEADER:
+            return self.applied >= self._leader_barrier
+        return self.leader != 0 and self.applied >= self.storage.hard_state.commit
+
+    def _serve_loads(self) -> None:
+        if not self._load_ready():
+            return
+        state = pickle.dumps(self.machine.load(), protocol=pickle.HIGHEST_PROTOCOL)
+        for proto in self._waiting_loads:
+            proto.send(ch.frame(ch.LOADED, state))
+        self._waiting_loads.clear()
+
+    # -- admin ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.node.status()
+        return {
+            "id": self.id,
+            "role": self.role.name.lower(),
+            "leader": self.leader,
+            "term": self._term,
+            "commit": self.storage.hard_state.commit,
+            "applied": self.applied,
+            "first_index": self.storage.first_index(),
+            "last_index": self.storage.last_index(),
+            "voters": list(self.conf_state.voters),
+            "learners": list(self.conf_state.learners),
+            "peers": {str(k): f"{h}:{p}" for k, (h, p) in self.peer_addresses.items()},
+            "connected": sorted(k for k in self.peer_addresses if self.transport and self.transport.connected(k)),
+            "progress": _progress_of(st),
+            "durability": self.durability,
+        }
+
+    def _admin_reply(self, proto: ch.FrameProtocol, rid: int, reply: dict[str, Any]) -> None:
+        proto.send(ch.request_frame(ch.ADMIN_REPLY, rid, orjson.dumps(reply)))
+
+    def _on_admin(self, proto: ch.FrameProtocol, rid: int, req: dict[str, Any]) -> None:
+        op = req.get("op")
+        if op == "status":
+            self._admin_reply(proto, rid, {"ok": True, "status": self.status()})
+            return
+        if op in ("add", "remove", "transfer") and self.role != Role.LEADER:
+            self._admin_reply(proto, rid, {"ok": False, "error": "not leader", "leader": self.leader,
+                                           "leader_address": _addr(self.peer_addresses.get(self.leader))})
+            return
+        if op == "add":
+            nid = int(req["id"])
+            host, port = parse_hostport(str(req["address"]), "address")
+            if nid in self.conf_state.voters:
+                self._admin_reply(proto, rid, {"ok": True, "message": f"node {nid} is already a voter"})
+                return
+            self._on_peer_address(nid, host, port)
+            if nid not in self.conf_state.learners:
+                self.node.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, nid))
+            self._learners_to_promote.add(nid)
+            deadline = time.monotonic() + float(req.get("timeout", 30))
+            self._admin_waits.append((lambda: nid in self.conf_state.voters, proto, rid, deadline))
+        elif op == "remove":
+            nid = int(req["id"])
+            if nid not in self.conf_state.voters and nid not in self.conf_state.learners:
+                self._admin_reply(proto, rid, {"ok": True, "message": f"node {nid} is not a member"})
+                return
+            self.node.propose_conf_change(ConfChange(ConfChangeType.REMOVE, nid))
+            deadline = time.monotonic() + float(req.get("timeout", 30))
+            self._admin_waits.append(
+                (lambda: nid not in self.conf_state.voters and nid not in self.conf_state.learners, proto, rid, deadline)
+            )
+        elif op == "transfer":
+            nid = int(req["id"])
+            if nid == self.id:
+                self._admin_reply(proto, rid, {"ok": True, "message": "already leader"})
+                return
+            self.node.transfer_leadership(nid)
+            deadline = time.monotonic() + float(req.get("timeout", 10))
+            self._admin_waits.append((lambda: self.leader == nid, proto, rid, deadline))
+        else:
+            self._admin_reply(proto, rid, {"ok": False, "error": f"unknown admin op {op!r}"})
+            return
+        self._schedule()
+
+    def _check_admin_waits(self) -> None:
+        if self._learners_to_promote and self.role == Role.LEADER:
+            self._promote_caught_up_learners()
+        if not self._admin_waits:
+            return
+        now = time.monotonic()
+        keep = []
+        for cond, proto, rid, deadline in self._admin_waits:
+            if cond():
+                self._admin_reply(proto, rid, {"ok": True, "status": self.status()})
+            elif now > deadline:
+                self._admin_reply(proto, rid, {"ok": False, "error": "timed out", "status": self.status()})
+            else:
+                keep.append((cond, proto, rid, deadline))
+        self._admin_waits = keep
+
+    def _promote_caught_up_learners(self) -> None:
+        """Raft thesis §4.2.1: a new member catches up as a learner, then becomes a voter."""
+        progress = _progress_of(self.node.status())
+        last = self.storage.last_index()
+        for nid in list(self._learners_to_promote):
+            if nid in self.conf_state.voters:
+                self._learners_to_promote.discard(nid)
+                continue
+            if nid not in self.conf_state.learners:
+                continue  # the ADD_LEARNER entry is not applied yet
+            match = progress.get(str(nid), {}).get("match", 0)
+            if match and last - match <= PROMOTE_LAG:
+                try:
+                    self.node.propose_conf_change(ConfChange(ConfChangeType.PROMOTE, nid))
+                except ProposalDropped:
+                    continue  # another conf change is pending: next tick
+                log.info("Promoting learner %d (match %d, last %d)", nid, match, last)
+                self._schedule()
+
+
+def _addr(a: tuple[str, int] | None) -> str | None:
+    return f"{a[0]}:{a[1]}" if a else None
+
+
+def _progress_of(status: Any) -> dict[str, dict[str, int]]:
+    """Per-peer replication progress from the core's status(), as plain JSON."""
+    prs = status.get("progress") if isinstance(status, dict) else None
+    out: dict[str, dict[str, int]] = {}
+    if not prs:
+        return out
+    for nid, pr in prs.items():
+        if isinstance(pr, dict):
+            out[str(nid)] = {"match": int(pr.get("match", 0)), "next": int(pr.get("next", 0))}
+        else:
+            out[str(nid)] = {"match": int(getattr(pr, "match", 0)), "next": int(getattr(pr, "next", 0))}
+    return out
+
+
+def _strip(e: Entry) -> Entry:
+    """The entry as the state machine sees it: the op batch without the envelope."""
+    if e.kind == NORMAL and len(e.data) >= ENVELOPE.size and e.data[0] == ENVELOPE_VERSION:
+        return Entry(e.term, e.index, e.data[ENVELOPE.size :], NORMAL)
+    return e
+
+
+# ---------------------------------------------------------------------------------
+# Command line: python -m raftmq.raft.process --config FILE [--data-dir DIR]
+
+
+def settings_from_file(path: str | None) -> tuple[ClusterSettings, dict[str, Any]]:
+    data: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    return cluster_from_mapping(data.get("cluster"), path or "<defaults>"), data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raftmq.raft.process")
+    parser.add_argument("--config", help="raftmq TOML file ([cluster] table, data_dir, durability)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--durability", choices=("sync", "async"))
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    settings, data = settings_from_file(args.config)
+    level = (args.log_level or data.get("log_level") or "info").upper()
+    logging.basicConfig(
+        level=getattr(logging, "INFO" if level == "NOTICE" else level, logging.INFO),
+        format="%(created).0f: %(message)s" if level != "DEBUG" else "%(created).3f: %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    data_dir = args.data_dir or data.get("data_dir", "./data")
+    durability = args.durability or data.get("durability", "sync")
+    if durability == "none":
+        durability = "async"
+    try:
+        proc = RaftProcess(settings, data_dir, durability)
+    except Exception as exc:
+        log.error("Error: raft process cannot start: %s", exc)
+        return 1
+    try:
+        import uvloop
+
+        uvloop.run(proc.run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
