@@ -177,7 +177,7 @@ class Connection(asyncio.Protocol):
         """MQTT 5: DISCONNECT with ``reason_code`` then close; 3.x: just close."""
         if self.state == CLOSING:
             return
-        if self.version == 5 and self.session is not None:
+        if self.version == 5 and self.state == CONNECTED:
             self.write(Disconnect(reason_code, None).encode(5))
         self.close()
 
