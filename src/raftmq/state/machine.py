@@ -141,8 +141,11 @@ class StateMachine:
         self.apply_dynsec = apply_dynsec or _find_apply_dynsec()
         self.on_conf_change = on_conf_change
         readonly = self.env.flags()["readonly"]
-        with self.env.begin(write=not readonly) as txn:
-            dbs = {name: self.env.open_db(name, txn=txn, create=not readonly) for name in T.MACHINE_DBS}
+        if readonly:
+            dbs = {name: self.env.open_db(name, create=False) for name in T.MACHINE_DBS}
+        else:
+            with self.env.begin(write=True) as txn:
+                dbs = {name: self.env.open_db(name, txn=txn) for name in T.MACHINE_DBS}
         self._dbs = dbs
         self.db_sessions = dbs[T.DB_SESSIONS]
         self.db_subs = dbs[T.DB_SUBS]
@@ -452,6 +455,10 @@ def load_state(path: str) -> LoadedState:
     """A broker worker's start-up read of a node's tables (read-only, another process)."""
     env = T.open_environment(path, readonly=True)
     try:
-        return StateMachine(env).load()
+        try:
+            machine = StateMachine(env)
+        except lmdb.NotFoundError:  # the raft process has not created the tables yet
+            return LoadedState()
+        return machine.load()
     finally:
         env.close()

@@ -1,0 +1,537 @@
+"""The replicated state machine: each op's effect, idempotent and deterministic apply,
+snapshots, crash recovery, and the storage integration (one transaction per Ready)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from raftmq.raft.lmdb_storage import LmdbStorage
+from raftmq.raft.types import (
+    CONF_CHANGE,
+    PROMOTE,
+    ConfChange,
+    ConfState,
+    Entry,
+    HardState,
+    Snapshot,
+    SnapshotMeta,
+)
+from raftmq.state import tables as T
+from raftmq.state.entries import (
+    PUBREC_RECEIVED,
+    QUEUED,
+    SENT,
+    Dynsec,
+    LoadedState,
+    Message,
+    Noop,
+    Qos2InAdd,
+    Qos2InRemove,
+    QueueAdd,
+    QueueRemove,
+    QueueUpdate,
+    RetainDelete,
+    RetainSet,
+    SessionDelete,
+    SessionExpiry,
+    SessionPut,
+    SubAdd,
+    SubRemove,
+    WillDelete,
+    WillSet,
+    decode_ops,
+    encode_message,
+    encode_ops,
+    pack_sub_options,
+)
+from raftmq.state.machine import ApplyGapError, SnapshotFormatError, StateMachine, load_state
+from raftmq.state.rawops import iter_raw_ops
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+MSG = Message(
+    "sensors/1/temp",
+    b"21.5",
+    qos=1,
+    retain=False,
+    properties={"content_type": "text/plain", "correlation_data": b"\x00\xffid", "user_property": [("k", "v")]},
+    expiry_at=1_700_000_000_000,
+)
+LONG_ID = "c" * 300  # beyond the inline key limit: hashed key
+LONG_TOPIC = "t/" + "x" * 400
+
+
+@pytest.fixture
+def machine(tmp_path: Path):
+    s = LmdbStorage(str(tmp_path / "db"))
+    m = StateMachine(s)
+    yield s, m
+    s.close()
+
+
+class Feeder:
+    """Turns op batches into consecutive log entries and applies them."""
+
+    def __init__(self, m: StateMachine, start: int = 1, term: int = 1) -> None:
+        self.m, self.index, self.term = m, start, term
+
+    def __call__(self, *ops: Any) -> list[tuple[int, Any]]:
+        e = Entry(self.term, self.index, encode_ops(list(ops)))
+        self.index += 1
+        return self.m.apply([e])
+
+
+def batches(n: int, seed: int = 7) -> list[Entry]:
+    """A deterministic mixed workload of n entries."""
+    rng = random.Random(seed)
+    out = []
+    seqs: dict[str, int] = {}
+    for i in range(1, n + 1):
+        cid = f"client-{rng.randrange(8)}"
+        r = rng.random()
+        if r < 0.1:
+            ops = [SessionPut(cid, 5, rng.randrange(1000), rng.random() < 0.3, "user")]
+        elif r < 0.2:
+            ops = [SubAdd(cid, f"a/{rng.randrange(5)}/#", pack_sub_options(1, False, False, 0), rng.randrange(3))]
+        elif r < 0.6:
+            seq = seqs[cid] = seqs.get(cid, 0) + 1
+            ops = [QueueAdd([[cid, seq, 0, 1, [1]]], Message(f"a/{i}", os.urandom(0) + b"p%d" % i, 1))]
+        elif r < 0.7:
+            ops = [QueueRemove(cid, rng.randrange(1, 1 + seqs.get(cid, 1)))]
+        elif r < 0.8:
+            ops = [RetainSet(Message(f"r/{rng.randrange(10)}", b"v%d" % i, 1, True))]
+        elif r < 0.85:
+            ops = [SessionDelete(cid)]
+        elif r < 0.9:
+            ops = [Qos2InAdd(cid, rng.randrange(1, 100))]
+        else:
+            ops = [Noop(), WillSet(cid, 5, Message("will", b"w"))]
+        out.append(Entry(1 + i // 50, i, encode_ops(ops)))
+    return out
+
+
+# -- the fast op walker agrees with entries.decode_ops ----------------------------------
+
+
+def test_iter_raw_ops_matches_decode_ops() -> None:
+    ops = [
+        Noop(), SessionPut("c", 5, 10, True, "u"), SessionExpiry("c", 0), SessionDelete("c"),
+        SubAdd("c", "a/+", 3, 9), SubRemove("c", "a/+"), WillSet("c", 4, MSG), WillDelete("c"),
+        RetainSet(MSG), RetainDelete("t"), QueueAdd([["c", 1, 2, 1, [3, 4]]], MSG),
+        QueueUpdate("c", 1, 2, PUBREC_RECEIVED), QueueRemove("c", 1), Qos2InAdd("c", 7),
+        Qos2InRemove("c", 7), Dynsec({"op": "x", "n": [1]}),
+    ]
+    data = encode_ops(ops)
+    decoded = decode_ops(data)
+    raw = list(iter_raw_ops(data))
+    assert len(raw) == len(decoded) == len(ops)
+    for (tag, fields, msg), op in zip(raw, decoded, strict=True):
+        assert tag == op.TAG
+        assert fields == [getattr(op, f) for f in op.__slots__ if f != "message"]
+        m = getattr(op, "message", None)
+        assert bytes(msg) == (encode_message(m) if m is not None else b"")
+
+
+# -- each op's effect on load() ------------------------------------------------------------
+
+
+def test_session_put_and_expiry(machine) -> None:
+    _, m = machine
+    feed = Feeder(m)
+    feed(SessionPut("a", 5, 60, True, "alice"), SessionPut("b", 4, 0, False))
+    st = m.load()
+    assert set(st.sessions) == {"a", "b"}
+    a = st.sessions["a"]
+    assert (a.client_id, a.protocol_version, a.expiry_interval, a.username) == ("a", 5, 60, "alice")
+    assert st.sessions["b"].username is None
+    feed(SessionExpiry("a", 3600), SessionExpiry("nobody", 5))
+    st = m.load()
+    assert st.sessions["a"].expiry_interval == 3600
+    assert "nobody" not in st.sessions
+
+
+def test_subscriptions(machine) -> None:
+    _, m = machine
+    feed = Feeder(m)
+    opts = pack_sub_options(2, True, True, 1)
+    feed(SessionPut("a", 5, 60, True), SubAdd("a", "x/#", opts, 4), SubAdd("a", "$share/g/y", 1, 0))
+    feed(SubAdd("a", "x/#", 1, 0))  # re-subscribe replaces the options
+    assert m.load().sessions["a"].subscriptions == {"x/#": (1, 0), "$share/g/y": (1, 0)}
+    feed(SubRemove("a", "x/#"), SubRemove("a", "never"))
+    assert m.load().sessions["a"].subscriptions == {"$share/g/y": (1, 0)}
+
+
+def test_queue_add_update_remove(machine) -> None:
+    _, m = machine
+    feed = Feeder(m)
+    feed(SessionPut("a", 5, 60, True), SessionPut("b", 5, 60, True))
+    feed(QueueAdd([["a", 1, 0, 1, [5]], ["b", 7, 12, 2, []]], MSG))
+    st = m.load()
+    (qa,) = st.sessions["a"].queue
+    (qb,) = st.sessions["b"].queue
+    assert (qa.seq, qa.packet_id, qa.state, qa.qos, qa.subscription_ids) == (1, 0, QUEUED, 1, [5])
+    assert (qb.seq, qb.packet_id, qb.state, qb.qos, qb.subscription_ids) == (7, 12, SENT, 2, [])
+    assert qa.message == MSG and qb.message == MSG
+    feed(QueueAdd([["a", 3, 0, 0, []]], Message("z", b"")), QueueAdd([["a", 2, 0, 1, []]], Message("y", b"1")))
+    assert [q.seq for q in m.load().sessions["a"].queue] == [1, 2, 3]  # ordered by seq
+    feed(QueueUpdate("a", 1, 33, SENT), QueueUpdate("b", 7, 12, PUBREC_RECEIVED), QueueUpdate("a", 99, 1, SENT))
+    st = m.load()
+    q1 = st.sessions["a"].queue[0]
+    assert (q1.packet_id, q1.state, q1.subscription_ids, q1.message) == (33, SENT, [5], MSG)
+    assert st.sessions["b"].queue[0].state == PUBREC_RECEIVED
+    assert [q.seq for q in st.sessions["a"].queue] == [1, 2, 3]  # update added nothing
+    feed(QueueRemove("a", 2), QueueRemove("b", 7), QueueRemove("b", 8))
+    st = m.load()
+    assert [q.seq for q in st.sessions["a"].queue] == [1, 3]
+    assert st.sessions["b"].queue == []
+
+
+def test_will_retained_qos2(machine) -> None:
+    _, m = machine
+    feed = Feeder(m)
+    will = Message("last/will", b"gone", 1, True, None, 0)
+    feed(SessionPut("a", 5, 60, True), WillSet("a", 30, will), Qos2InAdd("a", 5), Qos2InAdd("a", 6))
+    feed(RetainSet(MSG), RetainSet(Message(LONG_TOPIC, b"long", 0, True)))
+    st = m.load()
+    assert st.sessions["a"].will == (30, will)
+    assert st.sessions["a"].qos2_in == {5, 6}
+    assert st.retained == {MSG.topic: MSG, LONG_TOPIC: Message(LONG_TOPIC, b"long", 0, True)}
+    feed(WillDelete("a"), Qos2InRemove("a", 5), RetainDelete(MSG.topic), RetainDelete(LONG_TOPIC))
+    st = m.load()
+    assert st.sessions["a"].will is None
+    assert st.sessions["a"].qos2_in == {6}
+    assert st.retained == {}
+
+
+def _fill_client(feed: Feeder, cid: str) -> None:
+    feed(
+        SessionPut(cid, 5, 60, True),
+        SubAdd(cid, "f/1", 1, 0),
+        SubAdd(cid, "f/" + "y" * 300, 1, 0),
+        WillSet(cid, 0, Message("w", b"w")),
+        QueueAdd([[cid, 1, 0, 1, []], [cid, 2, 0, 1, []]], MSG),
+        Qos2InAdd(cid, 9),
+    )
+
+
+def test_clean_session_put_drops_only_that_clients_state(machine) -> None:
+    """Clean start: subscriptions, queue, QoS 2 state and will of that id go; other ids
+    (including one whose id extends it, and a hashed long id) keep theirs."""
+    _, m = machine
+    feed = Feeder(m)
+    ids = ["c1", "c10", "c", LONG_ID, LONG_ID + "z"]
+    for cid in ids:
+        _fill_client(feed, cid)
+    full = m.load().sessions["c10"]
+    assert len(full.subscriptions) == 2 and len(full.queue) == 2 and full.qos2_in == {9} and full.will
+    feed(SessionPut("c1", 5, 10, False))  # resume: keeps everything
+    assert m.load().sessions["c1"].subscriptions == full.subscriptions
+    feed(SessionPut("c1", 5, 10, True), SessionPut(LONG_ID, 5, 10, True))
+    st = m.load()
+    for cid in ("c1", LONG_ID):
+        s = st.sessions[cid]
+        assert (s.subscriptions, s.queue, s.qos2_in, s.will, s.expiry_interval) == ({}, [], set(), None, 10)
+    for cid in ("c10", "c", LONG_ID + "z"):
+        s = st.sessions[cid]
+        assert len(s.subscriptions) == 2 and len(s.queue) == 2 and s.qos2_in == {9} and s.will
+
+
+def test_session_delete_removes_everything_of_the_client(machine) -> None:
+    _, m = machine
+    feed = Feeder(m)
+    for cid in ("c1", "c10"):
+        _fill_client(feed, cid)
+    feed(SessionDelete("c1"))
+    st = m.load()
+    assert set(st.sessions) == {"c10"}
+    feed(SessionPut("c1", 5, 60, False))  # nothing of the old session comes back
+    s = m.load().sessions["c1"]
+    assert (s.subscriptions, s.queue, s.qos2_in, s.will) == ({}, [], set(), None)
+    with m.env.begin() as txn:
+        ck = T.client_key("c1")
+        for db in (m.db_subs, m.db_queues, m.db_qos2_in):
+            cur = txn.cursor(db=db)
+            assert not (cur.set_range(ck) and cur.key().startswith(ck))
+
+
+def test_dynsec_replace_and_pluggable_apply(tmp_path: Path) -> None:
+    env = T.open_environment(str(tmp_path / "db"))
+    seen: list[dict] = []
+
+    def apply_dynsec(doc: dict | None, change: dict) -> dict:
+        seen.append(change)
+        if change["op"] == "bad":
+            raise ValueError("no such client")
+        doc = dict(doc or {})
+        doc.setdefault("clients", []).append(change["username"])
+        return doc
+
+    m = StateMachine(env, apply_dynsec=apply_dynsec)
+    feed = Feeder(m)
+    feed(Dynsec({"op": "add", "username": "u1"}))
+    res = feed(Dynsec({"op": "bad"}), Dynsec({"op": "add", "username": "u2"}))
+    assert res == [(2, ["dynsec: no such client"])]
+    assert m.load().dynsec == {"clients": ["u1", "u2"]}
+    assert len(seen) == 3
+    env.close()
+
+    env = T.open_environment(str(tmp_path / "db2"))
+    m = StateMachine(env)  # the default: whole-document replace
+    feed = Feeder(m)
+    feed(Dynsec({"op": "replace", "document": {"defaultACLAccess": [], "clients": []}}))
+    assert m.load().dynsec == {"defaultACLAccess": [], "clients": []}
+    env.close()
+
+
+def test_malformed_entry_is_a_result_not_a_crash(machine) -> None:
+    _, m = machine
+    res = m.apply([Entry(1, 1, b"\x05\x00\x00\x00garbage"), Entry(1, 2, encode_ops([SessionPut("a", 5, 1, True)]))])
+    assert res[0][0] == 1 and res[0][1][0].startswith("malformed")
+    assert res[1] == (2, None)
+    assert m.applied() == (2, 1)
+    assert set(m.load().sessions) == {"a"}
+
+
+# -- apply: exactly once, in order ------------------------------------------------------------
+
+
+def test_apply_is_idempotent_and_refuses_gaps(machine) -> None:
+    _, m = machine
+    es = batches(60)
+    assert [i for i, _ in m.apply(es[:40])] == list(range(1, 41))
+    once = m.snapshot_data()
+    assert m.apply(es[:40]) == []  # all at or below the applied index: skipped
+    assert m.snapshot_data() == once
+    assert [i for i, _ in m.apply(es[30:])] == list(range(41, 61))  # overlap skipped, rest applied
+    assert m.applied() == (60, es[-1].term)
+    with pytest.raises(ApplyGapError):
+        m.apply([Entry(2, 62, b"")])
+    assert m.applied_index() == 60
+
+
+def test_determinism_two_machines_same_bytes(tmp_path: Path) -> None:
+    es = batches(400)
+    snaps = []
+    for name, chunks in (("a", [es]), ("b", [es[:7], es[7:150], es[150:]])):
+        env = T.open_environment(str(tmp_path / name))
+        m = StateMachine(env)
+        for c in chunks:
+            m.apply(c)
+        snaps.append(m.snapshot_data())
+        env.close()
+    assert snaps[0] == snaps[1]
+
+
+def test_snapshot_restore_identical(tmp_path: Path) -> None:
+    es = batches(300)
+    env_a = T.open_environment(str(tmp_path / "a"))
+    a = StateMachine(env_a)
+    a.apply(es)
+    a.set_cluster_id("cluster-7")
+    data = a.snapshot_data()
+    env_b = T.open_environment(str(tmp_path / "b"))
+    b = StateMachine(env_b)
+    b.apply(batches(50, seed=99))  # different content to be replaced entirely
+    assert b.restore(data) == (300, es[-1].term)
+    assert b.load() == a.load()
+    assert b.snapshot_data() == data
+    assert b.applied() == a.applied() and b.cluster_id == "cluster-7"
+    # restore then the tail gives what applying everything gives
+    more = batches(350)[300:]
+    a.apply(more)
+    b.apply(more)
+    assert b.snapshot_data() == a.snapshot_data()
+    env_a.close()
+    env_b.close()
+
+
+def test_corrupt_snapshot_is_refused_and_changes_nothing(machine) -> None:
+    _, m = machine
+    m.apply(batches(20))
+    before = m.snapshot_data()
+    bad = bytearray(before)
+    bad[len(bad) // 2] ^= 1
+    for data in (bytes(bad), before[:-10], b"nope"):
+        with pytest.raises(SnapshotFormatError):
+            m.restore(data)
+    assert m.snapshot_data() == before
+
+
+# -- with the log: one transaction per Ready ---------------------------------------------------
+
+
+def test_save_applies_committed_in_the_same_transaction(machine) -> None:
+    s, m = machine
+    es = batches(10)
+    s.save(HardState(1, 1, 0), es[:6], None)
+    res = s.save(HardState(1, 1, 4), es[6:], None, committed=es[:4])
+    assert [i for i, _ in res] == [1, 2, 3, 4]
+    assert m.applied_index() == 4
+    assert s.initial_state()[0].commit == 4
+
+
+def test_crash_between_log_save_and_apply_resumes_at_applied_plus_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    es = batches(30)
+    s = LmdbStorage(path)
+    m = StateMachine(s)
+    s.save(HardState(2, 1, 30), es, None)  # log durable, commit known...
+    m.apply(es[:12])  # ...applied only in part when the process dies
+    s.close()
+    s = LmdbStorage(path)
+    m = StateMachine(s)
+    hs, _ = s.initial_state()
+    applied = m.applied_index()
+    assert applied == 12
+    res = m.apply(s.entries(applied + 1 - 5, hs.commit + 1))  # replay with overlap
+    assert [i for i, _ in res] == list(range(13, 31))
+    s.close()
+    env = T.open_environment(str(tmp_path / "ref"))
+    ref = StateMachine(env)
+    ref.apply(es)
+    s = LmdbStorage(path)
+    assert StateMachine(s).snapshot_data() == ref.snapshot_data()
+    s.close()
+    env.close()
+
+
+def test_storage_snapshot_comes_from_the_machine_and_installs_on_another(tmp_path: Path) -> None:
+    a = LmdbStorage(str(tmp_path / "a"))
+    ma = StateMachine(a)
+    a.set_conf_state(ConfState((1, 2, 3)))
+    es = batches(100)
+    a.save(HardState(3, 1, 100), es, None, committed=es)
+    a.compact(80)
+    assert a.first_index() == 81
+    snap = a.snapshot()
+    assert snap.meta == SnapshotMeta(100, es[-1].term, ConfState((1, 2, 3)))
+    assert a.snapshot() is snap  # cached while the applied index does not move
+
+    b = LmdbStorage(str(tmp_path / "b"))
+    mb = StateMachine(b)
+    b.save(HardState(1, 0, 0), batches(5, seed=3), None)  # a stale log to be replaced
+    b.save(HardState(3, 0, 100), [], snap)
+    assert (b.first_index(), b.last_index(), b.term(100)) == (101, 100, es[-1].term)
+    assert mb.load() == ma.load()
+    assert mb.applied_index() == 100
+    assert b.initial_state()[1] == ConfState((1, 2, 3))
+    tail = [Entry(4, 101, encode_ops([SessionDelete("client-1")]))]
+    for st in (a, b):
+        st.save(None, tail, None, committed=tail)
+    assert mb.snapshot_data() == ma.snapshot_data()
+    # a snapshot whose data does not match its metadata is refused, atomically
+    wrong = Snapshot(SnapshotMeta(200, 4, ConfState((1,))), snap.data)
+    with pytest.raises(Exception, match="metadata"):
+        b.save(None, [], wrong)
+    assert b.last_index() == 101 and mb.applied_index() == 101
+    a.close()
+    b.close()
+
+
+def test_conf_change_membership_recorded_at_apply(machine) -> None:
+    s, m = machine
+    s.set_conf_state(ConfState((1,)))
+    m.on_conf_change = lambda e: ConfState((1, ConfChange.decode(e.data).node_id))
+    es = [Entry(1, 1, b""), Entry(1, 2, ConfChange(PROMOTE, 2).encode(), CONF_CHANGE)]
+    res = s.save(HardState(1, 1, 2), es, None, committed=es)
+    assert res[1] == (2, ConfState((1, 2)))
+    assert s.initial_state()[1] == ConfState((1, 2))
+
+
+def test_worker_process_reads_the_tables_while_the_writer_has_them_open(machine) -> None:
+    s, m = machine
+    Feeder(m)(SessionPut("a", 5, 60, True), SubAdd("a", "x", 1, 0), RetainSet(MSG))
+    code = "import sys; from raftmq.state.machine import load_state; st = load_state(sys.argv[1]); print(sorted(st.sessions), sorted(st.retained))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, s.path], env=dict(os.environ, PYTHONPATH=SRC),
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert out.split("\n")[0] == f"['a'] ['{MSG.topic}']"
+    assert load_state  # also importable in-process
+
+
+# -- kill -9 during save+apply ---------------------------------------------------------------
+
+APPLIER = textwrap.dedent(
+    """
+    import sys
+    from raftmq.raft.lmdb_storage import LmdbStorage
+    from raftmq.raft.types import Entry, HardState
+    from raftmq.state.entries import QueueAdd, Message, SessionPut, encode_ops
+    from raftmq.state.machine import StateMachine
+
+    s = LmdbStorage(sys.argv[1])
+    m = StateMachine(s)
+    if s.last_index() == 0:
+        s.save(HardState(1, 1, 0), [Entry(1, 1, encode_ops([SessionPut("c", 5, 60, True)]))], None)
+    i = s.last_index()
+    pending = s.entries(m.applied_index() + 1, i + 1)
+    while True:
+        es = [Entry(1, j, encode_ops([QueueAdd([["c", j, 0, 1, []]], Message("t", b"%d" % j))]))
+              for j in range(i + 1, i + 201)]
+        s.save(HardState(1, 1, i), es, None, committed=pending)   # apply the previous batch
+        pending, i = es, es[-1].index
+        print(m.applied_index(), flush=True)
+    """
+)
+
+
+def test_kill_9_during_apply_keeps_tables_and_applied_index_in_step(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    rng = random.Random(42)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", APPLIER, path], stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=SRC),
+        )
+        try:
+            last = 0
+            for _ in range(rng.randint(2, 30)):
+                line = proc.stdout.readline()
+                assert line, "applier died"
+                last = int(line)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+        s = LmdbStorage(path)
+        m = StateMachine(s)
+        applied = m.applied_index()
+        assert applied >= last
+        assert s.initial_state()[0].commit == applied  # saved in the same transaction
+        queue = m.load().sessions["c"].queue
+        # entry j queued seq j: exactly the entries 2..applied, each once
+        assert [q.seq for q in queue] == list(range(2, applied + 1))
+        assert all(q.message.payload == b"%d" % q.seq for q in queue)
+        s.close()
+
+
+def test_readonly_environment_cannot_apply(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    with LmdbStorage(path) as s:
+        Feeder(StateMachine(s))(SessionPut("a", 5, 60, True))
+    env = T.open_environment(path, readonly=True)
+    try:
+        ro = StateMachine(env)
+        assert set(ro.load().sessions) == {"a"}
+        with pytest.raises(lmdb.Error):
+            ro.apply([Entry(1, 2, b"")])
+    finally:
+        env.close()
+
+
+def test_load_state_before_the_tables_exist(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    LmdbStorage(path).close()  # log databases only
+    assert load_state(path) == LoadedState()
