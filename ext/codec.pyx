@@ -34,6 +34,7 @@ the body twice; ``encode_publish`` and ``encode_ack`` are allocation-minimal
 fast paths for the broker's fan-out that build no packet object.
 """
 
+cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -560,8 +561,14 @@ cdef inline object _norm(object props):
 # --------------------------------------------------------------------------
 # Packets
 
+@cython.no_gc
 cdef class Packet:
-    """Base of every MQTT control packet; ``type`` is its packet type constant."""
+    """Base of every MQTT control packet; ``type`` is its packet type constant.
+
+    Packets are not tracked by the cyclic garbage collector (``no_gc``): their
+    fields are strings, bytes, ints and plain containers of those, which never
+    lead back to a packet, and the broker allocates one per message.
+    """
 
     _fields = ()
     type = 0
@@ -606,6 +613,7 @@ def _rebuild(cls, fields):
     return cls(**fields)
 
 
+@cython.no_gc
 cdef class Connect(Packet):
     """CONNECT (3.1). ``protocol_version`` 3 (name "MQIsdp"), 4 or 5 ("MQTT");
     a will is present iff ``will_topic`` is not None; ``password`` is bytes."""
@@ -687,6 +695,7 @@ cdef class Connect(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Connack(Packet):
     """CONNACK (3.2). For 3.1/3.1.1 ``reason_code`` is the return code 0-5."""
     cdef public bint session_present
@@ -709,6 +718,7 @@ cdef class Connack(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Publish(Packet):
     """PUBLISH (3.3). ``topic`` is str ("" with a topic alias in 5.0), ``payload`` bytes."""
     cdef public object topic
@@ -737,6 +747,7 @@ cdef class Publish(Packet):
                                self.packet_id, self.properties, protocol_version)
 
 
+@cython.no_gc
 cdef class _PubAckBase(Packet):
     cdef public int packet_id
     cdef public int reason_code
@@ -754,26 +765,31 @@ cdef class _PubAckBase(Packet):
                            protocol_version)
 
 
+@cython.no_gc
 cdef class Puback(_PubAckBase):
     """PUBACK (3.4)."""
     type = PUBACK
 
 
+@cython.no_gc
 cdef class Pubrec(_PubAckBase):
     """PUBREC (3.5)."""
     type = PUBREC
 
 
+@cython.no_gc
 cdef class Pubrel(_PubAckBase):
     """PUBREL (3.6)."""
     type = PUBREL
 
 
+@cython.no_gc
 cdef class Pubcomp(_PubAckBase):
     """PUBCOMP (3.7)."""
     type = PUBCOMP
 
 
+@cython.no_gc
 cdef class Subscribe(Packet):
     """SUBSCRIBE (3.8). ``subscriptions``: list of
     (topic_filter, qos, no_local, retain_as_published, retain_handling)."""
@@ -812,6 +828,7 @@ cdef class Subscribe(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Suback(Packet):
     """SUBACK (3.9). ``reason_codes``: one per subscription (3.1.1: 0, 1, 2 or 0x80)."""
     cdef public int packet_id
@@ -835,6 +852,7 @@ cdef class Suback(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Unsubscribe(Packet):
     """UNSUBSCRIBE (3.10)."""
     cdef public int packet_id
@@ -861,6 +879,7 @@ cdef class Unsubscribe(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Unsuback(Packet):
     """UNSUBACK (3.11). 3.1.1 has no payload: ``reason_codes`` is ignored there."""
     cdef public int packet_id
@@ -884,6 +903,7 @@ cdef class Unsuback(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Pingreq(Packet):
     """PINGREQ (3.12)."""
     type = PINGREQ
@@ -892,6 +912,7 @@ cdef class Pingreq(Packet):
         pass
 
 
+@cython.no_gc
 cdef class Pingresp(Packet):
     """PINGRESP (3.13)."""
     type = PINGRESP
@@ -900,6 +921,7 @@ cdef class Pingresp(Packet):
         pass
 
 
+@cython.no_gc
 cdef class Disconnect(Packet):
     """DISCONNECT (3.14). 3.1.1 has neither reason code nor properties."""
     cdef public int reason_code
@@ -921,6 +943,7 @@ cdef class Disconnect(Packet):
         return 0
 
 
+@cython.no_gc
 cdef class Auth(Packet):
     """AUTH (3.15), MQTT 5.0 only."""
     cdef public int reason_code
