@@ -83,6 +83,7 @@ from raftmq.raft.types import (
     ConfChangeType,
     ConfState,
     Entry,
+    HardState,
     MessageType,
     Ready,
     Role,
@@ -362,7 +363,7 @@ class RaftProcess:
 
     def _handle_ready(self, rd: Ready) -> None:
         if rd.soft_state is not None:
-            self._on_soft_state(rd.soft_state.role, rd.soft_state.leader)
+            self._on_soft_state(rd.soft_state.role, rd.soft_state.leader, rd.hard_state)
         committed = rd.committed_entries
         stripped = [_strip(e) for e in committed] if committed else ()
         # 1. Persist (and apply) in one transaction, one fsync.
@@ -396,10 +397,11 @@ class RaftProcess:
             self._after_commit(committed)
         self.node.advance(rd)
 
-    def _on_soft_state(self, role: Role, leader: int) -> None:
+    def _on_soft_state(self, role: Role, leader: int, hs: HardState | None) -> None:
         was_leader = self.role == Role.LEADER
         if role != self.role or leader != self.leader:
-            log.info("Raft node %d is now %s (leader %d, term %d)", self.id, role.name.lower(), leader, self._term)
+            term = hs.term if hs is not None else self._term
+            log.info("Raft node %d is now %s (leader %d, term %d)", self.id, role.name.lower(), leader, term)
         self.role, self.leader = role, leader
         if role == Role.LEADER and not was_leader:
             # Entries up to the new leader's first entry may be committed but
@@ -664,22 +666,17 @@ def settings_from_file(path: str | None) -> tuple[ClusterSettings, dict[str, Any
     return cluster_from_mapping(data.get("cluster"), path or "<defaults>"), data
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raftmq.raft.process")
-    parser.add_argument("--config", help="raftmq TOML file ([cluster] table, data_dir, durability)")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--durability", choices=("sync", "async"))
-    parser.add_argument("--log-level", default=None)
-    args = parser.parse_args(argv)
-    settings, data = settings_from_file(args.config)
-    level = (args.log_level or data.get("log_level") or "info").upper()
+def setup_logging(level: str) -> None:
+    level = level.upper()
     logging.basicConfig(
         level=getattr(logging, "INFO" if level == "NOTICE" else level, logging.INFO),
         format="%(created).0f: %(message)s" if level != "DEBUG" else "%(created).3f: %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    data_dir = args.data_dir or data.get("data_dir", "./data")
-    durability = args.durability or data.get("durability", "sync")
+
+
+def run_node(settings: ClusterSettings, data_dir: str, durability: str) -> int:
+    """Run the raft process of this node until SIGTERM/SIGINT; the exit status."""
     if durability == "none":
         durability = "async"
     try:
@@ -694,6 +691,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raftmq.raft.process")
+    parser.add_argument("--config", help="raftmq TOML file ([cluster] table, data_dir, durability)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--durability", choices=("sync", "async"))
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    settings, data = settings_from_file(args.config)
+    setup_logging(args.log_level or data.get("log_level") or "info")
+    data_dir = args.data_dir or data.get("data_dir", "./data")
+    return run_node(settings, data_dir, args.durability or data.get("durability", "sync"))
 
 
 if __name__ == "__main__":

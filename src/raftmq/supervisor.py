@@ -1,0 +1,300 @@
+"""The supervisor: starts, watches and restarts the processes of one node.
+
+    raftmq serve
+     └─ supervisor        this module: no sockets of its own, only children and signals
+         ├─ raft process  raftmq.raft.process.run_node (the only LMDB writer)
+         └─ worker × N    raftmq.broker.server.run with a RaftStore (raft/client.py)
+
+Children are started with multiprocessing's "spawn" (a fresh interpreter, the
+frozen Config pickled across).  Each child puts itself in its own process
+group, so a Ctrl-C on the terminal reaches the supervisor only and shutdown
+keeps its order, and asks the kernel to SIGKILL it if the supervisor dies
+(PR_SET_PDEATHSIG): a node is never left half alive.
+
+Crash-only children: a child that dies is started again (one log line; the
+delay doubles up to 5 s while it keeps dying within 10 s of starting).  A worker
+whose channel to the raft process breaks, or whose proposal fails, exits on
+purpose (EXIT_STORE_LOST): its in-memory state may hold changes that were
+never committed, and a fresh worker rebuilds from the committed state.  The
+unacknowledged client packets are retransmitted by the clients after they
+reconnect ([MQTT-4.4.0-1]).
+
+Shutdown (SIGTERM / SIGINT): workers first (they stop accepting, flush their
+last batch and wait for its commit), then the raft process (it persists the
+Ready in progress and closes LMDB), then exit 0.  Signal handlers only set a
+flag; the watch loop does the work (as uvicorn's multiprocess supervisor).
+
+``durability = "none"`` runs no raft process: the workers keep state in memory
+(MemoryStore), like Mosquitto with persistence off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import tomllib
+from dataclasses import fields, replace
+from typing import Any
+
+from raftmq.cluster.config import ClusterSettings, cluster_from_mapping, load_cluster_settings
+
+log = logging.getLogger("raftmq.supervisor")
+
+EXIT_STORE_LOST = 75  # a worker lost its durable store (EX_TEMPFAIL): restart it
+STOP_TIMEOUT = 15.0
+WATCH_INTERVAL = 0.1
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Child side: SIGKILL us when the supervisor dies (Linux), and leave its
+    process group so terminal signals go to the supervisor only."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def _setup_child_logging(level: str) -> None:
+    level = level.upper()
+    logging.basicConfig(
+        level=getattr(logging, "INFO" if level == "NOTICE" else level, logging.INFO),
+        format="%(created).0f: %(message)s" if level != "DEBUG" else "%(created).3f: %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durability: str, level: str) -> None:
+    _die_with_parent(parent_pid)
+    _setup_child_logging(level)
+    from raftmq.raft.process import run_node
+
+    sys.exit(run_node(settings, data_dir, durability))
+
+
+def _worker_child(parent_pid: int, config: Any, worker_id: int) -> None:
+    _die_with_parent(parent_pid)
+    _setup_child_logging(config.log_level)
+    from raftmq.broker.server import run
+
+    if config.durability == "none":
+        from raftmq.state.store import MemoryStore
+
+        sys.exit(run(config, MemoryStore()))
+    from raftmq.raft.client import RaftStore
+
+    store = RaftStore(config.data_dir, worker_id)
+
+    def store_lost(reason: str) -> None:
+        # Crash-only: see the module doc.  Nothing not committed was acknowledged.
+        logging.getLogger("raftmq.worker").error(
+            "Worker %d: durable store failed (%s); restarting the worker.", worker_id, reason
+        )
+        logging.shutdown()
+        os._exit(EXIT_STORE_LOST)
+
+    store.set_failure_listener(store_lost)
+    sys.exit(run(config, store))
+
+
+class _Child:
+    def __init__(self, name: str, target: Any, args: tuple) -> None:
+        self.name = name
+        self.target = target
+        self.args = args
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.started_at = 0.0
+        self.restart_delay = 0.0
+        self.restart_at = 0.0
+
+    def start(self, ctx: Any) -> None:
+        self.proc = ctx.Process(target=self.target, args=self.args, name=self.name, daemon=False)
+        self.proc.start()
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+
+class Supervisor:
+    def __init__(self, config: Any, settings: ClusterSettings) -> None:
+        self.config = config
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("spawn")
+        self._stop_signal: int | None = None
+        me = os.getpid()
+        self.raft: _Child | None = None
+        if config.durability != "none":
+            self.raft = _Child(
+                "raftmq-raft", _raft_child,
+                (me, settings, config.data_dir, config.durability, config.log_level),
+            )
+        self.workers = [
+            _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i)) for i in range(1, config.workers + 1)
+        ]
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        children = ([self.raft] if self.raft else []) + self.workers
+        for c in children:
+            c.start(self.ctx)
+        log.info(
+            "Supervisor %d started: raft process %s, %d worker(s), data dir %s.",
+            os.getpid(), self.raft.proc.pid if self.raft and self.raft.proc else "none",
+            len(self.workers), self.config.data_dir,
+        )
+        while self._stop_signal is None:
+            time.sleep(WATCH_INTERVAL)
+            for c in children:
+                self._watch(c)
+        log.info("Supervisor: received %s, stopping.", signal.Signals(self._stop_signal).name)
+        return self.shutdown()
+
+    def _watch(self, c: _Child) -> None:
+        if c.alive() or self._stop_signal is not None:
+            return
+        now = time.monotonic()
+        if c.restart_at == 0.0:
+            code = c.proc.exitcode if c.proc is not None else None
+            quick = now - c.started_at < 10.0
+            c.restart_delay = min(max(c.restart_delay * 2, 0.2), 5.0) if quick else 0.0
+            c.restart_at = now + c.restart_delay
+            log.warning("Child %s (pid %s) exited with %s; restarting in %.1f s.",
+                        c.name, c.proc.pid if c.proc else "?", _exit_text(code), c.restart_delay)
+        if now >= c.restart_at:
+            c.restart_at = 0.0
+            c.start(self.ctx)
+            log.info("Child %s restarted (pid %d).", c.name, c.proc.pid if c.proc else -1)
+
+    def shutdown(self) -> int:
+        # Workers first: each flushes its last batch and waits for its commit.
+        self._stop(self.workers)
+        if self.raft is not None:
+            self._stop([self.raft])
+        log.info("Supervisor stopped.")
+        return 0
+
+    def _stop(self, children: list[_Child]) -> None:
+        for c in children:
+            if c.alive() and c.proc is not None and c.proc.pid:
+                os.kill(c.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for c in children:
+            if c.proc is None:
+                continue
+            c.proc.join(max(0.0, deadline - time.monotonic()))
+            if c.proc.is_alive():
+                log.warning("Child %s did not stop in %.0f s: killing it.", c.name, STOP_TIMEOUT)
+                c.proc.kill()
+                c.proc.join(5)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+def cluster_settings_of(config: Any) -> ClusterSettings:
+    """The [cluster] settings: from ``config.cluster`` once config.py carries
+    them, else read from the config file itself."""
+    cluster = getattr(config, "cluster", None)
+    if isinstance(cluster, ClusterSettings):
+        return cluster
+    source = getattr(config, "source", None)
+    return load_cluster_settings(source if source and os.path.exists(source) else None)
+
+
+def serve(config: Any) -> int:
+    """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
+    try:
+        settings = cluster_settings_of(config)
+    except Exception as exc:
+        log.error("Error: %s", exc)
+        return 2
+    if settings.secret_file is not None:
+        from raftmq.raft.transport import SecretFileError, read_secret_file
+
+        try:
+            read_secret_file(settings.secret_file)
+        except SecretFileError as exc:
+            log.error("Error: %s", exc)
+            return 1
+    return Supervisor(config, settings).run()
+
+
+# ------------------------------------------------------------------------------
+# python -m raftmq.supervisor --config FILE [-p PORT] [--data-dir DIR]
+
+
+def load_node_config(path: str | None, overrides: dict[str, Any]) -> tuple[Any, ClusterSettings]:
+    """Config (raftmq.config) and ClusterSettings from one TOML file."""
+    from raftmq.config import Listener, config_from_mapping
+
+    data: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    cluster_table = data.pop("cluster", None)
+    config = config_from_mapping(data, path or "<defaults>")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    port = changes.pop("port", None)
+    if port is not None:
+        changes["listeners"] = (Listener(changes.pop("host", config.listeners[0].host), port),)
+    names = {f.name for f in fields(config)}
+    config = replace(config, **{k: v for k, v in changes.items() if k in names})
+    return config, cluster_from_mapping(cluster_table, path or "<defaults>")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raftmq.supervisor")
+    parser.add_argument("-c", "--config")
+    parser.add_argument("-p", "--port", type=int)
+    parser.add_argument("--host")
+    parser.add_argument("--data-dir")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {"port": args.port, "host": args.host, "data_dir": args.data_dir}
+    if args.verbose:
+        overrides["log_level"] = "debug"
+    try:
+        config, settings = load_node_config(args.config, overrides)
+    except Exception as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    _setup_child_logging(config.log_level)
+    if settings.secret_file is not None:
+        from raftmq.raft.transport import SecretFileError, read_secret_file
+
+        try:
+            read_secret_file(settings.secret_file)
+        except SecretFileError as exc:
+            log.error("Error: %s", exc)
+            return 1
+    return Supervisor(config, settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
