@@ -9,8 +9,8 @@ import dataclasses
 from typing import Any
 
 import uvloop
-
 from raftmq._codec import Connack, Connect, Parser
+
 from raftmq.broker.server import Broker
 from raftmq.config import Config, Listener
 from raftmq.state.store import MemoryStore
@@ -59,7 +59,7 @@ class RawClient:
     async def no_packet(self, wait: float = 0.3) -> None:
         try:
             p = await self.recv(wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         raise AssertionError(f"unexpected packet {p!r}")
 

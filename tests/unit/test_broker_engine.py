@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from broker_harness import RawClient, run_with_broker
-
 from raftmq._codec import (
     Disconnect,
     Pingreq,

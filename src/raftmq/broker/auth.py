@@ -14,9 +14,8 @@ implements with this interface):
   (``.client_id``, ``.username``).
 
 Without a hook, ``DefaultAuth`` follows Mosquitto 2.0 with no password file
-and no plugin: a client without a user name is accepted only when
-``allow_anonymous`` is true, a client with a user name is accepted (no
-password database to check it against), and every ACL check passes.
+and no plugin: every client is accepted when ``allow_anonymous`` is true and
+refused (not authorized) otherwise, and every ACL check passes.
 """
 
 from __future__ import annotations
@@ -49,7 +48,10 @@ class DefaultAuth:
         self.allow_anonymous = allow_anonymous
 
     def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
-        if username is None and not self.allow_anonymous:
+        # With no password database nothing can prove who a client is, so
+        # without allow_anonymous every client is refused -- user name or not
+        # (Mosquitto 2.0 answers both with "not authorised").
+        if not self.allow_anonymous:
             return RC_NOT_AUTHORIZED
         return RC_SUCCESS
 

@@ -120,12 +120,11 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     # -- keep alive (MQTT 5 §3.2.2.3.14 Server Keep Alive) -------------------------
     keepalive = p.keepalive
     server_keepalive = None
-    if config.max_keepalive and keepalive > config.max_keepalive:
-        if v5:
-            keepalive = server_keepalive = config.max_keepalive
-        else:
-            # Mosquitto refuses a 3.x client asking for more than max_keepalive.
-            return refuse(conn, RC_CLIENT_ID_NOT_VALID)
+    if v5 and config.max_keepalive and (keepalive > config.max_keepalive or keepalive == 0):
+        # The broker imposes its own keep alive [MQTT-3.2.2-21]; like Mosquitto
+        # a client asking for none (0) gets max_keepalive too.  A 3.x client
+        # cannot be told, and Mosquitto accepts it with its own value.
+        keepalive = server_keepalive = config.max_keepalive
 
     # -- will -----------------------------------------------------------------
     will = None

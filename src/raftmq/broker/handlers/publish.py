@@ -131,7 +131,9 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
                   conn.client_id, p.dup, qos, p.retain, packet_id, topic, len(payload))
 
     auth = broker.auth
-    if auth.checks_acl and not auth.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain):
+    if topic.startswith("$SYS") or (
+            auth.checks_acl and not auth.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain)):
+        # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
         if qos:
             _ack_with_reason(conn, qos, packet_id, RC_NOT_AUTHORIZED)
@@ -153,9 +155,13 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
         return
 
     ops: list = []
-    broker.router.route(message, conn.client_id, ops)
+    delivered = broker.router.route(message, conn.client_id, ops)
     if qos == 1:
-        ack = ack_bytes(0x40, packet_id)
+        if delivered or not v5:
+            ack = ack_bytes(0x40, packet_id)
+        else:
+            # MQTT 5 §3.4.2.1 "No matching subscribers" (as Mosquitto answers).
+            ack = Puback(packet_id, RC_NO_MATCHING_SUBSCRIBERS, None).encode(5)
     else:
         ack = ack_bytes(0x50, packet_id)
         session.qos2_in.add(packet_id)

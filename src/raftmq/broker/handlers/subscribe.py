@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 RC_FAILURE_V3 = 0x80
 RC_UNSPECIFIED = 0x80
+RC_MALFORMED = 0x81
 RC_PROTOCOL_ERROR = 0x82
 RC_NOT_AUTHORIZED = 0x87
-RC_TOPIC_FILTER_INVALID = 0x8F
 RC_NO_SUBSCRIPTION_EXISTED = 0x11
 
 
@@ -45,8 +45,9 @@ def handle_subscribe(broker: Broker, conn: Connection, p: Subscribe) -> None:
     for topic_filter, qos, no_local, rap, rh in p.subscriptions:
         group, match_filter = parse_shared(topic_filter)
         if not valid_topic_filter(topic_filter) or (group is not None and not match_filter):
-            codes.append(RC_TOPIC_FILTER_INVALID if v5 else RC_FAILURE_V3)
-            continue
+            # Like Mosquitto: an invalid filter is a malformed packet (5.0
+            # DISCONNECT 0x81, 3.x close) rather than a SUBACK 0x8F.
+            raise MQTTError(RC_MALFORMED, f"invalid topic filter {topic_filter!r}")
         if group is not None and no_local:
             # No Local on a shared subscription is a protocol error [MQTT-3.8.3-4].
             raise MQTTError(RC_PROTOCOL_ERROR, "no local on a shared subscription")
@@ -90,8 +91,7 @@ def handle_unsubscribe(broker: Broker, conn: Connection, p: Unsubscribe) -> None
     ops: list = []
     for topic_filter in p.topic_filters:
         if not valid_topic_filter(topic_filter):
-            codes.append(RC_TOPIC_FILTER_INVALID)
-            continue
+            raise MQTTError(RC_MALFORMED, f"invalid topic filter {topic_filter!r}")
         if auth.checks_acl and not auth.acl_check(conn, ACCESS_UNSUBSCRIBE, topic_filter, 0, False):
             codes.append(RC_NOT_AUTHORIZED)
             continue
