@@ -1,0 +1,1 @@
+"""Test-only helpers: broker processes, an independent raw MQTT client, paho wrappers."""
