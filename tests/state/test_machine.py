@@ -54,7 +54,13 @@ from raftmq.state.entries import (
     encode_ops,
     pack_sub_options,
 )
-from raftmq.state.machine import ApplyGapError, SnapshotFormatError, StateMachine, load_state
+from raftmq.state.machine import (
+    ApplyGapError,
+    SnapshotFormatError,
+    StateMachine,
+    default_apply_dynsec,
+    load_state,
+)
 from raftmq.state.rawops import iter_raw_ops
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -286,11 +292,22 @@ def test_dynsec_replace_and_pluggable_apply(tmp_path: Path) -> None:
     env.close()
 
     env = T.open_environment(str(tmp_path / "db2"))
-    m = StateMachine(env)  # the default: whole-document replace
+    m = StateMachine(env)  # the default: the dynsec library's apply_change
     feed = Feeder(m)
-    feed(Dynsec({"op": "replace", "document": {"defaultACLAccess": [], "clients": []}}))
-    assert m.load().dynsec == {"defaultACLAccess": [], "clients": []}
+    feed(Dynsec({"commands": [{"command": "createClient", "username": "u1"}]}))
+    doc = m.load().dynsec
+    assert [c["username"] for c in doc["clients"]] == ["u1"]
+    feed(Dynsec({"replace": {"clients": [{"username": "u9", "roles": []}], "groups": [], "roles": []}}))
+    assert [c["username"] for c in m.load().dynsec["clients"]] == ["u9"]
     env.close()
+
+
+def test_default_dynsec_fallback_replaces_whole_document() -> None:
+    doc = {"clients": []}
+    assert default_apply_dynsec(None, {"replace": doc}) is doc
+    assert default_apply_dynsec({"x": 1}, {"op": "replace", "document": doc}) is doc
+    with pytest.raises(ValueError):
+        default_apply_dynsec(None, {"commands": []})
 
 
 def test_malformed_entry_is_a_result_not_a_crash(machine) -> None:

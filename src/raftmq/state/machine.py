@@ -33,8 +33,9 @@ Op semantics (one paragraph each in state/entries.py):
   QUEUED), each with its own copy of the message.
 * QueueUpdate: rewrite the packet id and state of an existing row.
 * QueueRemove: delete the row.
-* Dynsec: ``document = apply_dynsec(document, change)`` (pluggable, see
-  ``default_apply_dynsec``).
+* Dynsec: ``document = apply_dynsec(document, change)``: by default
+  ``raftmq.dynsec.commands.apply_change`` (pluggable for tests; the document is
+  the Mosquitto dynamic-security.json form, stored as sorted-key JSON).
 
 Conf-change entries: ``on_conf_change(entry)`` (the raft process passes one that
 calls the core's ``apply_conf_change``) returns the new membership, stored in
@@ -96,19 +97,22 @@ DynsecApply = Callable[[dict[str, Any] | None, dict[str, Any]], dict[str, Any]]
 
 
 def default_apply_dynsec(document: dict[str, Any] | None, change: dict[str, Any]) -> dict[str, Any]:
-    """Until raftmq.dynsec provides ``apply_dynsec``: only whole-document replacement,
-    ``{"op": "replace", "document": {...}}``."""
+    """Fallback when raftmq.dynsec is not importable: whole-document replacement
+    only, ``{"replace": {...}}`` (or ``{"op": "replace", "document": {...}}``)."""
+    if isinstance(change.get("replace"), dict):
+        return change["replace"]
     if change.get("op") == "replace" and isinstance(change.get("document"), dict):
         return change["document"]
-    raise ValueError(f"unsupported dynsec change {change.get('op')!r}")
+    raise ValueError(f"unsupported dynsec change {sorted(change)!r}")
 
 
 def _find_apply_dynsec() -> DynsecApply:
+    """The dynsec library's pure ``apply_change(document, change) -> document``."""
     try:
-        from raftmq.dynsec import apply_dynsec  # type: ignore[attr-defined]
+        from raftmq.dynsec.commands import apply_change
     except ImportError:
         return default_apply_dynsec
-    return apply_dynsec  # type: ignore[no-any-return]
+    return apply_change
 
 
 _SNAP_MAGIC = b"RMQSNAP1"
