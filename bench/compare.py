@@ -1,0 +1,476 @@
+"""raftmq and Mosquitto side by side: the same load against both, in one run.
+
+    python bench/compare.py [--quick] [--scenarios qos0-pairs,fanout] [--workers N]
+
+For every scenario and round, each broker is started fresh on a free loopback
+port, driven by ``bench/loadgen`` (built here with ``cc -O2``) and stopped
+again; the order of the brokers alternates from round to round.  The machine
+is shared and noisy, so the ratios of one run matter, not the absolute
+figures.  Broker CPU time is utime+stime from /proc of the broker process and
+all its children (raftmq runs several processes), sampled by loadgen at the
+start and end of the measured window.
+
+Prints a Markdown table (medians over the rounds) and writes every raw result
+with the machine's description to ``bench/results/<date>-<host>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LOADGEN_SRC = BENCH / "loadgen.c"
+LOADGEN = BENCH / "loadgen"
+RESULTS = BENCH / "results"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    loadgen_args: tuple[str, ...]
+    # what the issues ask of raftmq against Mosquitto: (metric, comparison, bound)
+    targets: tuple[tuple[str, str, float], ...] = ()
+    idle: bool = False
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "qos0-pairs", "QoS 0, 10 pairs publisher→subscriber, closed loop (window 100), 64 B",
+            ("-l", "pairs", "-P", "10", "-q", "0", "-w", "100"),
+            (("throughput", ">=", 2.0),),
+        ),
+        Scenario(
+            "fanout", "QoS 0, fan-out 1 publisher → 50 subscribers, closed loop (window 100)",
+            ("-l", "fanout", "-P", "1", "-S", "50", "-q", "0", "-w", "100"),
+            (("throughput", ">=", 3.0),),
+        ),
+        Scenario(
+            "fanin", "QoS 0, fan-in 100 publishers → 1 subscriber (bench/+), closed loop (window 10)",
+            ("-l", "fanin", "-P", "100", "-S", "1", "-q", "0", "-w", "10"),
+        ),
+        Scenario(
+            "qos1-pairs", "QoS 1, 10 pairs, closed loop (window 50, counted to PUBACK and delivery)",
+            ("-l", "pairs", "-P", "10", "-q", "1", "-w", "50"),
+        ),
+        Scenario(
+            "latency-10k", "QoS 0, 10 pairs, open loop at 10,000 msg/s in total: latency",
+            ("-l", "pairs", "-P", "10", "-q", "0", "-r", "10000"),
+            (("p99", "<=", 1.0),),
+        ),
+        Scenario(
+            "conns-500", "QoS 0, 500 pairs at 100 msg/s each (50,000 msg/s), open loop: CPU per message",
+            ("-l", "pairs", "-P", "500", "-q", "0", "-r", "50000"),
+            (("cpu_per_msg", "<=", 1.2),),
+        ),
+        Scenario(
+            "idle-10k", "10,000 idle connections: memory per connection and connection rate",
+            ("-l", "idle", "-n", "10000", "--hold", "2"),
+            (("bytes_per_conn", "<=abs", 3072.0), ("connects_per_s", ">=", 1.0)),
+            idle=True,
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with status {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"broker not listening on port {port} after {timeout:.0f} s")
+
+
+def raise_nofile() -> None:
+    """Run in the broker child: 10,000 connections need more than 1024 fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_loadgen() -> None:
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+        return
+    cc = os.environ.get("CC", "cc")
+    cmd = [cc, "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)]
+    print("building loadgen:", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True)
+
+
+def machine_info() -> dict:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    mosq_version = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True, timeout=5).stdout
+        mosq_version = out.splitlines()[0] if out else ""
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "mem_total_kb": mem_kb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mosquitto": mosq_version,
+        "raftmq_commit": commit,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# --------------------------------------------------------------------------- brokers
+
+
+@dataclass
+class Broker:
+    name: str
+    workers: int | None = None
+    config: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self, port: int, workdir: Path) -> list[str]:
+        if self.name == "mosquitto":
+            conf = workdir / "mosquitto.conf"
+            # Mosquitto's own defaults otherwise; set_tcp_nodelay because
+            # without it Nagle's algorithm holds its small writes and the
+            # latency scenario measures TCP, not the broker (p50 ~8 ms).
+            conf.write_text(
+                f"listener {port} 127.0.0.1\n"
+                "allow_anonymous true\n"
+                "persistence false\n"
+                "set_tcp_nodelay true\n"
+                "log_dest stderr\n"
+                "log_type error\n"
+                "log_type warning\n"
+            )
+            return [MOSQUITTO, "-c", str(conf)]
+        cmd = [
+            sys.executable, "-m", "raftmq", "serve",
+            "--host", "127.0.0.1", "-p", str(port), "--data-dir", str(workdir / "data"),
+        ]
+        if self.workers:
+            cmd += ["--workers", str(self.workers)]
+        if self.config:
+            cmd += ["-c", self.config]
+        return cmd + self.extra_args
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[tuple[int, int, Path]]:
+        """Start a fresh broker; yield (pid, port, log file); stop it and its children."""
+        port = free_port()
+        with tempfile.TemporaryDirectory(prefix=f"bench-{self.name}-") as tmp:
+            workdir = Path(tmp)
+            log_path = workdir / "broker.log"
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    self.command(port, workdir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                    cwd=workdir, preexec_fn=raise_nofile, start_new_session=True,
+                )
+            try:
+                try:
+                    wait_for_port(port, proc, timeout=20)
+                except RuntimeError as exc:
+                    log_tail = log_path.read_text(errors="replace")[-800:]
+                    raise RuntimeError(f"{self.name}: {exc}; log: {log_tail}") from exc
+                yield proc.pid, port, log_path
+            finally:
+                stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the broker's own process group (it was started in a new session), then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def raftmq_available() -> str | None:
+    """None when raftmq can be started here, else why not."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    r = subprocess.run(
+        [sys.executable, "-c", "import raftmq.cli, raftmq.broker.server"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_one(broker: Broker, sc: Scenario, duration: float, warmup: float) -> dict:
+    started = time.time()
+    try:
+        with broker.running() as (pid, port, log_path):
+            args = [str(LOADGEN), "-p", str(port), "--cpu-pid", str(pid), "--label", f"{sc.name}/{broker.name}"]
+            if not sc.idle:
+                args += ["-d", str(duration), "--warmup", str(warmup)]
+            args += list(sc.loadgen_args)
+            budget = duration + warmup + 60
+            try:
+                r = subprocess.run(args, capture_output=True, text=True, timeout=budget)
+            except subprocess.TimeoutExpired:
+                return {"ok": False, "error": f"loadgen did not finish in {budget:.0f} s"}
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+            if not lines:
+                return {"ok": False, "error": f"loadgen printed no result (status {r.returncode}): {r.stderr[-400:]}"}
+            result = json.loads(lines[-1])
+            if not result.get("ok"):
+                tail = log_path.read_text(errors="replace")[-600:]
+                result["broker_log_tail"] = tail
+            return result
+    except RuntimeError as exc:
+        return {"ok": False, "error": str(exc)}
+    finally:
+        elapsed = time.time() - started
+        print(f"  {sc.name:12s} {broker.name:10s} {elapsed:5.1f} s", file=sys.stderr)
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over the rounds of one broker in one scenario."""
+    good = [r for r in runs if r.get("ok")]
+    lat = [r.get("latency_us", {}) for r in good]
+    out = {
+        "rounds": len(runs),
+        "ok_rounds": len(good),
+        "errors": [r.get("error") for r in runs if not r.get("ok")],
+        "throughput": median([r.get("msgs_per_s") for r in good]),
+        "cpu_per_msg": median([r.get("broker_cpu_us_per_msg") for r in good]),
+        "cpu_pct": median([r.get("broker_cpu_pct") for r in good]),
+        "p50": median([x.get("p50") for x in lat]),
+        "p99": median([x.get("p99") for x in lat]),
+        "lost": sum(r.get("lost", 0) for r in good),
+        "loadgen_cpu_pct": median([r.get("loadgen_cpu_pct") for r in good]),
+        "connects_per_s": median([r.get("connects_per_s") for r in good]),
+        "bytes_per_conn": median([r.get("pss_bytes_per_conn") for r in good]),
+    }
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def fmt(v: float | None, spec: str = ",.0f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def verdict(sc: Scenario, mosq: dict, raft: dict) -> str:
+    marks = []
+    for metric, op, bound in sc.targets:
+        if op == "<=abs":
+            v = raft.get(metric)
+            if v is None:
+                continue
+            marks.append(f"{metric} {fmt(v, ',.0f')} ≤ {bound:,.0f} {'✓' if v <= bound else '✗'}")
+            continue
+        r = ratio(raft.get(metric), mosq.get(metric))
+        if r is None:
+            continue
+        ok = r >= bound if op == ">=" else r <= bound
+        marks.append(f"{metric} {r:.2f}x {op} {bound}x {'✓' if ok else '✗'}")
+    return "; ".join(marks)
+
+
+def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
+    m, r = "mosquitto", "raftmq"
+    rows = [
+        "| scenario | mosquitto msg/s | raftmq msg/s | ratio | CPU µs/msg mosq | CPU µs/msg raftmq | CPU ratio "
+        "| p50 µs mosq / raftmq | p99 µs mosq / raftmq | lost mosq / raftmq | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    idle_rows = []
+    for sc in scenarios:
+        ms = summary[sc.name].get(m, {})
+        rs = summary[sc.name].get(r, {})
+        if sc.idle:
+            idle_rows.append(
+                f"| {sc.name} | {fmt(ms.get('connects_per_s'))} | {fmt(rs.get('connects_per_s'))} "
+                f"| {fmt(ratio(rs.get('connects_per_s'), ms.get('connects_per_s')), '.2f')} "
+                f"| {fmt(ms.get('bytes_per_conn'))} | {fmt(rs.get('bytes_per_conn'))} | {verdict(sc, ms, rs)} |"
+            )
+            continue
+        rows.append(
+            f"| {sc.name} | {fmt(ms.get('throughput'))} | {fmt(rs.get('throughput'))} "
+            f"| {fmt(ratio(rs.get('throughput'), ms.get('throughput')), '.2f')} "
+            f"| {fmt(ms.get('cpu_per_msg'), '.2f')} | {fmt(rs.get('cpu_per_msg'), '.2f')} "
+            f"| {fmt(ratio(rs.get('cpu_per_msg'), ms.get('cpu_per_msg')), '.2f')} "
+            f"| {fmt(ms.get('p50'), ',.0f')} / {fmt(rs.get('p50'), ',.0f')} "
+            f"| {fmt(ms.get('p99'), ',.0f')} / {fmt(rs.get('p99'), ',.0f')} "
+            f"| {fmt(ms.get('lost') if ms else None, ',')} / {fmt(rs.get('lost') if rs else None, ',')} "
+            f"| {verdict(sc, ms, rs)} |"
+        )
+    out = "\n".join(rows)
+    if idle_rows:
+        out += (
+            "\n\n| scenario | mosquitto conn/s | raftmq conn/s | ratio | mosquitto B/conn | raftmq B/conn | target |\n"
+            "|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(idle_rows)
+        )
+    errors = [
+        f"- {sc.name} / {b}: {e}"
+        for sc in scenarios for b in brokers
+        for e in summary[sc.name].get(b, {}).get("errors", []) if e
+    ]
+    if errors:
+        out += "\n\nErrors:\n" + "\n".join(errors)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one round of 3 s per scenario and broker")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    ap.add_argument("--brokers", default="mosquitto,raftmq", help="comma-separated subset of mosquitto,raftmq")
+    ap.add_argument("--workers", type=int, help="raftmq worker processes (passed as --workers N)")
+    ap.add_argument("--raftmq-config", help="TOML config file for raftmq (-c)")
+    ap.add_argument("--raftmq-arg", action="append", default=[], help="extra argument for raftmq serve")
+    ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
+    ap.add_argument("--duration", type=float, help="measured seconds per run (default 5, --quick 3)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (1)")
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    args = ap.parse_args(argv)
+
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    scenarios = [SCENARIOS[n] for n in names]
+    rounds = args.rounds or (1 if args.quick else 3)
+    duration = args.duration or (3.0 if args.quick else 5.0)
+
+    wanted = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    brokers: list[Broker] = []
+    skipped: dict[str, str] = {}
+    for name in wanted:
+        if name == "mosquitto":
+            if not os.access(MOSQUITTO, os.X_OK):
+                skipped[name] = f"{MOSQUITTO} not found (apt-get install mosquitto)"
+                continue
+            brokers.append(Broker("mosquitto"))
+        elif name == "raftmq":
+            why = raftmq_available()
+            if why:
+                skipped[name] = why
+                continue
+            brokers.append(Broker("raftmq", args.workers, args.raftmq_config, args.raftmq_arg))
+        else:
+            ap.error(f"unknown broker {name}")
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    if not brokers:
+        print("no broker to benchmark", file=sys.stderr)
+        return 2
+
+    build_loadgen()
+    info = machine_info()
+    print(
+        f"{info['date']}  {info['nproc']} × {info['cpu_model']}  kernel {info['kernel']}  "
+        f"{info['mosquitto']}  raftmq {info['raftmq_commit']}"
+        + (f" workers={args.workers}" if args.workers else ""),
+        file=sys.stderr,
+    )
+    raw: dict[str, dict[str, list[dict]]] = {sc.name: {b.name: [] for b in brokers} for sc in scenarios}
+    for sc in scenarios:
+        for rnd in range(rounds):
+            order = brokers if rnd % 2 == 0 else list(reversed(brokers))
+            for b in order:
+                res = run_one(b, sc, duration, args.warmup)
+                res["round"] = rnd
+                raw[sc.name][b.name].append(res)
+
+    summary = {sc.name: {b: summarize(runs) for b, runs in raw[sc.name].items()} for sc in scenarios}
+    text = table(scenarios, summary, [b.name for b in brokers])
+    print(
+        f"\n{info['date'][:10]}, {info['nproc']} × {info['cpu_model']}, kernel {info['kernel']}, "
+        f"{info['mosquitto']}, raftmq {info['raftmq_commit']}"
+        + (f", {args.workers} workers" if args.workers else "")
+        + f"; {rounds} round(s) × {duration:g} s, medians\n"
+    )
+    print(text)
+
+    if not args.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%S")
+        path = RESULTS / f"{stamp}-{info['host'] or 'host'}.json"
+        path.write_text(json.dumps({
+            "machine": info,
+            "settings": {
+                "rounds": rounds, "duration_s": duration, "warmup_s": args.warmup,
+                "workers": args.workers, "raftmq_config": args.raftmq_config,
+                "skipped_brokers": skipped,
+            },
+            "scenarios": {sc.name: {"title": sc.title, "loadgen_args": list(sc.loadgen_args)} for sc in scenarios},
+            "summary": summary,
+            "runs": raw,
+        }, indent=1))
+        print(f"\nraw results: {path.relative_to(REPO)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
