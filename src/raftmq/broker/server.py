@@ -94,6 +94,7 @@ class Broker:
         self._last_batch_actions: list[Callable[[], None]] = []
         self._tick_handle: asyncio.TimerHandle | None = None
         self._next_sys = 0.0
+        self.connect_timeout = CONNECT_TIMEOUT
         # What the broker announces in an MQTT 5 CONNACK (§3.2.2.3).
         inflight = config.max_inflight_messages
         self.receive_maximum = inflight if 0 < inflight < 65535 else 65535
@@ -329,7 +330,7 @@ class Broker:
                 conn.rx_seen = conn.rx_bytes
                 conn.rx_seen_at = now
             if conn.state == NEW:
-                if now - conn.accepted_at > CONNECT_TIMEOUT:
+                if now - conn.accepted_at > self.connect_timeout:
                     log.info("Client %s:%d did not send CONNECT in time, disconnecting.",
                              *conn.peer)
                     conn.close()
