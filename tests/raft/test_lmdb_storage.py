@@ -299,6 +299,33 @@ def test_map_grows_when_full(tmp_path: Path) -> None:
         assert s.entries(3999, 4001) == ents(3999, 4000, 1, size=1000)
 
 
+def test_reader_slots_of_dead_processes_are_freed(tmp_path: Path) -> None:
+    """A kill -9'd reader (a broker worker) would pin old pages forever."""
+    path = str(tmp_path / "db")
+    with LmdbStorage(path) as s:
+        s.append(ents(1, 2, 1))
+        code = (
+            "import sys, time; from raftmq.state.tables import open_environment; "
+            "env = open_environment(sys.argv[1], readonly=True); txn = env.begin(); "
+            "print('reading', flush=True); time.sleep(60)"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=SRC),
+        )
+        try:
+            assert proc.stdout.readline().strip() == "reading"
+            assert s.env.info()["num_readers"] >= 1
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+        assert s.reader_check() == 1
+        assert s.reader_check() == 0
+
+
 # -- crash recovery: kill -9 a writer at random moments ----------------------------------
 
 WRITER = textwrap.dedent(

@@ -16,6 +16,7 @@ import lmdb
 import pytest
 
 from raftmq.raft.lmdb_storage import LmdbStorage
+from raftmq.raft.storage import SnapshotOutOfDateError
 from raftmq.raft.types import (
     CONF_CHANGE,
     PROMOTE,
@@ -451,6 +452,10 @@ def test_storage_snapshot_comes_from_the_machine_and_installs_on_another(tmp_pat
     with pytest.raises(Exception, match="metadata"):
         b.save(None, [], wrong)
     assert b.last_index() == 101 and mb.applied_index() == 101
+    # nor one older than what the tables already hold (it would roll them back)
+    with pytest.raises(SnapshotOutOfDateError):
+        b.save(None, [], snap)
+    assert mb.applied_index() == 101 and mb.snapshot_data() == ma.snapshot_data()
     a.close()
     b.close()
 

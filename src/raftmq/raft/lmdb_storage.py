@@ -148,6 +148,10 @@ class LmdbStorage:
             self.db_meta = self.env.open_db(tables.DB_META, txn=txn)
         self.machine: StateMachine | None = None
         self._snapshot_cache: Snapshot | None = None
+        # Reader slots of processes that died (a kill -9'd worker) pin old pages
+        # and make the file grow: free them now; the raft process may call
+        # reader_check() again from time to time.
+        self.env.reader_check()
         self._load()
 
     # -- start-up --------------------------------------------------------------
@@ -294,9 +298,14 @@ class LmdbStorage:
         """
         if committed and self.machine is None:
             raise StorageError("committed entries given but no state machine is attached")
+        return self._grow_on_full(self._save_once, hard_state, entries, snapshot, committed)
+
+    def _grow_on_full(self, fn: Any, *args: Any) -> Any:
+        """Run a write; if the map is full, double it and run it again (the
+        failed transaction was aborted, so nothing of it is left)."""
         while True:
             try:
-                return self._save_once(hard_state, entries, snapshot, committed)
+                return fn(*args)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
@@ -313,6 +322,10 @@ class LmdbStorage:
             if snapshot is not None and not snapshot.is_empty():
                 meta = snapshot.meta
                 if meta.index < snap_index:
+                    raise SnapshotOutOfDateError(meta.index)
+                if self.machine is not None and meta.index < self.machine.applied_in(txn)[0]:
+                    # Installing it would roll the tables back (Raft §7: a snapshot
+                    # never replaces state the node already has).
                     raise SnapshotOutOfDateError(meta.index)
                 txn.drop(self.db_log, delete=False)
                 snap_index, snap_term, last = meta.index, meta.term, meta.index
@@ -424,6 +437,16 @@ class LmdbStorage:
         if index > covered:
             raise StorageError(f"compact({index}) beyond the snapshot/applied index {covered}")
         term = self.term(index)
+        self._grow_on_full(self._compact_once, index, term)
+        self._snap_index, self._snap_term = index, term
+        if self._tail_lo <= index:
+            del self._tail[: index + 1 - self._tail_lo]
+            self._tail_lo = index + 1
+        if self._terms_lo <= index:
+            del self._terms[: index + 1 - self._terms_lo]
+            self._terms_lo = index + 1
+
+    def _compact_once(self, index: int, term: int) -> None:
         with self.env.begin(write=True) as txn:
             cur = txn.cursor(db=self.db_log)
             if cur.first():
@@ -432,13 +455,10 @@ class LmdbStorage:
                     if not cur.delete():
                         break
             txn.put(KEY_COMPACTED, _COMPACTED.pack(index, term), db=self.db_raft)
-        self._snap_index, self._snap_term = index, term
-        if self._tail_lo <= index:
-            del self._tail[: index + 1 - self._tail_lo]
-            self._tail_lo = index + 1
-        if self._terms_lo <= index:
-            del self._terms[: index + 1 - self._terms_lo]
-            self._terms_lo = index + 1
+
+    def reader_check(self) -> int:
+        """Free the reader slots of dead processes; returns how many."""
+        return self.env.reader_check()
 
     def sync(self) -> None:
         """Force an fsync (needed only with ``sync=False``)."""

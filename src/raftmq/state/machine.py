@@ -169,6 +169,10 @@ class StateMachine:
         with self.env.begin() as txn:
             return T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
 
+    def applied_in(self, txn: lmdb.Transaction) -> tuple[int, int]:
+        """``applied`` as seen by the caller's transaction."""
+        return T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
+
     def applied_index(self) -> int:
         return self.applied()[0]
 
