@@ -398,7 +398,9 @@ class RawNode:
             pr.become_probe()
 
     def report_snapshot(self, node_id: int, success: bool) -> None:
-        """The transport finished (or failed) sending a SNAP message."""
+        """The transport finished (or failed) sending a SNAP message. Must be
+        called once for every SNAP sent: until then the follower is paused
+        (ProgressState.SNAPSHOT), as in etcd raft."""
         pr = self.prs.get(node_id)
         if self.role != Role.LEADER or pr is None or pr.state != ProgressState.SNAPSHOT:
             return

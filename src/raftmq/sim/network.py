@@ -35,16 +35,18 @@ class Network:
         self.partition_desc = ""
         self.sent = self.dropped = self.delivered = 0
 
-    def send(self, now: int, m: Message) -> None:
+    def send(self, now: int, m: Message) -> bool:
+        """Queue ``m``; False if it was lost on the way."""
         self.sent += 1
         if self.rng.random() < self.loss:
             self.dropped += 1
-            return
+            return False
         copies = 2 if self.rng.random() < self.duplicate else 1
         for _ in range(copies):
             at = now + self.rng.randint(self.delay_min, self.delay_max)
             self._seq += 1
             heapq.heappush(self._queue, (at, self._seq, m))
+        return True
 
     def deliver_due(self, now: int, deliver: Callable[[Message], bool]) -> list[Message]:
         """Deliver every message due at ``now``; ``deliver`` returns False if

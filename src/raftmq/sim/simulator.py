@@ -178,7 +178,9 @@ class Simulation:
         now = self.now
         if self.faults:
             self._faults()
-        self.net.deliver_due(now, self._deliver)
+        for m in self.net.deliver_due(now, self._deliver):
+            if m.type == MT.SNAP:
+                self._report_snapshot(m, False)
         for i in sorted(self.nodes):
             n = self.nodes[i]
             if n.raw is None:
@@ -202,12 +204,15 @@ class Simulation:
         ok = dst is not None and dst.raw is not None
         if ok:
             dst.raw.step(m)
-        if m.type == MT.SNAP:
-            # The transport tells the sender how the snapshot went.
-            src = self.nodes.get(m.src)
-            if src is not None and src.raw is not None:
-                src.raw.report_snapshot(m.dst, ok and (m.src, m.dst) not in self.net.blocked)
+        if ok and m.type == MT.SNAP:
+            self._report_snapshot(m, True)
         return ok
+
+    def _report_snapshot(self, m: Message, ok: bool) -> None:
+        # The transport tells the sender how the snapshot went.
+        src = self.nodes.get(m.src)
+        if src is not None and src.raw is not None:
+            src.raw.report_snapshot(m.dst, ok)
 
     def _process_ready(self, n: SimNode) -> None:
         raw = n.raw
@@ -234,7 +239,8 @@ class Simulation:
             st.set_hard_state(rd.hard_state)
         # 2. send
         for m in rd.messages:
-            self.net.send(self.now, m)
+            if not self.net.send(self.now, m) and m.type == MT.SNAP:
+                raw.report_snapshot(m.dst, False)  # the transport saw the send fail
         # 3. apply
         if rd.snapshot is not None:
             snap = rd.snapshot
