@@ -182,6 +182,10 @@ class RaftProcess:
         os.replace(tmp, path)
 
     def _on_peer_address(self, node_id: int, host: str, port: int) -> None:
+        """An authenticated peer told its listen address (or an admin did)."""
+        members = set(self.conf_state.voters) | set(self.conf_state.learners)
+        if node_id not in members and node_id not in self.peer_addresses:
+            return  # not ours to dial: a removed member, or one not added yet
         if self.peer_addresses.get(node_id) != (host, port):
             self.peer_addresses[node_id] = (host, port)
             self._save_peer_addresses()
@@ -449,6 +453,12 @@ class RaftProcess:
             self._last_compact_check = self.applied
             self._compact()
 
+    def _compact_all(self) -> None:
+        if self.applied >= self.storage.first_index():
+            self.storage.compact(self.applied)
+            self._last_compact_check = self.applied
+            log.info("Compacted the raft log up to index %d for a new member", self.applied)
+
     def _compact(self) -> None:
         upto = self.applied - self.settings.snapshot_entries // 4
         if upto < self.storage.first_index():
@@ -467,8 +477,18 @@ class RaftProcess:
         self.conf_state = cs
         log.info("Membership change at %d: %s node %d -> voters %s, learners %s",
                  e.index, cc.type.name.lower(), cc.node_id, list(cs.voters), list(cs.learners))
+        if cc.type == ConfChangeType.ADD_LEARNER and cc.node_id != self.id:
+            # The initial membership was bootstrapped outside the log, so a new
+            # member must start from a snapshot (which carries the membership),
+            # never from entry 1: compact right away, on every member (any of
+            # them may be the leader that catches the newcomer up).
+            asyncio.get_running_loop().call_soon(self._compact_all)
         if cc.type == ConfChangeType.REMOVE:
             self._learners_to_promote.discard(cc.node_id)
+            if self.peer_addresses.pop(cc.node_id, None) is not None:
+                self._save_peer_addresses()
+            if self.transport is not None:
+                self.transport.remove_peer(cc.node_id)
             if cc.node_id == self.id:
                 log.warning("Raft node %d was removed from the cluster", self.id)
         asyncio.get_running_loop().call_soon(self._sync_transport_peers)
@@ -564,7 +584,10 @@ class RaftProcess:
             if nid in self.conf_state.voters:
                 self._admin_reply(proto, rid, {"ok": True, "message": f"node {nid} is already a voter"})
                 return
-            self._on_peer_address(nid, host, port)
+            self.peer_addresses[nid] = (host, port)
+            self._save_peer_addresses()
+            if self.transport is not None:
+                self.transport.set_peer(nid, host, port)
             if nid not in self.conf_state.learners:
                 self.node.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, nid))
             self._learners_to_promote.add(nid)
