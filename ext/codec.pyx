@@ -616,7 +616,8 @@ def _rebuild(cls, fields):
 @cython.no_gc
 cdef class Connect(Packet):
     """CONNECT (3.1). ``protocol_version`` 3 (name "MQIsdp"), 4 or 5 ("MQTT");
-    a will is present iff ``will_topic`` is not None; ``password`` is bytes."""
+    a will is present iff ``will_topic`` is not None; ``password`` is bytes;
+    ``bridge`` is the top bit of the protocol level that Mosquitto bridges set."""
     cdef public object protocol_name
     cdef public int protocol_version
     cdef public bint clean_start
@@ -630,16 +631,17 @@ cdef class Connect(Packet):
     cdef public object username
     cdef public object password
     cdef public object properties
+    cdef public bint bridge
 
     _fields = ("protocol_name", "protocol_version", "clean_start", "keepalive", "client_id",
                "will_topic", "will_payload", "will_qos", "will_retain", "will_properties",
-               "username", "password", "properties")
+               "username", "password", "properties", "bridge")
     type = CONNECT
 
     def __init__(self, protocol_name="MQTT", int protocol_version=4, bint clean_start=True,
                  int keepalive=60, client_id="", will_topic=None, will_payload=None,
                  int will_qos=0, bint will_retain=False, will_properties=None, username=None,
-                 password=None, properties=None):
+                 password=None, properties=None, bint bridge=False):
         self.protocol_name = protocol_name
         self.protocol_version = protocol_version
         self.clean_start = clean_start
@@ -653,6 +655,7 @@ cdef class Connect(Packet):
         self.username = username
         self.password = password
         self.properties = properties
+        self.bridge = bridge
 
     def encode(self, int protocol_version) -> bytes:
         """Encoded in the format of ``protocol_version``, which is also the level byte written.
@@ -667,7 +670,7 @@ cdef class Connect(Packet):
         if version == 3 and name == "MQTT":
             name = "MQIsdp"
         wb_str(w, name)
-        wb_u8(w, version)
+        wb_u8(w, version | (0x80 if self.bridge else 0))
         if self.clean_start:
             flags |= 0x02
         if self.will_topic is not None:
@@ -1310,6 +1313,9 @@ cdef class Parser:
         cdef int level, flags
         name = rd_str(r)
         level = rd_u8(r)
+        # Mosquitto bridges (try_private) set the top bit of the level: accept it.
+        c.bridge = (level & 0x80) != 0
+        level &= 0x7F
         if not ((name == "MQTT" and (level == 4 or level == 5))
                 or (name == "MQIsdp" and level == 3)):
             _fail(RC_VERSION, f"unsupported protocol {name!r} level {level} [MQTT-3.1.2-2]")

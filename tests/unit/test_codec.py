@@ -180,6 +180,9 @@ ROWS = [
      Connect(client_id="u", username="only-user")),
     (5, "c2s", pkt(0x10, s("MQTT"), b"\x05\x02", u16(60), b"\x00", s("v5")),
      Connect(protocol_version=5, client_id="v5")),
+    # A Mosquitto bridge (try_private) sets the top bit of the protocol level.
+    (4, "c2s", pkt(0x10, s("MQTT"), b"\x84\x02", u16(60), s("br")),
+     Connect(client_id="br", bridge=True)),
     (5, "c2s", pkt(0x10, s("MQTT"), b"\x05\x4e", u16(5), ALL_CONNECT_PROPS_BYTES, s("ü-client"),
                    ALL_WILL_PROPS_BYTES, s("w"), s(b""), s(b"secret")),
      # 5.0 allows a password without a user name (3.1.2.9).

@@ -109,7 +109,8 @@ def connect(draw, version):
         will_qos=draw(st.integers(0, 2)) if will else 0,
         will_retain=draw(st.booleans()) if will else False,
         will_properties=draw(properties(WILL)) if will and version == 5 else None,
-        username=username, password=password, properties=draw(props_for(version, "connect")))
+        username=username, password=password, properties=draw(props_for(version, "connect")),
+        bridge=draw(st.booleans()))
 
 
 @st.composite

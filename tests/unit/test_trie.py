@@ -246,7 +246,8 @@ def filters(draw):
     levels = draw(st.lists(LEVELS | st.just("+") | st.just("$SYS"), min_size=1, max_size=4))
     if draw(st.booleans()):
         levels.append("#")
-    return "/".join(levels)
+    topic_filter = "/".join(levels)
+    return topic_filter or "+"  # "" is not a filter [MQTT-4.7.3-1]
 
 
 @settings(max_examples=150, deadline=None)
