@@ -18,6 +18,8 @@ import pytest
 
 from raftmq.raft.lmdb_storage import (
     DB_LOG,
+    DB_RAFT,
+    KEY_HARD_STATE,
     CorruptLogError,
     LmdbStorage,
     decode_entry,
@@ -276,6 +278,36 @@ def test_hole_in_log_detected_at_open(tmp_path: Path) -> None:
     env.close()
     with pytest.raises(CorruptLogError):
         LmdbStorage(path)
+
+
+def test_corrupt_hard_state_detected_at_open(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    with LmdbStorage(path) as s:
+        s.set_hard_state(HardState(5, 2, 0))
+    env = lmdb.open(path, max_dbs=16)
+    with env.begin(write=True) as txn:
+        db = env.open_db(DB_RAFT, txn=txn)
+        row = bytearray(txn.get(KEY_HARD_STATE, db=db))
+        row[0] ^= 1  # term 5 -> 4: a vote in an older term would be possible again
+        txn.put(KEY_HARD_STATE, bytes(row), db=db)
+    env.close()
+    with pytest.raises(CorruptLogError) as info:
+        LmdbStorage(path)
+    assert info.value.index == 0
+
+
+def test_compact_everything_then_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    with LmdbStorage(path) as s:
+        s.append(ents(1, 8, 2))
+        s.create_snapshot(8, ConfState((1,)), b"all")
+        s.compact(8)
+        assert (s.first_index(), s.last_index(), s.term(8)) == (9, 8, 2)
+    with LmdbStorage(path) as s:
+        assert (s.first_index(), s.last_index(), s.term(8)) == (9, 8, 2)
+        assert s.entries(9, 9) == []
+        s.append(ents(9, 10, 3))
+        assert s.entries(9, 11) == ents(9, 10, 3)
 
 
 def test_files_are_private(tmp_path: Path) -> None:

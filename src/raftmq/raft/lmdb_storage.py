@@ -133,9 +133,13 @@ def _decode_conf_state(b: bytes | None) -> ConfState:
 class LmdbStorage:
     """Raft ``Storage`` on LMDB plus the writer of each ``Ready`` (see module doc).
 
-    ``sync=False`` skips the fsync at each commit (``durability = "async"``:
-    a crash of the machine may lose the last commits, never corrupt them);
-    call ``sync()`` to force one.
+    ``sync=False`` skips the fsync at each commit (``durability = "async"``);
+    call ``sync()`` to force one.  A crash of the *process* then loses nothing
+    (the pages are in the OS cache), but a crash of the *machine* may lose the
+    commits since the last ``sync()`` and, as LMDB documents for MDB_NOSYNC,
+    may even leave the environment corrupt.  ``sync=True`` (the default) has
+    neither risk: LMDB syncs the data pages before the meta page that makes
+    them visible.
     """
 
     def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True) -> None:
