@@ -15,6 +15,8 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from raftmq.raft.lmdb_storage import (
     DB_LOG,
@@ -433,3 +435,80 @@ def test_crc_is_zlib_crc32(tmp_path: Path) -> None:
     row = encode_entry(Entry(2, 9, b"abc", 1))
     head = (9).to_bytes(8, "little") + (2).to_bytes(8, "little") + bytes([1])
     assert int.from_bytes(row[:4], "little") == zlib.crc32(b"abc", zlib.crc32(head))
+
+
+# -- model-based: random histories give the same reads as MemoryStorage --------------------
+
+ACTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(0, 12), st.integers(1, 40), st.booleans()),
+        st.tuples(st.just("compact"), st.floats(0, 1), st.just(0), st.just(False)),
+        st.tuples(st.just("install"), st.integers(1, 30), st.just(0), st.just(False)),
+        st.tuples(st.just("hard_state"), st.integers(0, 3), st.integers(0, 100), st.just(False)),
+        st.tuples(st.just("reopen"), st.just(0), st.just(0), st.just(False)),
+    ),
+    max_size=25,
+)
+
+
+def _same_reads(ref: MemoryStorage, s: LmdbStorage) -> None:
+    first, last = ref.first_index(), ref.last_index()
+    assert (s.first_index(), s.last_index()) == (first, last)
+    assert s.initial_state() == ref.initial_state()
+    for i in range(first - 1, last + 1):
+        assert s.term(i) == ref.term(i)
+    assert s.entries(first, last + 1) == ref.entries(first, last + 1)
+    for m in (1, 200, 1000):
+        assert s.entries(first, last + 1, m) == ref.entries(first, last + 1, m)
+    if first > 1:
+        with pytest.raises(CompactedError):
+            s.term(first - 2)
+        with pytest.raises(CompactedError):
+            s.entries(first - 1, last + 1)
+    with pytest.raises(UnavailableError):
+        s.term(last + 1)
+    assert s.snapshot() == ref.snapshot()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=ACTIONS)
+def test_random_histories_match_memory_storage(tmp_path_factory: pytest.TempPathFactory, actions: list) -> None:
+    path = str(tmp_path_factory.mktemp("model") / "db")
+    ref = MemoryStorage()
+    s = LmdbStorage(path, sync=False)
+    term = 1
+    try:
+        for kind, a, b, flag in actions:
+            if kind == "append":
+                # start somewhere in the last `a` entries (a conflict) or right after the end
+                lo = max(ref.last_index() + 1 - a, 1)
+                if flag:
+                    term += 1
+                es = [Entry(term, i, b"%d/%d" % (i, term) * (i % 7)) for i in range(lo, lo + b)]
+                ref.append(list(es))
+                s.append(list(es))
+            elif kind == "compact":
+                lo, hi = ref.first_index(), ref.last_index()
+                if hi >= lo:
+                    i = lo + int(a * (hi - lo))
+                    cs = ConfState((1, 2))
+                    ref.create_snapshot(i, cs, b"snap%d" % i)
+                    s.create_snapshot(i, cs, b"snap%d" % i)
+                    ref.compact(i)
+                    s.compact(i)
+            elif kind == "install":
+                index = ref.snapshot().meta.index + a
+                term += 1
+                snap = Snapshot(SnapshotMeta(index, term, ConfState((1, 2, 3))), b"installed")
+                ref.apply_snapshot(snap)
+                s.save(None, [], snap)
+            elif kind == "hard_state":
+                hs = HardState(term, a, min(b, ref.last_index()))
+                ref.set_hard_state(hs)
+                s.set_hard_state(hs)
+            else:
+                s.close()
+                s = LmdbStorage(path, sync=False)
+            _same_reads(ref, s)
+    finally:
+        s.close()
