@@ -14,6 +14,8 @@ from typing import Any
 
 import lmdb
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as gen
 
 from raftmq.raft.lmdb_storage import LmdbStorage
 from raftmq.raft.storage import SnapshotOutOfDateError
@@ -444,8 +446,8 @@ def test_storage_snapshot_comes_from_the_machine_and_installs_on_another(tmp_pat
     assert mb.applied_index() == 100
     assert b.initial_state()[1] == ConfState((1, 2, 3))
     tail = [Entry(4, 101, encode_ops([SessionDelete("client-1")]))]
-    for st in (a, b):
-        st.save(None, tail, None, committed=tail)
+    for store in (a, b):
+        store.save(None, tail, None, committed=tail)
     assert mb.snapshot_data() == ma.snapshot_data()
     # a snapshot whose data does not match its metadata is refused, atomically
     wrong = Snapshot(SnapshotMeta(200, 4, ConfState((1,))), snap.data)
@@ -557,3 +559,124 @@ def test_load_state_before_the_tables_exist(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     LmdbStorage(path).close()  # log databases only
     assert load_state(path) == LoadedState()
+
+
+# -- model-based: random op sequences against a dict model of entries.py's semantics ---------
+
+CIDS = ["a", "ab", "b", "é", LONG_ID]
+TOPICS = ["t/1", "t/2", LONG_TOPIC]
+MSGS = [MSG, Message("x", b"", 0), Message(LONG_TOPIC, b"big" * 50, 2, True, {"user_property": [("a", "b")]}, 5)]
+_cid = gen.sampled_from(CIDS)
+_seq = gen.integers(1, 6)
+OPS = gen.one_of(
+    gen.builds(SessionPut, _cid, gen.sampled_from([3, 4, 5]), gen.integers(0, 10), gen.booleans(), gen.sampled_from([None, "u"])),
+    gen.builds(SessionExpiry, _cid, gen.integers(0, 10)),
+    gen.builds(SessionDelete, _cid),
+    gen.builds(SubAdd, _cid, gen.sampled_from(["f/#", "+/x", "$share/g/f", "f/" + "z" * 250]), gen.integers(0, 63), gen.integers(0, 3)),
+    gen.builds(SubRemove, _cid, gen.sampled_from(["f/#", "+/x"])),
+    gen.builds(WillSet, _cid, gen.integers(0, 9), gen.sampled_from(MSGS)),
+    gen.builds(WillDelete, _cid),
+    gen.builds(RetainSet, gen.sampled_from(MSGS)),
+    gen.builds(RetainDelete, gen.sampled_from(TOPICS + ["x", MSG.topic])),
+    gen.builds(
+        QueueAdd,
+        gen.lists(gen.tuples(_cid, _seq, gen.integers(0, 3), gen.integers(1, 2), gen.lists(gen.integers(1, 9), max_size=2)).map(list), min_size=1, max_size=3),
+        gen.sampled_from(MSGS),
+    ),
+    gen.builds(QueueUpdate, _cid, _seq, gen.integers(0, 5), gen.sampled_from([QUEUED, SENT, PUBREC_RECEIVED])),
+    gen.builds(QueueRemove, _cid, _seq),
+    gen.builds(Qos2InAdd, _cid, gen.integers(1, 4)),
+    gen.builds(Qos2InRemove, _cid, gen.integers(1, 4)),
+    gen.just(Noop()),
+)
+
+
+class Model:
+    """The documented semantics of every op, on plain dicts."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, tuple] = {}
+        self.subs: dict[str, dict] = {}
+        self.wills: dict[str, tuple] = {}
+        self.queues: dict[str, dict] = {}
+        self.qos2: dict[str, set] = {}
+        self.retained: dict[str, Message] = {}
+
+    def drop(self, cid: str) -> None:
+        for table in (self.subs, self.wills, self.queues, self.qos2):
+            table.pop(cid, None)
+
+    def apply(self, op: Any) -> None:
+        t = type(op)
+        if t is SessionPut:
+            if op.clean:
+                self.drop(op.client_id)
+            self.sessions[op.client_id] = (op.protocol_version, op.expiry_interval, op.username)
+        elif t is SessionExpiry:
+            if op.client_id in self.sessions:
+                pv, _, u = self.sessions[op.client_id]
+                self.sessions[op.client_id] = (pv, op.expiry_interval, u)
+        elif t is SessionDelete:
+            self.drop(op.client_id)
+            self.sessions.pop(op.client_id, None)
+        elif t is SubAdd:
+            self.subs.setdefault(op.client_id, {})[op.topic_filter] = (op.options, op.subscription_id)
+        elif t is SubRemove:
+            self.subs.get(op.client_id, {}).pop(op.topic_filter, None)
+        elif t is WillSet:
+            self.wills[op.client_id] = (op.delay_interval, op.message)
+        elif t is WillDelete:
+            self.wills.pop(op.client_id, None)
+        elif t is RetainSet:
+            self.retained[op.message.topic] = op.message
+        elif t is RetainDelete:
+            self.retained.pop(op.topic, None)
+        elif t is QueueAdd:
+            for cid, seq, pid, qos, sub_ids in op.deliveries:
+                state = SENT if pid else QUEUED
+                self.queues.setdefault(cid, {})[seq] = [pid, state, qos, list(sub_ids), op.message]
+        elif t is QueueUpdate:
+            row = self.queues.get(op.client_id, {}).get(op.seq)
+            if row is not None:
+                row[0], row[1] = op.packet_id, op.state
+        elif t is QueueRemove:
+            self.queues.get(op.client_id, {}).pop(op.seq, None)
+        elif t is Qos2InAdd:
+            self.qos2.setdefault(op.client_id, set()).add(op.packet_id)
+        elif t is Qos2InRemove:
+            self.qos2.get(op.client_id, set()).discard(op.packet_id)
+
+    def loaded(self) -> LoadedState:
+        from raftmq.state.entries import QueuedMessage, SessionRecord
+
+        out = LoadedState(retained=dict(self.retained))
+        for cid, (pv, expiry, username) in self.sessions.items():
+            rec = SessionRecord(cid, pv, expiry, username)
+            rec.subscriptions = dict(self.subs.get(cid, {}))
+            rec.will = self.wills.get(cid)
+            rec.queue = [QueuedMessage(seq, *row[:4], row[4]) for seq, row in sorted(self.queues.get(cid, {}).items())]
+            rec.qos2_in = set(self.qos2.get(cid, set()))
+            out.sessions[cid] = rec
+        return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches_=gen.lists(gen.lists(OPS, min_size=1, max_size=6), min_size=1, max_size=12))
+def test_random_ops_match_the_model(tmp_path_factory: pytest.TempPathFactory, batches_: list) -> None:
+    env = T.open_environment(str(tmp_path_factory.mktemp("model") / "db"), sync=False)
+    try:
+        m = StateMachine(env)
+        model = Model()
+        entries = [Entry(1, i + 1, encode_ops(ops)) for i, ops in enumerate(batches_)]
+        results = m.apply(entries)
+        assert all(r is None for _, r in results)
+        for ops in batches_:
+            for op in ops:
+                model.apply(op)
+        assert m.load() == model.loaded()
+        data = m.snapshot_data()
+        m.restore(data)
+        assert m.load() == model.loaded()
+        assert m.snapshot_data() == data
+    finally:
+        env.close()
