@@ -1,0 +1,160 @@
+"""The glue between the dynsec library and a broker worker (broker/server.py hooks).
+
+Theory of operation
+-------------------
+``install(broker, config)`` loads the committed document from
+``broker.store.load().dynsec``, seeds it on first start (see ``seed_change``),
+and hooks itself in:
+
+- ``broker.auth`` = the plugin: ``authenticate`` at CONNECT (spec §2) and
+  ``acl_check`` on every publish/subscribe/unsubscribe/delivery (spec §6);
+- ``broker.control_handlers["$CONTROL/dynamic-security/v1"]`` = ``on_request``.
+
+A request is prepared (parsed, passwords hashed) at once.  A request that can
+modify the configuration becomes one ``Dynsec(change)`` op committed through
+the broker's store batching; only when it is committed is it applied to this
+worker's in-memory state, so the state always follows the commit order (the
+same order every node's state machine applies), and only then is the response
+published and are the kicks done: nothing is answered that could be lost.
+A read-only request is answered after everything submitted before it, so a
+pipelined ``createClient`` + ``getClient`` reads its own write.
+
+Changes committed elsewhere (another worker, another node in dynsec-sync)
+arrive through ``on_remote_ops`` and are applied the same way (without a
+response: the proposer answers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from raftmq.dynsec.acl import Authorizer
+from raftmq.dynsec.commands import REQUEST_TOPIC, RESPONSE_TOPIC, Outcome, apply, prepare_request
+from raftmq.dynsec.jsontext import dumps
+from raftmq.dynsec.kicks import REASON_ADMINISTRATIVE_ACTION, Kicks
+from raftmq.dynsec.model import DynsecState
+from raftmq.state.entries import Dynsec, Message
+
+log = logging.getLogger("raftmq.dynsec")
+
+PASSWORD_ENV = "RAFTMQ_DYNSEC_PASSWORD"
+SEED_USERNAME = "admin"
+IMPORT_FILE = "dynsec-import.json"  # in the data dir: imported at the next start (cli.py)
+
+
+class DynsecPlugin:
+    """The broker's auth hook and ``$CONTROL/dynamic-security/v1`` handler."""
+
+    checks_acl = True  # the broker must ask acl_check
+
+    def __init__(self, broker: Any, state: DynsecState, *, allow_anonymous: bool,
+                 substitute: bool = False) -> None:
+        self.broker = broker
+        self.state = state
+        self.authorizer = Authorizer(state, allow_anonymous=allow_anonymous, substitute=substitute)
+
+    # -- AuthHook --------------------------------------------------------------
+
+    def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
+        return self.authorizer.authenticate(client_id, username, password)
+
+    def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
+        return self.authorizer.check(client.username, client.client_id, access, topic)
+
+    # -- control API -----------------------------------------------------------
+
+    def on_request(self, conn: Any, message: Message) -> None:
+        """A PUBLISH to $CONTROL/dynamic-security/v1 that passed the publish ACL check."""
+        request = prepare_request(message.payload)
+        broker = self.broker
+        if request.error is not None:
+            broker.after_commit(lambda: self._publish(request.error_response()))
+            return
+        change = request.change
+        if request.read_only:
+            broker.after_commit(lambda: self._run(change))
+        else:
+            broker.commit([Dynsec(change)], lambda: self._run(change))
+
+    def on_remote_ops(self, ops: list[Any]) -> None:
+        """Entries committed by another worker or node: apply their dynsec changes."""
+        for op in ops:
+            if isinstance(op, Dynsec):
+                self._enforce(apply(self.state, op.change))
+
+    def _run(self, change: dict[str, Any]) -> None:
+        outcome = apply(self.state, change)
+        self._publish(outcome.response)
+        self._enforce(outcome)
+
+    def _publish(self, response: dict[str, Any]) -> None:
+        # Spec §3.1: QoS 0, not retained, to every subscriber of the response topic.
+        self.broker.publish_message(Message(RESPONSE_TOPIC, dumps(response), 0, False))
+
+    def _enforce(self, outcome: Outcome) -> None:
+        kicks = outcome.kicks
+        if kicks:
+            self.kick(kicks)
+
+    def kick(self, kicks: Kicks) -> int:
+        """Disconnect the matching connections: MQTT 5 reason 0x98, no Will (spec §7)."""
+
+        def matches(conn: Any) -> bool:
+            if not kicks.matches(conn.username):
+                return False
+            conn.will = None  # a kicked client's Will is not published
+            return True
+
+        n = self.broker.disconnect_clients(matches, REASON_ADMINISTRATIVE_ACTION)
+        if n:
+            log.info("Dynamic security: disconnected %d client(s) after a configuration change.", n)
+        return n
+
+
+def seed_change(loaded: dict[str, Any] | None, data_dir: str | os.PathLike[str] | None,
+                environ: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """What to commit at start-up, if anything:
+
+    - a file ``<data_dir>/dynsec-import.json`` (written by ``raftmq dynsec init
+      DATADIR`` / ``raftmq dynsec import``) replaces the configuration;
+    - else, on first start (no dynsec document yet) with ``RAFTMQ_DYNSEC_PASSWORD``
+      set: an ``admin`` client and role as ``mosquitto_ctrl dynsec init`` creates.
+    """
+    from raftmq.dynsec.cli import init_document, read_document
+
+    if data_dir is not None:
+        pending = Path(data_dir) / IMPORT_FILE
+        if pending.exists():
+            return {"replace": read_document(pending)}
+    environ = os.environ if environ is None else environ
+    password = environ.get(PASSWORD_ENV)
+    if loaded is None and password:
+        return {"replace": init_document(SEED_USERNAME, password)}
+    return None
+
+
+def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) -> DynsecPlugin:
+    """Hook dynamic security into ``broker`` (before ``broker.start()``)."""
+    loaded = broker.store.load().dynsec
+    state = DynsecState.from_document(loaded)
+    data_dir = getattr(config, "data_dir", None)
+    seed = seed_change(loaded, data_dir, environ)
+    if seed is not None:
+        apply(state, seed)
+        pending = Path(data_dir) / IMPORT_FILE if data_dir is not None else None
+
+        def seeded() -> None:
+            if pending is not None and pending.exists():
+                pending.rename(pending.with_name(IMPORT_FILE + ".imported"))
+
+        broker.store.submit([Dynsec(seed)], seeded)
+        log.info("Dynamic security: configuration seeded (%d clients, %d groups, %d roles).",
+                 len(state.clients), len(state.groups), len(state.roles))
+    plugin = DynsecPlugin(broker, state, allow_anonymous=bool(getattr(config, "allow_anonymous", False)),
+                          substitute=bool(getattr(config, "dynsec_substitute", False)))
+    broker.auth = plugin
+    broker.control_handlers[REQUEST_TOPIC] = plugin.on_request
+    return plugin
