@@ -35,6 +35,16 @@ CLOSING = 2  # closing: nothing more is read or written
 PROTOCOL_MAX_PACKET = 268435455
 
 
+def _known_protocol_name(data: bytes) -> bool:
+    """Whether a CONNECT's bytes name MQTT ("MQTT" or 3.1's "MQIsdp")."""
+    pos = 1
+    while pos < len(data) and data[pos] & 0x80:  # skip the Remaining Length
+        pos += 1
+    pos += 1
+    name_len = int.from_bytes(data[pos:pos + 2], "big")
+    return data[pos + 2:pos + 2 + name_len] in (b"MQTT", b"MQIsdp")
+
+
 class Connection(asyncio.Protocol):
     __slots__ = ("broker", "transport", "parser", "state", "out", "dirty", "session", "client_id",
                  "username", "version", "keepalive", "peer", "rx_bytes", "rx_seen", "rx_seen_at",
@@ -97,7 +107,11 @@ class Connection(asyncio.Protocol):
             # Packets parsed before the bad one are handled first, in order.
             if e.packets:
                 dispatch.handle_packets(broker, self, e.packets)
-            dispatch.protocol_error(self, e.reason_code, str(e))
+            if self.state == NEW and e.reason_code == 0x84 and not _known_protocol_name(data):
+                # [MQTT-3.1.2-1]: not MQTT at all: close without a CONNACK (as Mosquitto).
+                self.close()
+            else:
+                dispatch.protocol_error(self, e.reason_code, str(e))
             broker.flush_ops()
             return
         if packets:
