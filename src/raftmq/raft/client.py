@@ -15,8 +15,10 @@ is used, so the cost (one pickle of the tables) does not matter.
 
 Failure: if the channel breaks (the raft process restarts) every pending
 proposal fails: its ``done`` is never called, so the client never gets an
-acknowledgement for it (it retransmits after reconnecting, [MQTT-4.4.0-1]); the
-store reconnects in the background.  A FAILED answer (not leader, leadership
+acknowledgement for it (it retransmits after reconnecting, [MQTT-4.4.0-1]).
+With a failure listener set, the listener is told and decides (the
+supervisor's workers exit and are restarted from the committed state);
+without one, the store reconnects in the background.  A FAILED answer (not leader, leadership
 lost) is handled the same way.  ``set_failure_listener`` lets the broker learn
 about it (e.g. to disconnect the affected clients).
 """
@@ -155,13 +157,18 @@ class RaftStore:
         if proto is not self._proto:
             return
         self._proto = None
-        if self._pending:
-            n = len(self._pending)
-            self._pending.clear()
+        if self._closed:
+            return
+        n = len(self._pending)
+        self._pending.clear()
+        if self._failure_listener is not None:
+            # The owner decides (the supervisor's workers exit and start afresh).
+            self._failure_listener(f"channel to the raft process lost, {n} proposals pending")
+            return
+        if n:
             self._fail(f"channel to the raft process lost with {n} proposals pending")
-        if not self._closed:
-            log.warning("Worker %d lost its channel to the raft process; reconnecting", self.worker_id)
-            self._start_reconnect()
+        log.warning("Worker %d lost its channel to the raft process; reconnecting", self.worker_id)
+        self._start_reconnect()
 
     def _fail(self, reason: str) -> None:
         if not self._down_logged:
