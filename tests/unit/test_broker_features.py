@@ -470,3 +470,42 @@ def test_qos2_pubrec_failure_ends_exchange_and_unknown_ids():
         assert not broker.sessions["s"].inflight
 
     run_with_broker(scenario)
+
+
+class _Hook:
+    """A toy auth hook: user "bad" has a wrong password; nobody may touch "secret/#"
+    except receiving "secret/open"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def authenticate(self, client_id, username, password):
+        return 0x86 if username == "bad" else 0
+
+    def acl_check(self, client, access, topic, qos, retain):
+        self.calls.append((client.client_id, access, topic))
+        if access == "publish_client_receive":
+            return topic != "secret/closed"
+        return not topic.startswith("secret/") or access == "subscribe" or topic == "secret/open"
+
+
+def test_auth_hook_and_acl_checks():
+    async def scenario(broker, port):
+        hook = _Hook()
+        broker.auth = hook
+        c = RawClient(4)
+        assert (await c.connect(port, "x", username="bad", password=b"pw")).reason_code == 4
+        c = RawClient(5)
+        assert (await c.connect(port, "x", username="bad", password=b"pw")).reason_code == 0x86
+        s = await subscriber(port, "s", "secret/#")
+        p = RawClient(5)
+        await p.connect(port, "p")
+        p.send(Publish("secret/x", b"no", 1, False, False, 1, None))
+        assert (await p.recv_type(Puback)).reason_code == 0x87
+        p.send(Publish("secret/open", b"yes", 1, False, False, 2, None))
+        await p.recv_type(Puback)
+        assert (await s.recv_type(Publish)).payload == b"yes"
+        assert ("s", "publish_client_receive", "secret/open") in hook.calls
+        assert ("p", "publish_client_send", "secret/x") in hook.calls
+
+    run_with_broker(scenario)

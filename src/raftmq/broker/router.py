@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from raftmq._codec import encode_publish
 from raftmq._trie import TopicTrie
+from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
 from raftmq.broker.session import Outgoing, Session, Subscription
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
@@ -97,6 +98,8 @@ class Router:
         qos = message.qos
         stats = broker.stats
         delivered = 0
+        if broker.acl_enabled:
+            normal, shared = self._receive_allowed(message, normal, shared)
         if qos == 0:
             # Fast path: encode once per (version, retain flag), reuse for every subscriber.
             cache: dict = {}
@@ -156,6 +159,21 @@ class Router:
         if add.deliveries:
             ops.append(add)
         return delivered
+
+    def _receive_allowed(self, message: Message, normal: list, shared: list) -> tuple[list, list]:
+        """Drop the subscribers the ACLs do not let receive this message
+        (Mosquitto's publishClientReceive, checked at delivery)."""
+        check = self.broker.auth.acl_check
+        sessions = self.sessions
+        topic, qos, retain = message.topic, message.qos, message.retain
+
+        def allowed(client_id: str) -> bool:
+            session = sessions[client_id]
+            return check(session.conn or session, ACCESS_PUBLISH_RECEIVE, topic, qos, retain)
+
+        normal = [m for m in normal if allowed(m[0])]
+        shared = [(g, f, [m for m in members if allowed(m[0])]) for g, f, members in shared]
+        return normal, [s for s in shared if s[2]]
 
     def _merge_v3_overlaps(self, normal: list) -> list:
         """MQTT 3.1.1 [MQTT-3.3.5-1]: a client with overlapping subscriptions gets
@@ -262,7 +280,12 @@ class Router:
 
     def send_retained(self, session: Session, sub: Subscription) -> None:
         """Retained messages matching a new subscription, retain flag set [MQTT-3.3.1-9]."""
-        for message in self.broker.retained.match(sub.match_filter):
+        broker = self.broker
+        for message in broker.retained.match(sub.match_filter):
+            if broker.acl_enabled and not broker.auth.acl_check(
+                    session.conn or session, ACCESS_PUBLISH_RECEIVE, message.topic, message.qos,
+                    True):
+                continue
             self.deliver(session, message, sub, True, None, None)
 
     # -- acknowledgements and flow -------------------------------------------

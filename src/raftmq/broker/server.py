@@ -72,6 +72,7 @@ class Broker:
     def __init__(self, config: Any, store: Any, auth: Any = None) -> None:
         self.config = config
         self.store = store
+        self.acl_enabled = False
         self.auth = auth if auth is not None else DefaultAuth(config.allow_anonymous)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.sessions: dict[str, Session] = {}
@@ -107,6 +108,16 @@ class Broker:
         if config.max_packet_size:
             props["maximum_packet_size"] = config.max_packet_size
         self.connack_properties = props
+
+    @property
+    def auth(self) -> Any:
+        return self._auth
+
+    @auth.setter
+    def auth(self, hook: Any) -> None:
+        self._auth = hook
+        # Hot path: skip ACL calls entirely for a hook that declares it has none.
+        self.acl_enabled = bool(getattr(hook, "checks_acl", True))
 
     # -- write gathering --------------------------------------------------------
 
@@ -281,17 +292,11 @@ class Broker:
     def publish_will(self, client_id: str, will: Message, durable_session: Session | None = None
                      ) -> None:
         message = will_to_publish(will)
-        auth = self.auth
-        if getattr(auth, "checks_acl", True):
-            client = type("WillClient", (), {"client_id": client_id, "username": None})()
-            session = self.sessions.get(client_id)
-            if session is not None:
-                client.username = session.username
-            if not auth.acl_check(client, ACCESS_PUBLISH_SEND, message.topic, message.qos,
-                                  message.retain):
-                return
-        ops: list = []
         session = durable_session or self.sessions.get(client_id)
+        if self.acl_enabled and session is not None and not self._auth.acl_check(
+                session, ACCESS_PUBLISH_SEND, message.topic, message.qos, message.retain):
+            return
+        ops: list = []
         if session is not None and session.durable:
             ops.append(WillDelete(client_id))
         self.router.route(message, client_id, ops)

@@ -132,7 +132,7 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
 
     auth = broker.auth
     if topic.startswith("$SYS") or (
-            auth.checks_acl and not auth.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain)):
+            broker.acl_enabled and not auth.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain)):
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
         if qos:

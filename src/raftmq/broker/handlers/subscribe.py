@@ -51,7 +51,7 @@ def handle_subscribe(broker: Broker, conn: Connection, p: Subscribe) -> None:
         if group is not None and no_local:
             # No Local on a shared subscription is a protocol error [MQTT-3.8.3-4].
             raise MQTTError(RC_PROTOCOL_ERROR, "no local on a shared subscription")
-        if auth.checks_acl and not auth.acl_check(conn, ACCESS_SUBSCRIBE, topic_filter, qos, False):
+        if broker.acl_enabled and not auth.acl_check(conn, ACCESS_SUBSCRIBE, topic_filter, qos, False):
             codes.append(RC_NOT_AUTHORIZED if v5 else RC_FAILURE_V3)
             continue
         granted = min(qos, 2)
@@ -92,7 +92,7 @@ def handle_unsubscribe(broker: Broker, conn: Connection, p: Unsubscribe) -> None
     for topic_filter in p.topic_filters:
         if not valid_topic_filter(topic_filter):
             raise MQTTError(RC_MALFORMED, f"invalid topic filter {topic_filter!r}")
-        if auth.checks_acl and not auth.acl_check(conn, ACCESS_UNSUBSCRIBE, topic_filter, 0, False):
+        if broker.acl_enabled and not auth.acl_check(conn, ACCESS_UNSUBSCRIBE, topic_filter, 0, False):
             codes.append(RC_NOT_AUTHORIZED)
             continue
         if broker.router.unsubscribe(session, topic_filter):
