@@ -93,7 +93,7 @@ static struct {
     .host = "127.0.0.1", .port = 1883, .layout = L_PAIRS, .pubs = 10, .subs = -1,
     .conns = 1000, .qos = 0, .payload = 64, .window = 100, .rate = 0, .duration = 5,
     .warmup = 1, .drain = 3, .connect_timeout = 20, .stall_timeout = 5, .hold = 2,
-    .tick_us = 100, .keepalive = 60, .mqtt_version = 4, .connect_concurrency = 200,
+    .tick_us = 100, .keepalive = 60, .mqtt_version = 4, .connect_concurrency = 50,
     .max_inflight = 1000, .label = "",
 };
 
@@ -1039,7 +1039,8 @@ static void usage(void)
             "      --keepalive S        keep alive (60; PINGREQ at half of it)\n"
             "      --connect-timeout S  all connections up and subscribed within S (20)\n"
             "      --stall-timeout S    abort when nothing is delivered for S (5)\n"
-            "      --concurrency N      connects in progress at once (200)\n"
+            "      --concurrency N      handshakes in progress at once (50; above a broker's listen\n"
+            "                           backlog, dropped SYNs cost 1 s each)\n"
             "      --hold S             idle layout: seconds to hold connections (2)\n"
             "      --cpu-pid PID        broker process: CPU and memory of it and its children\n"
             "      --label TEXT         copied into the JSON output\n");
