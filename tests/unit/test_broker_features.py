@@ -509,3 +509,21 @@ def test_auth_hook_and_acl_checks():
         assert ("p", "publish_client_send", "secret/x") in hook.calls
 
     run_with_broker(scenario)
+
+
+def test_topic_alias_outbound():
+    async def scenario(broker, port):
+        s = RawClient(5)
+        await s.connect(port, "s", properties={"topic_alias_maximum": 1})
+        sub(s, 1, "ta/#", qos=1)
+        await s.recv_type(Suback)
+        p = RawClient(5)
+        await p.connect(port, "p")
+        for topic in ("ta/a", "ta/a", "ta/b"):
+            p.send(Publish(topic, b"x", 0, False, False, 0, None))
+        m1, m2, m3 = [await s.recv_type(Publish) for _ in range(3)]
+        assert (m1.topic, m1.properties["topic_alias"]) == ("ta/a", 1)
+        assert (m2.topic, m2.properties["topic_alias"]) == ("", 1)
+        assert m3.topic == "ta/b" and "topic_alias" not in (m3.properties or {})
+
+    run_with_broker(scenario)

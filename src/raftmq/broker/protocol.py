@@ -148,14 +148,12 @@ class Connection(asyncio.Protocol):
     def send_outgoing(self, out: Outgoing, dup: bool = False) -> bool:
         """Write one queued/in-flight message as a PUBLISH; False if it was too big for the client."""
         msg = out.message
-        props = None
         if self.version == 5:
-            props = self.publish_properties(msg, out.sub_ids)
-            if props is None:
-                return True  # expired on the way: treat as delivered
-        data = encode_publish(msg.topic, msg.payload, out.qos, out.retain, dup, out.packet_id,
-                              props, self.version)
-        if len(data) > self.client_max_packet:
+            data = self.encode_publish_v5(msg, out.qos, out.retain, dup, out.packet_id, out.sub_ids)
+        else:
+            data = encode_publish(msg.topic, msg.payload, out.qos, out.retain, dup, out.packet_id,
+                                  None, self.version)
+        if data is None or len(data) > self.client_max_packet:
             # [MQTT-3.1.2-25]: never send a packet above the client's Maximum
             # Packet Size; the message is discarded as if delivered.
             self.broker.stats.publish_dropped += 1
@@ -163,6 +161,35 @@ class Connection(asyncio.Protocol):
         self.write(data)
         self.broker.stats.publish_sent += 1
         return True
+
+    def encode_publish_v5(self, msg: Message, qos: int, retain: bool, dup: bool, packet_id: int,
+                          sub_ids: list[int] | None) -> bytes | None:
+        """A PUBLISH for this MQTT 5 client; None if the message expired or the
+        packet would exceed the client's Maximum Packet Size [MQTT-3.1.2-25].
+
+        Topic aliases toward the client (MQTT 5 §3.3.2.3.4): when it announced a
+        Topic Alias Maximum, each new topic gets the next alias while there are
+        free ones; later messages to that topic are sent with an empty topic.
+        """
+        props = self.publish_properties(msg, sub_ids)
+        if props is None:
+            return None
+        topic = msg.topic
+        new_alias = 0
+        if self.client_alias_max:
+            alias = self.alias_out.get(topic)
+            if alias is not None:
+                props["topic_alias"] = alias
+                topic = ""
+            elif self.next_alias_out <= self.client_alias_max:
+                new_alias = props["topic_alias"] = self.next_alias_out
+        data = encode_publish(topic, msg.payload, qos, retain, dup, packet_id, props or None, 5)
+        if len(data) > self.client_max_packet:
+            return None
+        if new_alias:
+            self.alias_out[topic] = new_alias
+            self.next_alias_out = new_alias + 1
+        return data
 
     def publish_properties(self, msg: Message, sub_ids: list[int] | None) -> dict | None:
         """MQTT 5 PUBLISH properties of one delivery; None when the message has expired."""

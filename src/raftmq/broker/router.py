@@ -112,9 +112,11 @@ class Router:
                     continue
                 retain = message.retain and sub.retain_as_published
                 version = conn.version
-                if version == 5 and (sub.sub_id or message.properties or message.expiry_at):
+                if version == 5 and (sub.sub_id or message.properties or message.expiry_at
+                                     or conn.client_alias_max):
                     data = self._encode_v5(conn, message, 0, retain, sub.sub_id)
                     if data is None:
+                        stats.publish_dropped += 1
                         continue
                 else:
                     key = (version == 5, retain)
@@ -222,11 +224,8 @@ class Router:
 
     def _encode_v5(self, conn, message: Message, qos: int, retain: bool, sub_id: int,
                    packet_id: int = 0, dup: bool = False) -> bytes | None:
-        props = conn.publish_properties(message, [sub_id] if sub_id else None)
-        if props is None:
-            return None
-        return encode_publish(message.topic, message.payload, qos, retain, dup, packet_id,
-                              props or None, 5)
+        return conn.encode_publish_v5(message, qos, retain, dup, packet_id,
+                                      [sub_id] if sub_id else None)
 
     def deliver(self, session: Session, message: Message, sub: Subscription, retain: bool,
                 add: QueueAdd | None, ops: list | None) -> None:
