@@ -26,6 +26,7 @@ response: the proposer answers).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -55,10 +56,28 @@ class DynsecPlugin:
         self.broker = broker
         self.state = state
         self.authorizer = Authorizer(state, allow_anonymous=allow_anonymous, substitute=substitute)
+        # A start-up seed applied locally but not yet submitted (needs the running loop).
+        self.pending_seed: dict[str, Any] | None = None
+        self.pending_import: Path | None = None
+
+    def start(self) -> None:
+        """Commit the start-up seed, if any (call once the event loop runs)."""
+        seed, self.pending_seed = self.pending_seed, None
+        if seed is None:
+            return
+        pending = self.pending_import
+
+        def committed() -> None:
+            if pending is not None and pending.exists():
+                pending.rename(pending.with_name(IMPORT_FILE + ".imported"))
+
+        self.broker.store.submit([Dynsec(seed)], committed)
 
     # -- AuthHook --------------------------------------------------------------
 
     def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
+        if self.pending_seed is not None:
+            self.start()
         return self.authorizer.authenticate(client_id, username, password)
 
     def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
@@ -68,6 +87,8 @@ class DynsecPlugin:
 
     def on_request(self, conn: Any, message: Message) -> None:
         """A PUBLISH to $CONTROL/dynamic-security/v1 that passed the publish ACL check."""
+        if self.pending_seed is not None:
+            self.start()
         request = prepare_request(message.payload)
         broker = self.broker
         if request.error is not None:
@@ -137,24 +158,31 @@ def seed_change(loaded: dict[str, Any] | None, data_dir: str | os.PathLike[str] 
 
 
 def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) -> DynsecPlugin:
-    """Hook dynamic security into ``broker`` (before ``broker.start()``)."""
+    """Hook dynamic security into ``broker`` (before ``broker.start()``).
+
+    Also registers ``on_remote_ops`` as the store's remote listener: a broker
+    that needs that listener for itself must forward the ops to the plugin.
+    """
     loaded = broker.store.load().dynsec
     state = DynsecState.from_document(loaded)
+    plugin = DynsecPlugin(broker, state, allow_anonymous=bool(getattr(config, "allow_anonymous", False)),
+                          substitute=bool(getattr(config, "dynsec_substitute", False)))
     data_dir = getattr(config, "data_dir", None)
     seed = seed_change(loaded, data_dir, environ)
     if seed is not None:
-        apply(state, seed)
-        pending = Path(data_dir) / IMPORT_FILE if data_dir is not None else None
-
-        def seeded() -> None:
-            if pending is not None and pending.exists():
-                pending.rename(pending.with_name(IMPORT_FILE + ".imported"))
-
-        broker.store.submit([Dynsec(seed)], seeded)
+        apply(state, seed)  # in force at once; committed as soon as the loop runs
+        plugin.pending_seed = seed
+        plugin.pending_import = Path(data_dir) / IMPORT_FILE if data_dir is not None else None
         log.info("Dynamic security: configuration seeded (%d clients, %d groups, %d roles).",
                  len(state.clients), len(state.groups), len(state.roles))
-    plugin = DynsecPlugin(broker, state, allow_anonymous=bool(getattr(config, "allow_anonymous", False)),
-                          substitute=bool(getattr(config, "dynsec_substitute", False)))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop yet: submitted by start() or by the first CONNECT / request
+        else:
+            plugin.start()
     broker.auth = plugin
     broker.control_handlers[REQUEST_TOPIC] = plugin.on_request
+    if hasattr(broker.store, "set_remote_listener"):
+        broker.store.set_remote_listener(plugin.on_remote_ops)
     return plugin
