@@ -31,6 +31,7 @@ from support.mqttraw import (
     UNSUBACK,
     Closed,
     RawClient,
+    Will,
     unsubscribe,
 )
 
@@ -276,3 +277,51 @@ def test_kicks_on_change_with_reason_0x98(start) -> None:
     assert rc == 0x87
     broker.ctrl("enableClient", "alice")
     broker.logged_in("a4", "alice", "alicepass1")
+
+
+def test_kicked_client_will_is_not_published(start) -> None:
+    broker = start()
+    admin = broker.logged_in("adm", *ADMIN)
+    assert admin.subscribe(1, [("sensors/#", 0)]).codes == [0]
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    will = Will("sensors/will", b"gone", 0, False)
+    assert alice.connect("a1", username="alice", password=b"alicepass1", will=will).reason == 0
+    broker.ctrl("removeClientRole", "alice", "sensor-writer")
+    assert alice.expect(DISCONNECT).reason == 0x98
+    assert [p.topic for p in admin.drain_publishes(quiet=0.7)] == []
+    # control: an ungraceful close of a connection with the same will publishes it
+    broker.ctrl("addClientRole", "alice", "sensor-writer")
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    assert alice.connect("a2", username="alice", password=b"alicepass1", will=will).reason == 0
+    alice.close()
+    assert [p.topic for p in admin.drain_publishes(quiet=1.0)] == ["sensors/will"]
+
+
+def test_seeded_admin_from_environment(tmp_path: Path, kind: str) -> None:
+    if kind != "raftmq":
+        pytest.skip("RAFTMQ_DYNSEC_PASSWORD is raftmq's")
+    port = free_port()
+    env = dict(os.environ, RAFTMQ_DYNSEC_PASSWORD="seedpass-123")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--port", str(port), "--data-dir",
+                                 str(tmp_path / "data")], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+            cmd = [CTRL, "-h", "127.0.0.1", "-p", str(port), "-u", "admin", "-P", "seedpass-123", "dynsec"]
+            out = subprocess.run([*cmd, "getRole", "admin"], capture_output=True, timeout=15).stdout.decode()
+            assert out.splitlines()[0] == "Rolename: admin" and out.count("allow") == 8
+            out = subprocess.run([*cmd, "getDefaultACLAccess"], capture_output=True, timeout=15).stdout.decode()
+            assert out.split() == ["publishClientSend", ":", "deny", "publishClientReceive", ":", "allow",
+                                   "subscribe", ":", "deny", "unsubscribe", ":", "allow"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
