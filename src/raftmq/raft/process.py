@@ -84,6 +84,7 @@ from raftmq.raft.types import (
     ConfState,
     Entry,
     HardState,
+    Message,
     MessageType,
     Ready,
     Role,
@@ -97,6 +98,8 @@ ENVELOPE_VERSION = 1
 LMDB_DIR = "raft.lmdb"
 PEERS_FILE = "peers.json"
 ASYNC_FSYNC_INTERVAL = 1.0
+# Messages a leader may send before its own fsync of the same Ready (thesis §10.2.1).
+_LEADER_EARLY = frozenset((MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP))
 # A learner is promoted once it is this close to the leader's last index.
 PROMOTE_LAG = 64
 
@@ -370,6 +373,16 @@ class RaftProcess:
             self._on_soft_state(rd.soft_state.role, rd.soft_state.leader, rd.hard_state)
         committed = rd.committed_entries
         stripped = [_strip(e) for e in committed] if committed else ()
+        messages = rd.messages
+        if messages and self.role == Role.LEADER and self.transport is not None:
+            # Raft thesis §10.2.1: the leader may replicate to followers while it
+            # writes its own disk -- its copy counts toward commit only after
+            # advance() (the core's rule).  Everything else (votes, append
+            # responses) vouches for our disk state and waits for the fsync.
+            early = [m for m in messages if m.type in _LEADER_EARLY]
+            if early:
+                self._send(early)
+                messages = [m for m in messages if m.type not in _LEADER_EARLY]
         # 1. Persist (and apply) in one transaction, one fsync.
         self.storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=stripped)
         if rd.snapshot is not None and not rd.snapshot.is_empty():
@@ -378,28 +391,32 @@ class RaftProcess:
             self._sync_transport_peers()
             log.info("Installed snapshot at index %d (term %d)", rd.snapshot.meta.index, rd.snapshot.meta.term)
         # 2. Only now may messages vouching for that state leave (Raft thesis §3.8).
-        if rd.messages and self.transport is not None:
-            send = self.transport.send
-            encode = wire.encode
-            unreachable = set()
-            snaps = []
-            for m in rd.messages:
-                ok = send(m.dst, encode(m))
-                if not ok:
-                    unreachable.add(m.dst)
-                if m.type == MessageType.SNAP:
-                    snaps.append((m.dst, ok))
-            self.transport.flush()
-            for nid in unreachable:
-                self.node.report_unreachable(nid)
-            for nid, ok in snaps:
-                self.node.report_snapshot(nid, ok)
-                if ok:
-                    log.info("Sent a snapshot to node %d", nid)
+        if messages and self.transport is not None:
+            self._send(messages)
         # 3. Tell proposers and fan out.
         if committed:
             self._after_commit(committed)
         self.node.advance(rd)
+
+    def _send(self, messages: list[Message]) -> None:
+        assert self.transport is not None
+        send = self.transport.send
+        encode = wire.encode
+        unreachable = set()
+        snaps = []
+        for m in messages:
+            ok = send(m.dst, encode(m))
+            if not ok:
+                unreachable.add(m.dst)
+            if m.type == MessageType.SNAP:
+                snaps.append((m.dst, ok))
+        self.transport.flush()
+        for nid in unreachable:
+            self.node.report_unreachable(nid)
+        for nid, ok in snaps:
+            self.node.report_snapshot(nid, ok)
+            if ok:
+                log.info("Sent a snapshot to node %d", nid)
 
     def _on_soft_state(self, role: Role, leader: int, hs: HardState | None) -> None:
         was_leader = self.role == Role.LEADER
@@ -707,12 +724,23 @@ def run_node(settings: ClusterSettings, data_dir: str, durability: str) -> int:
     except Exception as exc:
         log.error("Error: raft process cannot start: %s", exc)
         return 1
+    profile_to = os.environ.get("RAFTMQ_PROFILE")  # a debugging aid: cProfile stats file
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         import uvloop
 
         uvloop.run(proc.run())
     except KeyboardInterrupt:
         pass
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_to}.{settings.node_id}")
     return 0
 
 
