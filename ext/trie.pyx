@@ -114,38 +114,54 @@ cdef class _SubNode:
         return not self.children and not self.subs and not self.shared
 
 
-cdef inline void _collect(_SubNode node, list normal, list shared):
+cdef inline int _collect(_SubNode node, list normal, list shared) except -1:
     if node.subs:
         normal.extend(node.entries())
     if node.shared:
         for name, members in node.shared.items():
             shared.append((name, node.filter, list((<dict>members).items())))
+    return 0
 
 
-cdef void _match(_SubNode node, list levels, Py_ssize_t i, Py_ssize_t n,
-                 list normal, list shared):
+cdef int _match(_SubNode node, list levels, Py_ssize_t i, Py_ssize_t n,
+                list normal, list shared, int depth) except -1:
+    """Collect every subscription matching levels[i:] below ``node``.
+
+    The exact path is walked in a loop; a '+' branch met on the way is a
+    recursive call while few are nested (fast, no allocation) and goes on an
+    explicit stack beyond that, so a topic of thousands of levels against a
+    filter of thousands of '+' cannot overflow the C stack."""
     cdef _SubNode child
     cdef dict children
+    cdef list pending = None
     while True:
         children = node.children
         if not children:
             if i == n:
                 _collect(node, normal, shared)
-            return
-        child = children.get("#")
-        if child is not None:
-            _collect(child, normal, shared)     # '#' matches this level and all below
-        if i == n:
-            _collect(node, normal, shared)
-            return
-        child = children.get("+")
-        if child is not None:
-            _match(child, levels, i + 1, n, normal, shared)
-        child = children.get(levels[i])
-        if child is None:
-            return
-        node = child
-        i += 1
+        else:
+            child = children.get("#")
+            if child is not None:
+                _collect(child, normal, shared)     # '#' matches this level and all below
+            if i == n:
+                _collect(node, normal, shared)
+            else:
+                child = children.get("+")
+                if child is not None:
+                    if depth < 32:
+                        _match(child, levels, i + 1, n, normal, shared, depth + 1)
+                    else:
+                        if pending is None:
+                            pending = []
+                        pending.append((child, i + 1))
+                child = children.get(levels[i])
+                if child is not None:
+                    node = child
+                    i += 1
+                    continue
+        if not pending:
+            return 0
+        node, i = pending.pop()
 
 
 cdef class TopicTrie:
@@ -261,9 +277,9 @@ cdef class TopicTrie:
             # [MQTT-4.7.2-1]: no '+' or '#' at the first level for '$' topics.
             child = root.children.get(levels[0])
             if child is not None:
-                _match(child, levels, 1, n, normal, shared)
+                _match(child, levels, 1, n, normal, shared, 0)
         else:
-            _match(root, levels, 0, n, normal, shared)
+            _match(root, levels, 0, n, normal, shared, 0)
         return normal, shared
 
     def items(self):
@@ -298,7 +314,7 @@ cdef class _RetNode:
         self.has_value = False
 
 
-cdef void _ret_all(_RetNode node, list out, bint skip_dollar):
+cdef int _ret_all(_RetNode node, list out, bint skip_dollar) except -1:
     """Every retained message at or below ``node`` ('#' semantics)."""
     cdef list stack = [node]
     cdef _RetNode nd
@@ -310,31 +326,38 @@ cdef void _ret_all(_RetNode node, list out, bint skip_dollar):
             if skip_dollar and nd is node and (<str>level).startswith("$"):
                 continue
             stack.append(child)
+    return 0
 
 
-cdef void _ret_match(_RetNode node, list levels, Py_ssize_t i, Py_ssize_t n, list out,
-                     bint at_root):
-    cdef str level
+cdef int _ret_match(_RetNode root, list levels, Py_ssize_t n, list out) except -1:
+    """Collect every retained message whose topic the filter ``levels`` matches.
+
+    Work items (node, level index) sit on an explicit stack: '+' pushes every
+    child, so no recursion depth grows with the filter."""
+    cdef list stack = [(root, 0)]
+    cdef _RetNode node
     cdef _RetNode child
-    while i < n:
+    cdef Py_ssize_t i
+    cdef str level
+    while stack:
+        node, i = stack.pop()
+        if i == n:
+            if node.has_value:
+                out.append((node.topic, node.value))
+            continue
         level = levels[i]
         if level == "#":
-            _ret_all(node, out, at_root)
-            return
-        if level == "+":
+            _ret_all(node, out, node is root)       # [MQTT-4.7.2-1] at the root
+        elif level == "+":
             for name, child in node.children.items():
-                if at_root and (<str>name).startswith("$"):
-                    continue          # [MQTT-4.7.2-1]
-                _ret_match(child, levels, i + 1, n, out, False)
-            return
-        child = node.children.get(level)
-        if child is None:
-            return
-        node = child
-        i += 1
-        at_root = False
-    if node.has_value:
-        out.append((node.topic, node.value))
+                if node is root and (<str>name).startswith("$"):
+                    continue                        # [MQTT-4.7.2-1]
+                stack.append((child, i + 1))
+        else:
+            child = node.children.get(level)
+            if child is not None:
+                stack.append((child, i + 1))
+    return 0
 
 
 cdef class RetainedTrie:
@@ -394,7 +417,7 @@ cdef class RetainedTrie:
         """[(topic, value)] of every retained message the filter matches."""
         cdef list out = []
         cdef list levels = topic_filter.split("/")
-        _ret_match(self.root, levels, 0, len(levels), out, True)
+        _ret_match(self.root, levels, len(levels), out)
         return out
 
     def items(self):

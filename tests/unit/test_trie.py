@@ -298,3 +298,19 @@ def test_retained_matches_reference(topics, topic_filter, deleted):
     assert len(r) == len(expected)
     got = sorted(r.match_filter(topic_filter))
     assert got == sorted((t, v) for t, v in expected.items() if matches(topic_filter, t))
+
+
+def test_deep_topics_do_not_exhaust_the_stack():
+    # A client may subscribe to 30000 '+' levels and publish to 30000 levels:
+    # matching must not recurse once per level.
+    deep_filter = "/".join(["+"] * 30000)
+    deep_topic = "/" * 29999
+    trie = TopicTrie()
+    trie.subscribe(deep_filter, "deep", 1)
+    trie.subscribe("#", "all", 2)
+    assert sorted(trie.match(deep_topic)[0]) == [("all", 2, "#"), ("deep", 1, deep_filter)]
+    retained = RetainedTrie()
+    retained.set(deep_topic, "v")
+    assert retained.match_filter(deep_filter) == [(deep_topic, "v")]
+    assert retained.match_filter("#") == [(deep_topic, "v")]
+    assert retained.delete(deep_topic) is True
