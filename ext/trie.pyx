@@ -94,8 +94,7 @@ cdef class _SubNode:
     cdef dict subs            # key -> value: non-shared subscriptions on this filter
     cdef dict shared          # share name -> {key: value}
     cdef list _entries        # cached [(key, value, filter)] of subs; None when stale
-    cdef _SubNode parent
-    cdef str level
+    cdef str level            # the last level of filter: this node's key in its parent
 
     def __cinit__(self):
         self.children = {}
@@ -180,6 +179,20 @@ cdef class TopicTrie:
     def count_subscriptions(self) -> int:
         return self.count
 
+    cdef list _path(self, str topic_filter):
+        """[root, ..., node of topic_filter], or None when no such node exists.
+
+        Nodes keep no parent pointer (which would make every node a reference
+        cycle for the garbage collector); removal walks this path instead."""
+        cdef _SubNode node = self.root
+        cdef list path = [node]
+        for level in topic_filter.split("/"):
+            node = node.children.get(level)
+            if node is None:
+                return None
+            path.append(node)
+        return path
+
     cdef _SubNode _find(self, str topic_filter):
         cdef _SubNode node = self.root
         for level in topic_filter.split("/"):
@@ -187,14 +200,6 @@ cdef class TopicTrie:
             if node is None:
                 return None
         return node
-
-    cdef void _prune(self, _SubNode node):
-        cdef _SubNode parent
-        while node is not self.root and node.empty():
-            parent = node.parent
-            del parent.children[node.level]
-            node.parent = None
-            node = parent
 
     def subscribe(self, str topic_filter, key, value) -> bool:
         """Add or replace ``key``'s subscription on ``topic_filter``; True if it is new.
@@ -208,7 +213,6 @@ cdef class TopicTrie:
             child = node.children.get(level)
             if child is None:
                 child = _SubNode()
-                child.parent = node
                 child.level = level
                 child.filter = level if node is self.root else node.filter + "/" + level
                 node.children[level] = child
@@ -231,10 +235,12 @@ cdef class TopicTrie:
         """Remove ``key``'s subscription on ``topic_filter``; True if it existed."""
         cdef _SubNode node
         cdef dict group
+        cdef list path
         name, filt = parse_shared(topic_filter)
-        node = self._find(filt)
-        if node is None:
+        path = self._path(filt)
+        if path is None:
             return False
+        node = path[len(path) - 1]
         if name is None:
             if key not in node.subs:
                 return False
@@ -248,7 +254,10 @@ cdef class TopicTrie:
             if not group:
                 del node.shared[name]
         self.count -= 1
-        self._prune(node)
+        # Drop the nodes left empty, from the leaf up.
+        while len(path) > 1 and (<_SubNode>path[len(path) - 1]).empty():
+            node = path.pop()
+            del (<_SubNode>path[len(path) - 1]).children[node.level]
         return True
 
     def get(self, str topic_filter, key, default=None):
@@ -303,8 +312,7 @@ cdef class TopicTrie:
 
 cdef class _RetNode:
     cdef dict children        # level -> _RetNode
-    cdef _RetNode parent
-    cdef str level
+    cdef str level            # this node's key in its parent's children
     cdef str topic            # set when this node holds a retained message
     cdef object value
     cdef bint has_value
@@ -382,7 +390,6 @@ cdef class RetainedTrie:
             child = node.children.get(level)
             if child is None:
                 child = _RetNode()
-                child.parent = node
                 child.level = level
                 node.children[level] = child
             node = child
@@ -397,20 +404,23 @@ cdef class RetainedTrie:
     def delete(self, str topic) -> bool:
         """Forget the retained message of ``topic``; True if there was one."""
         cdef _RetNode node = self.root
-        cdef _RetNode parent
+        cdef list path = [node]
         if topic not in self.by_topic:
             return False
         del self.by_topic[topic]
         for level in topic.split("/"):
             node = node.children[level]
+            path.append(node)
         node.has_value = False
         node.value = None
         node.topic = None
-        while node is not self.root and not node.has_value and not node.children:
-            parent = node.parent
-            del parent.children[node.level]
-            node.parent = None
-            node = parent
+        # Drop the nodes left empty, from the leaf up (no parent pointers: no cycles).
+        while len(path) > 1:
+            node = path[len(path) - 1]
+            if node.has_value or node.children:
+                break
+            path.pop()
+            del (<_RetNode>path[len(path) - 1]).children[node.level]
         return True
 
     def match_filter(self, str topic_filter) -> list:
