@@ -1245,7 +1245,7 @@ cdef class Parser:
             total = hlen + rl
             if total > self.max_packet_size:
                 _fail(RC_TOO_LARGE, f"packet of {total} bytes exceeds the maximum of "
-                                    f"{self.max_packet_size} [MQTT-3.2.2-15]")
+                                    f"{self.max_packet_size} (Maximum Packet Size, 3.1.2.11.4)")
             if n - pos < total:
                 self._need = total
                 return pos
@@ -1430,7 +1430,9 @@ cdef class Parser:
             opts = rd_u8(r)
             qos = opts & 3
             if qos == 3:
-                _fail(RC_MALFORMED, "subscription QoS 3 [MQTT-3.8.3-5]")
+                # 5.0 3.8.3.1: a Maximum QoS of 3 is a Protocol Error;
+                # 3.1.1 [MQTT-3-8.3-4]: malformed.
+                _fail(RC_PROTOCOL if v5 else RC_MALFORMED, "subscription QoS 3")
             if v5:
                 if opts & 0xC0:
                     _fail(RC_MALFORMED, "subscription options reserved bits set [MQTT-3.8.3-5]")
