@@ -364,6 +364,9 @@ cdef object rd_props(Reader* r, int ptype):
             _fail(RC_PROTOCOL, f"property {name} included more than once [2.2.2.2]")
         else:
             props[name] = value
+    if "authentication_data" in props and "authentication_method" not in props:
+        # 3.1.2.11.10: Authentication Data without an Authentication Method.
+        _fail(RC_PROTOCOL, "authentication_data without authentication_method")
     return props
 
 

@@ -532,6 +532,8 @@ ERRORS = [
     ("payload format indicator 2", 5, "c2s", pub5(props(b"\x01\x02")), 0x82),
     ("request problem information 2", 5, "c2s-connect",
      connect5(0x02, s("c"), props_=props(b"\x17\x02")), 0x82),
+    ("authentication data without method", 5, "c2s-connect",
+     connect5(0x02, s("c"), props_=props(b"\x16" + s(b"d"))), 0x82),
     ("maximum QoS 2 in CONNACK", 5, "s2c", pkt(0x20, b"\x00\x00", props(b"\x24\x02")), 0x82),
     ("subscription identifier from a client", 5, "c2s", pub5(props(b"\x0b\x01")), 0x82),
     ("subscription identifier 0", 5, "c2s",

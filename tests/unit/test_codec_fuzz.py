@@ -85,6 +85,8 @@ ALLOWED = {
 def properties(draw, names, extra=None):
     chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
     result = {name: draw(PROPERTY_VALUES[name]) for name in chosen}
+    if "authentication_data" in result:  # needs a method (3.1.2.11.10)
+        result["authentication_method"] = draw(TEXT)
     if extra:
         result.update(draw(extra))
     return result or None
