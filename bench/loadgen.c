@@ -1319,6 +1319,8 @@ int main(int argc, char **argv)
     if (opt.layout == L_IDLE && phase != P_DONE)
         proc_tree_sample(&cpu1, &rss1, &pss1, &nprocs);
 
+    if (!failed && opt.layout != L_IDLE && sent_total && !received_total)
+        fail("the broker delivered none of the %llu messages sent", (unsigned long long)sent_total);
     phase = P_DONE;
     /* polite DISCONNECT, then close */
     for (int i = 0; i < n_conns; i++) {
