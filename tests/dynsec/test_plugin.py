@@ -217,3 +217,32 @@ def test_argparse_wiring(tmp_path) -> None:
     assert read_document(tmp_path / "e.json")["clients"][0]["username"] == "x"
     args = parser.parse_args(["init", str(tmp_path / "i.json"), "root", "pw"])
     assert run_dynsec(args) == 0
+
+
+def test_cached_acl_decisions_follow_every_committed_change() -> None:
+    broker, plugin = _installed()
+    dave = SimpleNamespace(username="dave", client_id="dave-01")
+    assert plugin.acl_check(dave, "publish_client_send", "sensors/t1", 0, False) is True
+    assert plugin.acl_check(dave, "publish_client_send", "sensors/t1", 0, False) is True  # cached
+    broker.request({"commands": [{"command": "removeRoleACL", "rolename": "sensor-writer",
+                                  "acltype": "publishClientSend", "topic": "sensors/#"}]})
+    assert plugin.acl_check(dave, "publish_client_send", "sensors/t1", 0, False) is True  # not committed
+    broker.complete()
+    assert plugin.acl_check(dave, "publish_client_send", "sensors/t1", 0, False) is False
+    change = prepare_request(b'{"commands":[{"command":"setDefaultACLAccess","acls":'
+                             b'[{"acltype":"publishClientSend","allow":true}]}]}').change
+    broker.store.listener([Dynsec(change)])  # committed by another worker
+    assert plugin.acl_check(dave, "publish_client_send", "sensors/t1", 0, False) is True
+
+
+def test_acl_generation_moves_with_committed_changes_only() -> None:
+    broker, plugin = _installed()
+    before = plugin.acl_generation
+    broker.request({"commands": [{"command": "listClients"}]})
+    broker.request({"commands": [{"command": "deleteClient", "username": "nobody"}]})  # fails
+    broker.complete()
+    assert plugin.acl_generation == before
+    broker.request({"commands": [{"command": "disableClient", "username": "eve"}]})
+    assert plugin.acl_generation == before
+    broker.complete()
+    assert plugin.acl_generation != before

@@ -44,6 +44,7 @@ log = logging.getLogger("raftmq.dynsec")
 PASSWORD_ENV = "RAFTMQ_DYNSEC_PASSWORD"
 SEED_USERNAME = "admin"
 IMPORT_FILE = "dynsec-import.json"  # in the data dir: imported at the next start (cli.py)
+_ACL_CACHE_LIMIT = 100_000  # cached decisions before the cache starts over
 
 
 class DynsecPlugin:
@@ -59,6 +60,9 @@ class DynsecPlugin:
         # A start-up seed applied locally but not yet submitted (needs the running loop).
         self.pending_seed: dict[str, Any] | None = None
         self.pending_import: Path | None = None
+        # access -> topic -> username -> decision; emptied by every change (invalidate).
+        self._acl_cache: dict[str, dict[str, dict[str | None, bool]]] = {}
+        self._acl_cached = 0
 
     def start(self) -> None:
         """Commit the start-up seed, if any (call once the event loop runs)."""
@@ -81,7 +85,32 @@ class DynsecPlugin:
         return self.authorizer.authenticate(client_id, username, password)
 
     def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
-        return self.authorizer.check(client.username, client.client_id, access, topic)
+        # Hot path (every publish and every delivery): three dict lookups on a hit.
+        try:
+            return self._acl_cache[access][topic][client.username]
+        except KeyError:
+            return self._acl_miss(client, access, topic)
+
+    def _acl_miss(self, client: Any, access: str, topic: str) -> bool:
+        authorizer = self.authorizer
+        decision = authorizer.check(client.username, client.client_id, access, topic)
+        if not authorizer.substitute:  # with %c/%u the decision also depends on the client id
+            if self._acl_cached >= _ACL_CACHE_LIMIT:
+                self.invalidate()
+            self._acl_cache.setdefault(access, {}).setdefault(topic, {})[client.username] = decision
+            self._acl_cached += 1
+        return decision
+
+    @property
+    def acl_generation(self) -> int:
+        """Changes whenever any ACL decision may have changed: a broker may cache
+        ``acl_check`` answers (per connection or subscription) while it stays equal."""
+        return self.state.generation
+
+    def invalidate(self) -> None:
+        """Forget every cached decision (after any change of the configuration)."""
+        self._acl_cache = {}
+        self._acl_cached = 0
 
     # -- control API -----------------------------------------------------------
 
@@ -104,10 +133,17 @@ class DynsecPlugin:
         """Entries committed by another worker or node: apply their dynsec changes."""
         for op in ops:
             if isinstance(op, Dynsec):
-                self._enforce(apply(self.state, op.change))
+                self._enforce(self.apply(op.change))
+
+    def apply(self, change: dict[str, Any]) -> Outcome:
+        """Apply a committed change to this worker's state; the only way it changes."""
+        outcome = apply(self.state, change)
+        if outcome.modified:
+            self.invalidate()
+        return outcome
 
     def _run(self, change: dict[str, Any]) -> None:
-        outcome = apply(self.state, change)
+        outcome = self.apply(change)
         self._publish(outcome.response)
         self._enforce(outcome)
 
@@ -170,7 +206,7 @@ def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) 
     data_dir = getattr(config, "data_dir", None)
     seed = seed_change(loaded, data_dir, environ)
     if seed is not None:
-        apply(state, seed)  # in force at once; committed as soon as the loop runs
+        plugin.apply(seed)  # in force at once; committed as soon as the loop runs
         plugin.pending_seed = seed
         plugin.pending_import = Path(data_dir) / IMPORT_FILE if data_dir is not None else None
         log.info("Dynamic security: configuration seeded (%d clients, %d groups, %d roles).",

@@ -1,0 +1,167 @@
+"""QoS 0 pairs throughput of raftmq with dynamic security on, against the same run without it.
+
+    python bench/dynsec_bench.py [--rounds 3] [--duration 5]
+
+Issue 5 asks for >= 0.9x.  Each round starts a fresh single-process raftmq
+broker (in-memory store) twice, once plain and once with raftmq.dynsec
+installed, in alternating order, and drives it with ``bench/loadgen -l pairs
+-P 10 -q 0 -w 100``.  loadgen connects without a username, so the dynsec run
+uses ``allow_anonymous`` with an anonymous group holding a role that allows the
+benchmark topics: every publish, subscribe and delivery goes through the
+dynsec ACL check (cached per client).  Prints the medians and their ratio.
+
+``--serve`` is the broker side (used by the benchmark itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+LOADGEN = BENCH / "loadgen"
+
+BENCH_DOCUMENT = {
+    "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                         "subscribe": False, "unsubscribe": False},
+    "clients": [],
+    "groups": [{"groupname": "anon", "roles": [{"rolename": "bench"}], "clients": []}],
+    "anonymousGroup": "anon",
+    "roles": [{"rolename": "bench", "acls": [
+        {"acltype": t, "topic": "bench/#", "allow": True}
+        for t in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")
+    ]}],
+}
+
+
+class _AllowAll:
+    """An auth hook that allows everything but makes the broker call acl_check:
+    measures the broker's ACL plumbing apart from dynsec's decisions."""
+
+    checks_acl = True
+
+    def authenticate(self, client_id, username, password) -> int:
+        return 0
+
+    def acl_check(self, client, access, topic, qos, retain) -> bool:
+        return True
+
+
+def serve(port: int, data_dir: str, dynsec: bool, stub: bool = False) -> int:
+    import uvloop
+
+    from raftmq.broker.server import Broker
+    from raftmq.config import load_config
+    from raftmq.state.store import MemoryStore
+
+    config = load_config(None, {"host": "127.0.0.1", "port": port, "data_dir": data_dir,
+                                "allow_anonymous": True})
+
+    async def run() -> int:
+        broker = Broker(config, MemoryStore(), _AllowAll() if stub else None)
+        if dynsec:
+            from raftmq.dynsec.plugin import install
+
+            install(broker, config, environ={})
+        await broker.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await broker.stop()
+        return 0
+
+    return uvloop.run(run())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_run(dynsec: bool, duration: int, stub: bool = False) -> dict:
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        if dynsec:
+            (Path(tmp) / "dynsec-import.json").write_text(json.dumps(BENCH_DOCUMENT))
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--data-dir", tmp]
+        if dynsec:
+            cmd.append("--dynsec")
+        if stub:
+            cmd.append("--stub-acl")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError("broker did not start") from None
+                    time.sleep(0.05)
+            out = subprocess.run(
+                [str(LOADGEN), "-p", str(port), "-l", "pairs", "-P", "10", "-q", "0", "-w", "100",
+                 "-d", str(duration), "--cpu-pid", str(proc.pid), "--label", "dynsec" if dynsec else "plain"],
+                capture_output=True, text=True, timeout=duration + 60,
+            ).stdout
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            return json.loads(lines[-1])
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--dynsec", action="store_true")
+    parser.add_argument("--stub-acl", action="store_true",
+                        help="instead of dynsec: a hook that allows everything (the broker's ACL call cost)")
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.port, args.data_dir, args.dynsec, args.stub_acl)
+    if not LOADGEN.exists():
+        subprocess.run(["cc", "-O2", "-o", str(LOADGEN), str(BENCH / "loadgen.c")], check=True)
+    results: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.rounds):
+        for dynsec in ((False, True) if r % 2 == 0 else (True, False)):
+            res = one_run(dynsec and not args.stub_acl, args.duration, dynsec and args.stub_acl)
+            if not res.get("ok"):
+                print(f"round {r} dynsec={dynsec}: failed: {res}", file=sys.stderr)
+                continue
+            results[dynsec].append(res["msgs_per_s"])
+            name = ("stub  " if args.stub_acl else "dynsec") if dynsec else "plain "
+            print(f"round {r} {name}: {res['msgs_per_s']:.0f} msg/s "
+                  f"(broker cpu {res.get('broker_cpu_s', 0):.2f} s, lost {res['lost']})", file=sys.stderr)
+    plain, dyn = statistics.median(results[False]), statistics.median(results[True])
+    label = "allow-all hook" if args.stub_acl else "dynsec"
+    print(f"| QoS 0 pairs (10, window 100) | plain {plain:.0f} msg/s | {label} {dyn:.0f} msg/s "
+          f"| ratio {dyn / plain:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
