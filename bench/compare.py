@@ -173,6 +173,7 @@ def machine_info() -> dict:
 class Broker:
     name: str
     workers: int | None = None
+    durability: str = "none"
     config: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
@@ -192,14 +193,19 @@ class Broker:
                 "log_type warning\n"
             )
             return [MOSQUITTO, "-c", str(conf)]
+        config = self.config
+        if not config:
+            # Like the Mosquitto side: anonymous clients, and by default
+            # nothing durable (Mosquitto runs with persistence off).
+            config = str(workdir / "raftmq.toml")
+            lines = ["allow_anonymous = true", f'durability = "{self.durability}"']
+            if self.workers:
+                lines.append(f"workers = {self.workers}")
+            Path(config).write_text("\n".join(lines) + "\n")
         cmd = [
-            sys.executable, "-m", "raftmq", "serve",
+            sys.executable, "-m", "raftmq", "serve", "-c", config,
             "--host", "127.0.0.1", "-p", str(port), "--data-dir", str(workdir / "data"),
         ]
-        if self.workers:
-            cmd += ["--workers", str(self.workers)]
-        if self.config:
-            cmd += ["-c", self.config]
         return cmd + self.extra_args
 
     @contextlib.contextmanager
@@ -256,14 +262,14 @@ def raftmq_available() -> str | None:
 # --------------------------------------------------------------------------- runs
 
 
-def run_one(broker: Broker, sc: Scenario, duration: float, warmup: float) -> dict:
+def run_one(broker: Broker, sc: Scenario, duration: float, warmup: float, mqtt: str) -> dict:
     started = time.time()
     try:
         with broker.running() as (pid, port, log_path):
             args = [str(LOADGEN), "-p", str(port), "--cpu-pid", str(pid), "--label", f"{sc.name}/{broker.name}"]
             if not sc.idle:
                 args += ["-d", str(duration), "--warmup", str(warmup)]
-            args += list(sc.loadgen_args)
+            args += list(sc.loadgen_args) + ["--mqtt", "5" if mqtt == "5" else "4"]
             budget = duration + warmup + 60
             try:
                 r = subprocess.run(args, capture_output=True, text=True, timeout=budget)
@@ -341,8 +347,8 @@ def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
     m, r = "mosquitto", "raftmq"
     rows = [
         "| scenario | mosquitto msg/s | raftmq msg/s | ratio | CPU µs/msg mosq | CPU µs/msg raftmq | CPU ratio "
-        "| p50 µs mosq / raftmq | p99 µs mosq / raftmq | lost mosq / raftmq | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| p50 µs mosq / raftmq | p99 µs mosq / raftmq | lost mosq / raftmq | broker CPU % mosq / raftmq | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     idle_rows = []
     for sc in scenarios:
@@ -363,6 +369,7 @@ def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
             f"| {fmt(ms.get('p50'), ',.0f')} / {fmt(rs.get('p50'), ',.0f')} "
             f"| {fmt(ms.get('p99'), ',.0f')} / {fmt(rs.get('p99'), ',.0f')} "
             f"| {fmt(ms.get('lost') if ms else None, ',')} / {fmt(rs.get('lost') if rs else None, ',')} "
+            f"| {fmt(ms.get('cpu_pct'))} / {fmt(rs.get('cpu_pct'))} "
             f"| {verdict(sc, ms, rs)} |"
         )
     out = "\n".join(rows)
@@ -386,14 +393,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one round of 3 s per scenario and broker")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--brokers", default="mosquitto,raftmq", help="comma-separated subset of mosquitto,raftmq")
-    ap.add_argument("--workers", type=int, help="raftmq worker processes (passed as --workers N)")
-    ap.add_argument("--raftmq-config", help="TOML config file for raftmq (-c)")
+    ap.add_argument("--workers", type=int, help="raftmq worker processes (workers = N in its config)")
+    ap.add_argument("--durability", choices=["none", "async", "sync"], default="none",
+                    help="raftmq durability (none: like Mosquitto with persistence off; default)")
+    ap.add_argument("--raftmq-config", help="raftmq TOML config to use instead of the generated one")
+    ap.add_argument("--mqtt", choices=["3.1.1", "5"], default="3.1.1", help="protocol of loadgen's clients")
     ap.add_argument("--raftmq-arg", action="append", default=[], help="extra argument for raftmq serve")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
     ap.add_argument("--duration", type=float, help="measured seconds per run (default 5, --quick 3)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (1)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)
+    if args.raftmq_config and (args.workers or args.durability != "none"):
+        ap.error("--workers/--durability go into the generated config; put them in --raftmq-config instead")
 
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -417,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 skipped[name] = why
                 continue
-            brokers.append(Broker("raftmq", args.workers, args.raftmq_config, args.raftmq_arg))
+            brokers.append(Broker("raftmq", args.workers, args.durability, args.raftmq_config, args.raftmq_arg))
         else:
             ap.error(f"unknown broker {name}")
     for name, why in skipped.items():
@@ -431,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{info['date']}  {info['nproc']} × {info['cpu_model']}  kernel {info['kernel']}  "
         f"{info['mosquitto']}  raftmq {info['raftmq_commit']}"
-        + (f" workers={args.workers}" if args.workers else ""),
+        + (f" workers={args.workers}" if args.workers else "")
+        + f" durability={args.durability} mqtt={args.mqtt}",
         file=sys.stderr,
     )
     raw: dict[str, dict[str, list[dict]]] = {sc.name: {b.name: [] for b in brokers} for sc in scenarios}
@@ -439,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(rounds):
             order = brokers if rnd % 2 == 0 else list(reversed(brokers))
             for b in order:
-                res = run_one(b, sc, duration, args.warmup)
+                res = run_one(b, sc, duration, args.warmup, args.mqtt)
                 res["round"] = rnd
                 raw[sc.name][b.name].append(res)
 
@@ -449,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{info['date'][:10]}, {info['nproc']} × {info['cpu_model']}, kernel {info['kernel']}, "
         f"{info['mosquitto']}, raftmq {info['raftmq_commit']}"
         + (f", {args.workers} workers" if args.workers else "")
+        + f", durability {args.durability}, MQTT {args.mqtt}"
         + f"; {rounds} round(s) × {duration:g} s, medians\n"
     )
     print(text)
@@ -461,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "settings": {
                 "rounds": rounds, "duration_s": duration, "warmup_s": args.warmup,
-                "workers": args.workers, "raftmq_config": args.raftmq_config,
+                "workers": args.workers, "durability": args.durability, "mqtt": args.mqtt,
+                "raftmq_config": args.raftmq_config,
                 "skipped_brokers": skipped,
             },
             "scenarios": {sc.name: {"title": sc.title, "loadgen_args": list(sc.loadgen_args)} for sc in scenarios},
