@@ -36,8 +36,8 @@ cdef bint _valid_levels(str s, bint allow_wildcards):
         return False          # [MQTT-4.7.3-1] at least one character
     if "\x00" in s:
         return False          # [MQTT-4.7.3-2]
-    if len(s.encode("utf-8", "surrogatepass")) > 65535:
-        return False          # [MQTT-4.7.3-3]
+    if n > 16383 and len(s.encode("utf-8", "surrogatepass")) > 65535:
+        return False          # [MQTT-4.7.3-3] (at most 4 bytes per character)
     for i in range(n):
         c = s[i]
         if c == u'+' or c == u'#':
@@ -77,7 +77,7 @@ def valid_topic_filter(s: str) -> bool:
     and the filter after it is a valid non-empty filter."""
     if not isinstance(s, str):
         return False
-    if s.startswith(SHARE_PREFIX) or s == "$share":
+    if s.startswith(SHARE_PREFIX):
         group, filt = parse_shared(s)
         if group is None or not group or "+" in group or "#" in group:
             return False

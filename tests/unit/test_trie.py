@@ -183,7 +183,8 @@ def test_valid_topic_name(name, ok):
     ("a/b+/c", False), ("+a", False), ("##", False), ("a\x00", False),
     ("$share/g/a/b", True), ("$share/g/#", True), ("$share/g//", True),
     ("$share/g", False), ("$share/g/", False), ("$share//a", False), ("$share/g+/a", False),
-    ("$share/g#/a", False), ("$share/g/a#", False), ("$share", False), ("$sharex/g/a", True),
+    ("$share/g#/a", False), ("$share/g/a#", False), ("$sharex/g/a", True),
+    ("$share", True),  # not shared (no "$share/" prefix): a plain one-level filter
 ])
 def test_valid_topic_filter(topic_filter, ok):
     assert valid_topic_filter(topic_filter) is ok
