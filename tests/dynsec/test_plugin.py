@@ -246,3 +246,21 @@ def test_acl_generation_moves_with_committed_changes_only() -> None:
     assert plugin.acl_generation == before
     broker.complete()
     assert plugin.acl_generation != before
+
+
+def test_export_reads_the_committed_document_from_a_data_dir(tmp_path) -> None:
+    from raftmq.raft.process import LMDB_DIR
+    from raftmq.raft.types import Entry
+    from raftmq.state.entries import encode_ops
+    from raftmq.state.machine import StateMachine
+    from raftmq.state.tables import open_environment
+
+    parser = argparse.ArgumentParser()
+    add_dynsec_args(parser)
+    args = parser.parse_args(["export", str(tmp_path / "out.json"), "--data-dir", str(tmp_path)])
+    assert run_dynsec(args) == 1  # nothing committed yet
+    env = open_environment(str(tmp_path / LMDB_DIR), map_size=64 << 20, sync=False)
+    StateMachine(env).apply([Entry(1, 1, encode_ops([Dynsec({"replace": example_document()})]))])
+    env.close()
+    assert run_dynsec(args) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["clients"] == example_document()["clients"]

@@ -171,15 +171,29 @@ def add_dynsec_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", required=True, metavar="DIR")
 
 
+def load_committed_document(data_dir: str) -> dict[str, Any] | None:
+    """The committed dynsec document of a node's data dir, read-only (LMDB allows it
+    while the raft process runs); None when there is none yet."""
+    # Imported here: the dynsec library itself sits below state/ and raft/ (DESIGN.md §7).
+    from raftmq.raft.process import LMDB_DIR
+    from raftmq.state.machine import load_state
+
+    path = os.path.join(data_dir, LMDB_DIR)
+    if not os.path.isdir(path):
+        return None
+    return load_state(path).dynsec
+
+
 def run_dynsec(args: argparse.Namespace,
                load_document: Callable[[str], dict[str, Any] | None] | None = None) -> int:
     """Run ``raftmq dynsec ...``; ``load_document(data_dir)`` reads the committed
-    document for ``export`` (the state machine's ``dynsec_document()``)."""
+    document for ``export`` (default: :func:`load_committed_document`)."""
     if args.dynsec_command == "init":
         return run_init(args.target, args.username, args.password)
     if args.dynsec_command == "import":
         return run_import(args.file, args.data_dir)
-    if load_document is None:
-        print("Error: export needs the broker's store (not wired).", file=sys.stderr)
+    document = (load_document or load_committed_document)(args.data_dir)
+    if document is None:
+        print(f"Error: no dynamic security configuration in {args.data_dir}.", file=sys.stderr)
         return 1
-    return run_export(args.file, load_document(args.data_dir))
+    return run_export(args.file, document)
