@@ -308,7 +308,7 @@ def summarize(runs: list[dict]) -> dict:
         "cpu_pct": median([r.get("broker_cpu_pct") for r in good]),
         "p50": median([x.get("p50") for x in lat]),
         "p99": median([x.get("p99") for x in lat]),
-        "lost": sum(r.get("lost", 0) for r in good),
+        "lost": sum(r.get("lost", 0) for r in good) if good else None,
         "loadgen_cpu_pct": median([r.get("loadgen_cpu_pct") for r in good]),
         "connects_per_s": median([r.get("connects_per_s") for r in good]),
         "bytes_per_conn": median([r.get("pss_bytes_per_conn") for r in good]),
@@ -344,7 +344,9 @@ def verdict(sc: Scenario, mosq: dict, raft: dict) -> str:
 
 
 def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
-    m, r = "mosquitto", "raftmq"
+    """One row per scenario and raftmq variant (``raftmq``, or ``raftmq-w1``, ``raftmq-w2``...)."""
+    m = "mosquitto"
+    variants = [b for b in brokers if b != m] or ["raftmq"]
     rows = [
         "| scenario | mosquitto msg/s | raftmq msg/s | ratio | CPU µs/msg mosq | CPU µs/msg raftmq | CPU ratio "
         "| p50 µs mosq / raftmq | p99 µs mosq / raftmq | lost mosq / raftmq | broker CPU % mosq / raftmq | target |",
@@ -353,25 +355,27 @@ def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
     idle_rows = []
     for sc in scenarios:
         ms = summary[sc.name].get(m, {})
-        rs = summary[sc.name].get(r, {})
-        if sc.idle:
-            idle_rows.append(
-                f"| {sc.name} | {fmt(ms.get('connects_per_s'))} | {fmt(rs.get('connects_per_s'))} "
-                f"| {fmt(ratio(rs.get('connects_per_s'), ms.get('connects_per_s')), '.2f')} "
-                f"| {fmt(ms.get('bytes_per_conn'))} | {fmt(rs.get('bytes_per_conn'))} | {verdict(sc, ms, rs)} |"
+        for r in variants:
+            rs = summary[sc.name].get(r, {})
+            label = sc.name if len(variants) == 1 else f"{sc.name} ({r.removeprefix('raftmq-')})"
+            if sc.idle:
+                idle_rows.append(
+                    f"| {label} | {fmt(ms.get('connects_per_s'))} | {fmt(rs.get('connects_per_s'))} "
+                    f"| {fmt(ratio(rs.get('connects_per_s'), ms.get('connects_per_s')), '.2f')} "
+                    f"| {fmt(ms.get('bytes_per_conn'))} | {fmt(rs.get('bytes_per_conn'))} | {verdict(sc, ms, rs)} |"
+                )
+                continue
+            rows.append(
+                f"| {label} | {fmt(ms.get('throughput'))} | {fmt(rs.get('throughput'))} "
+                f"| {fmt(ratio(rs.get('throughput'), ms.get('throughput')), '.2f')} "
+                f"| {fmt(ms.get('cpu_per_msg'), '.2f')} | {fmt(rs.get('cpu_per_msg'), '.2f')} "
+                f"| {fmt(ratio(rs.get('cpu_per_msg'), ms.get('cpu_per_msg')), '.2f')} "
+                f"| {fmt(ms.get('p50'), ',.0f')} / {fmt(rs.get('p50'), ',.0f')} "
+                f"| {fmt(ms.get('p99'), ',.0f')} / {fmt(rs.get('p99'), ',.0f')} "
+                f"| {fmt(ms.get('lost') if ms else None, ',')} / {fmt(rs.get('lost') if rs else None, ',')} "
+                f"| {fmt(ms.get('cpu_pct'))} / {fmt(rs.get('cpu_pct'))} "
+                f"| {verdict(sc, ms, rs)} |"
             )
-            continue
-        rows.append(
-            f"| {sc.name} | {fmt(ms.get('throughput'))} | {fmt(rs.get('throughput'))} "
-            f"| {fmt(ratio(rs.get('throughput'), ms.get('throughput')), '.2f')} "
-            f"| {fmt(ms.get('cpu_per_msg'), '.2f')} | {fmt(rs.get('cpu_per_msg'), '.2f')} "
-            f"| {fmt(ratio(rs.get('cpu_per_msg'), ms.get('cpu_per_msg')), '.2f')} "
-            f"| {fmt(ms.get('p50'), ',.0f')} / {fmt(rs.get('p50'), ',.0f')} "
-            f"| {fmt(ms.get('p99'), ',.0f')} / {fmt(rs.get('p99'), ',.0f')} "
-            f"| {fmt(ms.get('lost') if ms else None, ',')} / {fmt(rs.get('lost') if rs else None, ',')} "
-            f"| {fmt(ms.get('cpu_pct'))} / {fmt(rs.get('cpu_pct'))} "
-            f"| {verdict(sc, ms, rs)} |"
-        )
     out = "\n".join(rows)
     if idle_rows:
         out += (
@@ -379,7 +383,7 @@ def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
             "|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(idle_rows)
         )
     errors = [
-        f"- {sc.name} / {b}: {e}"
+        f"- {sc.name} / {b}: {' | '.join(ln.strip() for ln in e.splitlines() if ln.strip())[-400:]}"
         for sc in scenarios for b in brokers
         for e in summary[sc.name].get(b, {}).get("errors", []) if e
     ]
@@ -393,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one round of 3 s per scenario and broker")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--brokers", default="mosquitto,raftmq", help="comma-separated subset of mosquitto,raftmq")
-    ap.add_argument("--workers", type=int, help="raftmq worker processes (workers = N in its config)")
+    ap.add_argument("--workers", help="raftmq worker processes (workers = N in its config); "
+                    "a list like 1,2 runs one raftmq per value, all in the same run")
     ap.add_argument("--durability", choices=["none", "async", "sync"], default="none",
                     help="raftmq durability (none: like Mosquitto with persistence off; default)")
     ap.add_argument("--raftmq-config", help="raftmq TOML config to use instead of the generated one")
@@ -404,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (1)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)
+    try:
+        worker_counts: list[int | None] = [int(w) for w in args.workers.split(",")] if args.workers else [None]
+    except ValueError:
+        ap.error(f"--workers expects a number or a list like 1,2, got {args.workers!r}")
     if args.raftmq_config and (args.workers or args.durability != "none"):
         ap.error("--workers/--durability go into the generated config; put them in --raftmq-config instead")
 
@@ -429,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 skipped[name] = why
                 continue
-            brokers.append(Broker("raftmq", args.workers, args.durability, args.raftmq_config, args.raftmq_arg))
+            for w in worker_counts:
+                variant = "raftmq" if len(worker_counts) == 1 else f"raftmq-w{w}"
+                brokers.append(Broker(variant, w, args.durability, args.raftmq_config, args.raftmq_arg))
         else:
             ap.error(f"unknown broker {name}")
     for name, why in skipped.items():
