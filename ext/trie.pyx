@@ -166,18 +166,28 @@ cdef int _match(_SubNode node, list levels, Py_ssize_t i, Py_ssize_t n,
 cdef class TopicTrie:
     """Subscriptions by topic filter: subscribe / unsubscribe / match (see module doc)."""
     cdef _SubNode root
-    cdef Py_ssize_t count
+    cdef Py_ssize_t _count     # subscriptions, shared memberships included
 
     def __cinit__(self):
         self.root = _SubNode()
         self.root.filter = ""
-        self.count = 0
+        self._count = 0
 
     def __len__(self) -> int:
-        return self.count
+        return self._count
 
-    def count_subscriptions(self) -> int:
-        return self.count
+    def count(self) -> int:
+        """Number of subscriptions (shared group memberships included), as len()."""
+        return self._count
+
+    def remove_key(self, key) -> int:
+        """Remove every subscription of ``key``, shared ones included; return how many.
+
+        Walks the whole trie: meant for rare clean-ups, not the per-message path."""
+        cdef list found = [f for f, k, _v in self.items() if k == key]
+        for topic_filter in found:
+            self.unsubscribe(topic_filter, key)
+        return len(found)
 
     cdef list _path(self, str topic_filter):
         """[root, ..., node of topic_filter], or None when no such node exists.
@@ -228,7 +238,7 @@ cdef class TopicTrie:
             new = key not in group
             group[key] = value
         if new:
-            self.count += 1
+            self._count += 1
         return new
 
     def unsubscribe(self, str topic_filter, key) -> bool:
@@ -253,7 +263,7 @@ cdef class TopicTrie:
             del group[key]
             if not group:
                 del node.shared[name]
-        self.count -= 1
+        self._count -= 1
         # Drop the nodes left empty, from the leaf up.
         while len(path) > 1 and (<_SubNode>path[len(path) - 1]).empty():
             node = path.pop()

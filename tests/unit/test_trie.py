@@ -315,3 +315,15 @@ def test_deep_topics_do_not_exhaust_the_stack():
     assert retained.match_filter(deep_filter) == [(deep_topic, "v")]
     assert retained.match_filter("#") == [(deep_topic, "v")]
     assert retained.delete(deep_topic) is True
+
+
+def test_remove_key():
+    trie = TopicTrie()
+    trie.subscribe("a/+", "gone", 1)
+    trie.subscribe("a/#", "gone", 2)
+    trie.subscribe("$share/g/a/b", "gone", 3)
+    trie.subscribe("a/+", "stays", 4)
+    assert trie.remove_key("gone") == 3
+    assert trie.remove_key("gone") == 0
+    assert len(trie) == trie.count() == 1
+    assert trie.match("a/b") == ([("stays", 4, "a/+")], [])
