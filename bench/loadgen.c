@@ -894,7 +894,10 @@ static void closed_loop_fill(uint64_t now)
         uint64_t out = pub_outstanding(p);
         int step = p->fanout;
         int burst = 0;
-        while (out + step <= limit && burst < 1024) {
+        uint64_t unacked_cap = opt.qos && p->c->receive_max ? (uint64_t)p->c->receive_max : UINT64_MAX;
+        /* [MQTT-4.9.0-2]: no more unacknowledged QoS 1/2 PUBLISHes than the
+         * server's Receive Maximum */
+        while (out + step <= limit && burst < 1024 && p->sent - p->acked < unacked_cap) {
             publish_one(p, now);
             out += step;
             burst++;
@@ -923,7 +926,8 @@ static void open_loop_fill(uint64_t now)
         pub_t *p = &pubs[open_k % (uint64_t)n];
         open_k++;
         if (p->c->state != C_READY || p->c->out.len > OUT_OPEN_CAP ||
-            (opt.qos && p->sent - p->acked >= (uint64_t)opt.max_inflight)) {
+            (opt.qos && p->sent - p->acked >= (uint64_t)opt.max_inflight) ||
+            (opt.qos && p->c->receive_max && p->sent - p->acked >= (uint64_t)p->c->receive_max)) {
             skipped++;
             continue;
         }
