@@ -87,7 +87,9 @@ def find_leader(procs: list[tuple[subprocess.Popen, str]], timeout: float = 20.0
     raise RuntimeError("no leader elected")
 
 
-async def drive(data_dir: str, seconds: float, window: int, size: int, conns: int) -> tuple[int, list[float]]:
+async def drive(
+    data_dir: str, seconds: float, window: int, size: int, conns: int, readers: int = 0
+) -> tuple[int, list[float], int]:
     loop = asyncio.get_running_loop()
     payloads = [entry_data(i, size) for i in range(256)]
     sent_at: dict[int, float] = {}
@@ -120,14 +122,26 @@ async def drive(data_dir: str, seconds: float, window: int, size: int, conns: in
             for _ in range(n):
                 send_one(proto)
 
+    fanned = [0]
+
+    def on_fanout(proto: ch.FrameProtocol, frames: list[tuple[int, bytes]]) -> None:
+        if state["measuring"]:
+            fanned[0] += sum(1 for kind, _ in frames if kind == ch.ENTRY)
+
     path = ch.socket_path(data_dir)
+    for _ in range(readers):  # like sibling workers: every committed entry comes to them
+        reader = ch.FrameProtocol(on_fanout)
+        await loop.create_unix_connection(lambda r=reader: r, path)
+        reader.send(ch.hello_frame(0, True))
+        protos.append(reader)
     for _ in range(conns):
         proto = ch.FrameProtocol(on_frames)
         await loop.create_unix_connection(lambda p=proto: p, path)
         proto.send(ch.hello_frame(0, False))
         protos.append(proto)
+    proposers = protos[readers:]
     for i in range(window):
-        send_one(protos[i % conns])
+        send_one(proposers[i % conns])
     await asyncio.sleep(1.0)  # warm-up
     state["measuring"] = True
     t0 = time.perf_counter()
@@ -138,7 +152,7 @@ async def drive(data_dir: str, seconds: float, window: int, size: int, conns: in
     await asyncio.sleep(0.5)
     for p in protos:
         p.close()
-    return int(committed / elapsed), latencies
+    return int(committed / elapsed), latencies, int(fanned[0] / elapsed / max(1, readers))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -153,8 +167,11 @@ def run(members: int, args: argparse.Namespace) -> dict:
     procs = start_cluster(root, members, args.durability)
     try:
         leader = find_leader(procs)
-        rate, lat = asyncio.run(drive(leader, args.seconds, args.window, args.size, args.conns))
-        return {"members": members, "commits_per_s": rate, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)}
+        rate, lat, fanout = asyncio.run(
+            drive(leader, args.seconds, args.window, args.size, args.conns, args.fanout_readers)
+        )
+        return {"members": members, "commits_per_s": rate, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+                "fanout_per_reader": fanout}
     finally:
         for p, _ in procs:
             p.terminate()
@@ -174,12 +191,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=100, help="entry size in bytes")
     ap.add_argument("--members", default="1,3")
     ap.add_argument("--durability", default="sync", choices=("sync", "async"))
+    ap.add_argument("--fanout-readers", type=int, default=0,
+                    help="extra channel connections receiving every committed entry (worker fan-out)")
     args = ap.parse_args()
     for m in (int(x) for x in args.members.split(",")):
         r = run(m, args)
         print(
             f"members={r['members']} durability={args.durability} entry={args.size}B window={args.window}: "
-            f"{r['commits_per_s']:,} commits/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms",
+            f"{r['commits_per_s']:,} commits/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+            + (f"  fan-out {r['fanout_per_reader']:,} entries/s per reader" if args.fanout_readers else ""),
             flush=True,
         )
 

@@ -94,15 +94,20 @@ def _worker_child(parent_pid: int, config: Any, worker_id: int) -> None:
         from raftmq.state.store import MemoryStore
 
         sys.exit(run(config, MemoryStore()))
-    from raftmq.raft.client import RaftStore
+    from raftmq.raft.client import NOT_LEADER, RaftStore
 
     store = RaftStore(config.data_dir, worker_id)
+    worker_log = logging.getLogger("raftmq.worker")
 
-    def store_lost(reason: str) -> None:
-        # Crash-only: see the module doc.  Nothing not committed was acknowledged.
-        logging.getLogger("raftmq.worker").error(
-            "Worker %d: durable store failed (%s); restarting the worker.", worker_id, reason
-        )
+    def store_lost(kind: str, detail: str) -> None:
+        if kind == NOT_LEADER:
+            # Refused before being appended: nothing durable changed.  A worker
+            # on a follower must not take durable work (cluster modes refuse
+            # clients there); log, and let the client time out.
+            worker_log.warning("Worker %d: proposal refused: %s.", worker_id, detail)
+            return
+        # Crash-only (see the module doc).  Nothing not committed was acknowledged.
+        worker_log.error("Worker %d: durable store failed (%s); restarting the worker.", worker_id, detail)
         logging.shutdown()
         os._exit(EXIT_STORE_LOST)
 

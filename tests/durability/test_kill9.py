@@ -9,7 +9,6 @@ acknowledged before the kill must be there after the restart.
 from __future__ import annotations
 
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -56,38 +55,27 @@ def test_every_puback_survives_kill9_during_qos1_stream(node_factory) -> None:
     sub = Subscriber(node.port, "durable-sub", "stream/#", qos=1)
     sub.close()  # offline: messages queue in its persistent session
 
-    acked: set[bytes] = set()
-    mid_to_payload: dict[int, bytes] = {}
-    lock = threading.Lock()
+    # MQTTMessageInfo.is_published() turns true when the PUBACK arrives.
+    sent: list[tuple[bytes, mqtt.MQTTMessageInfo]] = []
 
-    def on_publish(client, userdata, mid, reason_code, properties) -> None:
-        with lock:
-            if mid in mid_to_payload:
-                acked.add(mid_to_payload[mid])
+    def acked() -> set[bytes]:
+        return {payload for payload, info in list(sent) if info.is_published()}
 
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stream-pub", protocol=mqtt.MQTTv311)
     pub.max_inflight_messages_set(50)
-    pub.on_publish = on_publish
     pub.connect("127.0.0.1", node.port, keepalive=60)
     pub.loop_start()
     try:
-        for i in range(20000):
+        for i in range(5000):
             payload = str(i).encode()
-            with lock:
-                info = pub.publish("stream/data", payload, qos=1)
-                mid_to_payload[info.mid] = payload
-            if i == 1000:
-                wait_for(lambda: len(acked) >= 300, 30, "300 PUBACKs")
-                break
-        # Keep the stream flowing (paho drains its queue) and kill mid-stream.
-        time.sleep(0.05)
-        node.kill9()
+            sent.append((payload, pub.publish("stream/data", payload, qos=1)))
+        wait_for(lambda: len(acked()) >= 300, 30, "300 PUBACKs", interval=0.005)
+        node.kill9()  # mid-stream: paho still has messages in flight and queued
+        acked_before_kill = acked()
     finally:
         pub.loop_stop()
-    with lock:
-        acked_before_kill = set(acked)
     assert len(acked_before_kill) >= 300
-    assert len(acked_before_kill) < len(mid_to_payload), "the kill must interrupt the stream"
+    assert len(acked_before_kill) < len(sent), "the kill must interrupt the stream"
 
     node.start()
     sub = Subscriber(node.port, "durable-sub")

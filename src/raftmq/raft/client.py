@@ -35,7 +35,13 @@ from raftmq.state.entries import LoadedState, Op, decode_ops, encode_ops
 
 log = logging.getLogger("raftmq.raft.client")
 
-_FAIL_REASONS = {ch.NOT_LEADER: "not leader", ch.DROPPED: "leadership lost", ch.SHUTTING_DOWN: "shutting down"}
+# Failure kinds given to the failure listener.
+CHANNEL_LOST = "channel lost"  # the raft process went away: pending outcomes unknown
+UNAVAILABLE = "unavailable"  # submitted while the channel is down
+NOT_LEADER = "not leader"  # refused before being appended: nothing changed durably
+LEADERSHIP_LOST = "leadership lost"  # appended, outcome unknown
+SHUTTING_DOWN = "shutting down"
+_FAIL_KINDS = {ch.NOT_LEADER: NOT_LEADER, ch.DROPPED: LEADERSHIP_LOST, ch.SHUTTING_DOWN: SHUTTING_DOWN}
 
 
 class RaftStore:
@@ -46,7 +52,7 @@ class RaftStore:
         self._next_id = 1
         self._pending: dict[int, Callable[[], None] | None] = {}
         self._listener: Callable[[list[Op]], None] | None = None
-        self._failure_listener: Callable[[str], None] | None = None
+        self._failure_listener: Callable[[str, str], None] | None = None
         self._proto: ch.FrameProtocol | None = None
         self._blocking: ch.BlockingChannel | None = None
         self._attach_task: asyncio.Task | None = None
@@ -72,7 +78,7 @@ class RaftStore:
         if proto is None or proto.closed:
             if self._attach_task is None or self._attach_task.done():
                 self._start_reconnect()
-            self._fail("raft process unavailable")
+            self._fail(UNAVAILABLE, "raft process unavailable")
             return
         rid = self._next_id
         self._next_id += 1
@@ -83,8 +89,9 @@ class RaftStore:
         self._listener = listener
         self._maybe_attach()
 
-    def set_failure_listener(self, listener: Callable[[str], None]) -> None:
-        """Called with a reason when proposals fail (they will never be acknowledged)."""
+    def set_failure_listener(self, listener: Callable[[str, str], None]) -> None:
+        """``listener(kind, detail)`` when proposals fail (they will never be
+        acknowledged); ``kind`` is one of the constants above."""
         self._failure_listener = listener
 
     async def close(self) -> None:
@@ -163,19 +170,19 @@ class RaftStore:
         self._pending.clear()
         if self._failure_listener is not None:
             # The owner decides (the supervisor's workers exit and start afresh).
-            self._failure_listener(f"channel to the raft process lost, {n} proposals pending")
+            self._failure_listener(CHANNEL_LOST, f"channel to the raft process lost, {n} proposals pending")
             return
         if n:
-            self._fail(f"channel to the raft process lost with {n} proposals pending")
+            self._fail(CHANNEL_LOST, f"channel to the raft process lost with {n} proposals pending")
         log.warning("Worker %d lost its channel to the raft process; reconnecting", self.worker_id)
         self._start_reconnect()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, kind: str, detail: str) -> None:
         if not self._down_logged:
-            log.warning("Proposals failed: %s (not acknowledged)", reason)
+            log.warning("Proposals failed: %s (not acknowledged)", detail)
             self._down_logged = True
         if self._failure_listener is not None:
-            self._failure_listener(reason)
+            self._failure_listener(kind, detail)
 
     # -- frames from the raft process ----------------------------------------------
 
@@ -191,8 +198,8 @@ class RaftStore:
                 if self._listener is not None:
                     self._listener(decode_ops(body))
             elif kind == ch.FAILED:
-                reason = _FAIL_REASONS.get(body[0], "failed")
+                kind = _FAIL_KINDS.get(body[0], LEADERSHIP_LOST)
                 ids = ch.parse_ids(body[1:])
                 for rid in ids:
                     pending.pop(rid, None)
-                self._fail(f"{len(ids)} proposals: {reason}")
+                self._fail(kind, f"{len(ids)} proposals: {kind}")
