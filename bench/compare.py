@@ -389,6 +389,13 @@ def table(scenarios: list[Scenario], summary: dict, brokers: list[str]) -> str:
     ]
     if errors:
         out += "\n\nErrors:\n" + "\n".join(errors)
+    busy = [
+        f"- {sc.name} / {b}: loadgen at {s['loadgen_cpu_pct']:.0f} % of a core"
+        for sc in scenarios for b in brokers
+        if (s := summary[sc.name].get(b, {})).get("loadgen_cpu_pct") and s["loadgen_cpu_pct"] > 85
+    ]
+    if busy:
+        out += "\n\nLoad generator near saturation (that broker's figure may be loadgen-bound):\n" + "\n".join(busy)
     return out
 
 
