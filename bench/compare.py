@@ -125,6 +125,8 @@ def build_loadgen() -> None:
     if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
         return
     cc = os.environ.get("CC", "cc")
+    if not shutil.which(cc):
+        raise SystemExit(f"no C compiler ({cc}) to build bench/loadgen: apt-get install gcc")
     cmd = [cc, "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)]
     print("building loadgen:", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
