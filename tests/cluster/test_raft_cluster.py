@@ -171,3 +171,15 @@ def test_secret_file_readable_by_others_is_refused(tmp_path, mode) -> None:
     assert result.returncode != 0
     assert f"mode {mode:04o}" in result.stderr and "chmod 600" in result.stderr
     assert not (node.data_dir / "raft.sock").exists()
+
+
+def test_follower_refuses_proposals_and_they_never_commit(make_cluster) -> None:
+    """Only the leader appends client entries (Raft §5.3); a follower answers FAILED (not leader)."""
+    cluster = make_cluster(3)
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes.values() if n.id != leader.id)
+    assert follower.propose(keys("f", 5)) == set()
+    marker = leader.propose(keys("g", 5))
+    wait_for(lambda: caught_up(follower, leader), 20, "the follower to apply")
+    assert not {k for k in retained_keys(follower) if k.startswith("f")}
+    assert marker <= retained_keys(follower)
