@@ -32,6 +32,7 @@ from support.mqttraw import (
     Closed,
     RawClient,
     Will,
+    publish,
     unsubscribe,
 )
 
@@ -325,3 +326,23 @@ def test_seeded_admin_from_environment(tmp_path: Path, kind: str) -> None:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_pipelined_requests_answer_in_order_and_read_their_writes(start) -> None:
+    """Three requests in one TCP write: a change, a read of it, a second change."""
+    broker = start()
+    observer = Observer(broker)
+    requests = [
+        {"commands": [{"command": "createClient", "username": "zed", "password": "zedpass", "correlationData": "1"}]},
+        {"commands": [{"command": "getClient", "username": "zed", "correlationData": "2"}]},
+        {"commands": [{"command": "deleteClient", "username": "zed", "correlationData": "3"}]},
+    ]
+    observer.c.send(b"".join(publish(REQUEST, json.dumps(r).encode(), 1, pid=10 + i, version=5)
+                             for i, r in enumerate(requests)))
+    got = [json.loads(observer.next_response())["responses"][0] for _ in requests]
+    assert got == [
+        {"command": "createClient", "correlationData": "1"},
+        {"command": "getClient", "data": {"client": {"username": "zed", "roles": [], "groups": []}},
+         "correlationData": "2"},
+        {"command": "deleteClient", "correlationData": "3"},
+    ]
