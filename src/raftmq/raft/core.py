@@ -115,7 +115,9 @@ class Config:
     """APP messages in flight per follower in REPLICATE state (pipelining)."""
     applied: int = 0
     """Last index the application applied before (re)start; must be consistent
-    with the ConfState returned by ``storage.initial_state()``."""
+    with the ConfState returned by ``storage.initial_state()`` (the membership
+    as of that index). With MemoryStorage: the snapshot's index. Committed
+    entries after it are handed out again in Ready.committed_entries."""
     max_committed_size_per_ready: int = 64 << 20
     """Byte budget of Ready.committed_entries."""
 

@@ -75,6 +75,17 @@ class Storage(Protocol):
         ...
 
 
+def bootstrap(voters: tuple[int, ...], learners: tuple[int, ...] = ()) -> tuple[Snapshot, HardState]:
+    """What a brand-new cluster member stores before its first start, so that
+    all initial members agree on the configuration without a log entry (as
+    etcd's bootstrap): an empty snapshot at index 1, term 1 holding the
+    membership, and HardState(term=1, vote=0, commit=1). A node *added* later
+    starts from empty storage instead and receives a snapshot from the leader.
+    """
+    snap = Snapshot(SnapshotMeta(1, 1, ConfState(tuple(sorted(voters)), tuple(sorted(learners)))), b"")
+    return snap, HardState(1, 0, 1)
+
+
 def limit_size(entries: list[Entry], max_bytes: int | None) -> list[Entry]:
     """The longest prefix (at least one entry) whose total size <= max_bytes."""
     if max_bytes is None or len(entries) <= 1:
