@@ -40,8 +40,10 @@ Beyond the paper's Figure 2:
   term (§6.4 step 1, and §8's no-op).
 * Snapshots (§7): when a follower needs entries already compacted, the leader
   sends the storage's snapshot in one SNAP message; chunking the snapshot bytes
-  on the wire is the transport's job (raft/messages.py frames, the raft
-  process's transport splits and reassembles), the core sees one message.
+  on the wire is the transport's job (raft/messages.py encodes the whole
+  message, raft/transport.py splits it into CHUNK_SIZE frames and reassembles
+  them), the core sees one message. The transport reports the outcome with
+  ``report_snapshot``.
 """
 
 from __future__ import annotations

@@ -215,10 +215,11 @@ class Ready:
     """Work the application must do, in this order (etcd raft's contract; the
     loop is: ``rd = node.ready()``, do 1-4, ``node.advance(rd)``):
 
-    1. Persist ``hard_state`` (if not None), ``entries`` and ``snapshot`` (if not
-       None) to stable storage, in one atomic write, then fsync if ``must_sync``.
-       Entries REPLACE any stored entries with index >= ``entries[0].index``
-       (a follower truncates a conflicting suffix, Raft §5.3).
+    1. Persist ``snapshot`` (if not None; it replaces the whole log), then
+       ``entries``, then ``hard_state`` (if not None) to stable storage, in one
+       atomic write, then fsync if ``must_sync``. Entries REPLACE any stored
+       entries with index >= ``entries[0].index`` (a follower truncates a
+       conflicting suffix, Raft §5.3).
     2. Only then send ``messages`` (Raft thesis §3.8: a vote or an append
        acknowledgement must not leave before the state it vouches for is
        durable; so also the leader's own appends are counted only after
