@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmq.broker")
 
 RC_NORMAL = 0x00
-RC_DISCONNECT_WITH_WILL = 0x04
 RC_PROTOCOL_ERROR = 0x82
 
 
@@ -33,7 +32,10 @@ def handle_disconnect(broker: Broker, conn: Connection, p: Disconnect) -> None:
             session.expiry_interval = expiry
             if session.durable:
                 broker.commit([SessionExpiry(session.client_id, expiry)], None)
-    # 0x04 keeps the will; every other reason discards it [MQTT-3.14.4-3].
-    conn.graceful = reason != RC_DISCONNECT_WITH_WILL
+    # Only a normal disconnection (0x00, and every 3.x DISCONNECT) discards the
+    # will [MQTT-3.14.4-3]; 0x04 asks for it, and so does any error reason: a
+    # client closing "without first sending a DISCONNECT with Reason Code 0x00"
+    # gets its will published (MQTT 5 §3.1.2.5).
+    conn.graceful = reason == RC_NORMAL
     log.info("Client %s disconnected.", conn.client_id)
     conn.close()
