@@ -27,6 +27,7 @@ from raftmq.state.entries import LoadedState, Message, RetainSet, encode_ops
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 SECRET = "test-cluster-secret-0123456789"
+LOG_LEVEL = os.environ.get("RAFTMQ_TEST_LOG_LEVEL", "info")  # "debug" to chase a failure
 
 
 def free_port() -> int:
@@ -71,6 +72,7 @@ class RaftNode:
     ) -> None:
         lines = [
             f'data_dir = "{self.data_dir}"',
+            f'log_level = "{LOG_LEVEL}"',
             "[cluster]",
             f"node_id = {self.id}",
             f'listen = "{self.address}"',
@@ -143,13 +145,14 @@ class RaftNode:
         finally:
             c.close()
 
-    def propose(self, keys: list[str], timeout: float = 20.0) -> set[str]:
-        """Propose one RetainSet entry per key; the keys reported COMMITTED."""
+    def propose(self, keys: list[str], timeout: float = 20.0, payload_size: int = 0) -> set[str]:
+        """Propose one RetainSet entry per key (payload: the key, padded to
+        ``payload_size``); the keys reported COMMITTED."""
         c = self.channel(timeout)
         try:
             by_id = {i + 1: k for i, k in enumerate(keys)}
             c.send(b"".join(
-                ch.request_frame(ch.PROPOSE, rid, encode_ops([RetainSet(Message(f"t/{k}", k.encode(), 1, True))]))
+                ch.request_frame(ch.PROPOSE, rid, encode_ops([RetainSet(Message(f"t/{k}", k.encode().ljust(payload_size, b"."), 1, True))]))
                 for rid, k in by_id.items()
             ))
             committed: set[str] = set()

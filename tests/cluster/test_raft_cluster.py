@@ -90,6 +90,24 @@ def test_member_far_behind_is_caught_up_by_snapshot(make_cluster) -> None:
     assert "Installed snapshot at index" in follower.log_text()
 
 
+def test_snapshot_of_several_mib_streams_in_chunks(make_cluster) -> None:
+    """A state larger than the transport's chunk size still reaches a lagging member (Raft §7)."""
+    cluster = make_cluster(3, snapshot_entries=20)
+    leader = cluster.leader()
+    follower = next(n for n in cluster.nodes.values() if n.id != leader.id)
+    follower.kill9()
+    committed = set()
+    for round_ in range(4):
+        committed |= leader.propose(keys(f"big{round_}-", 20), payload_size=64 * 1024)
+    assert leader.status()["first_index"] > 20
+    follower.start()
+    wait_for(lambda: caught_up(follower, leader), 60, "the follower to catch up by a large snapshot")
+    state = follower.load()
+    assert committed <= {t[2:] for t in state.retained}
+    assert all(len(m.payload) == 64 * 1024 for m in state.retained.values())
+    assert "Installed snapshot at index" in follower.log_text()
+
+
 def test_add_and_remove_members(make_cluster, capsys) -> None:
     cluster = make_cluster(3)
     leader = cluster.leader()

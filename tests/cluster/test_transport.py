@@ -145,3 +145,32 @@ def test_channel_frames_split_whole_bytewise_and_with_trailing_data() -> None:
     r = ch.FrameReader()
     assert r.feed(stream + b"\x09\x00") == expected  # half a header waits for the rest
     assert ch.parse_ids(out[1][1]) == [1, 2, 3]
+
+
+def test_large_message_is_chunked_and_small_ones_keep_flowing() -> None:
+    """A snapshot-sized message goes out one chunk per flush; heartbeat-sized
+    messages sent meanwhile are not stuck behind it, and it arrives intact."""
+    from raftmq.raft.transport import CHUNK_SIZE
+
+    big = os.urandom(3 * CHUNK_SIZE + 12345)
+
+    async def main() -> list:
+        got: list = []
+        a, b = await _pair(SECRET, SECRET, got)
+        try:
+            assert await _until(lambda: a.connected(2))
+            assert a.send(2, big)
+            a.send(2, b"beat-1")
+            a.flush()
+            a.send(2, b"beat-2")
+            a.flush()
+            assert await _until(lambda: any(big in msgs for _, _, msgs in got), 10)
+        finally:
+            await a.close()
+            await b.close()
+        return got
+
+    got = asyncio.run(main())
+    order = [m for _, _, msgs in got for m in msgs]
+    assert order.count(big) == 1
+    assert order.index(b"beat-2") < order.index(big)  # not stuck behind the big one

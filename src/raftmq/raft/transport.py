@@ -31,7 +31,14 @@ cheap, and it stops a host on the path from injecting or replaying frames into
 an established connection.  Confidentiality is not provided: run the raft port
 on a trusted network (or loopback), as the raft traffic carries MQTT payloads.
 
-Frame:  u32 body length | body | 32-byte tag;  body = repeated (u32 length, message bytes).
+Frame:  u32 body length | body | 32-byte tag;  body = repeated records (u32 head, bytes).
+A record head is the length of a whole message, or -- for a message larger
+than CHUNK_SIZE (an InstallSnapshot of a big state) -- CHUNK_BIT | length of
+one chunk, with LAST_BIT on the final one.  Chunks of one message go out one
+per flush, interleaved with the small messages of later turns, so heartbeats
+keep flowing while a snapshot streams (the follower does not time out in the
+middle of it) and no single write or HMAC covers hundreds of megabytes.  Raft
+tolerates the reordering this causes between the snapshot and later messages.
 """
 
 from __future__ import annotations
@@ -51,7 +58,12 @@ log = logging.getLogger("raftmq.raft.transport")
 MAGIC = b"RMQ1"
 NONCE_SIZE = 32
 TAG_SIZE = 32
-MAX_FRAME = 512 << 20  # a snapshot travels as one message; larger than any sane one
+MAX_FRAME = 64 << 20  # bigger messages travel in chunks
+MAX_MESSAGE = 4 << 30  # a reassembled message (a snapshot) larger than this is refused
+CHUNK_SIZE = 1 << 20
+CHUNK_BIT = 0x80000000
+LAST_BIT = 0x40000000
+_LEN_MASK = 0x3FFFFFFF
 HANDSHAKE_TIMEOUT = 5.0
 # A peer that does not read: drop messages for it rather than buffer without bound.
 MAX_PENDING_BYTES = 256 << 20
@@ -108,26 +120,50 @@ class _FrameMac:
         return h.digest()
 
 
-def encode_frame(mac: _FrameMac, messages: list[bytes]) -> bytes:
+def encode_frame(mac: _FrameMac, messages: list[bytes], chunk: tuple[bytes, bool] | None = None) -> bytes:
     parts: list[bytes] = []
     for m in messages:
         parts.append(_U32.pack(len(m)))
         parts.append(m)
+    if chunk is not None:
+        data, last = chunk
+        parts.append(_U32.pack(CHUNK_BIT | (LAST_BIT if last else 0) | len(data)))
+        parts.append(data)
     body = b"".join(parts)
     return b"".join((_U32.pack(len(body)), body, mac.tag(body)))
 
 
-def split_body(body: bytes) -> list[bytes]:
-    out = []
-    pos = 0
-    end = len(body)
-    mv = memoryview(body)
-    while pos < end:
-        (n,) = _U32.unpack_from(body, pos)
-        pos += 4
-        out.append(bytes(mv[pos : pos + n]))
-        pos += n
-    return out
+class _Reassembly:
+    """Receiving side: whole messages out of records, chunked ones put back together."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def split(self, body: bytes) -> list[bytes]:
+        out = []
+        pos = 0
+        end = len(body)
+        mv = memoryview(body)
+        while pos < end:
+            (head,) = _U32.unpack_from(body, pos)
+            pos += 4
+            if head & CHUNK_BIT:
+                n = head & _LEN_MASK
+                self.parts.append(bytes(mv[pos : pos + n]))
+                self.size += n
+                if self.size > MAX_MESSAGE:
+                    raise ValueError("chunked message too large")
+                if head & LAST_BIT:
+                    out.append(b"".join(self.parts))
+                    self.parts, self.size = [], 0
+            else:
+                n = head
+                out.append(bytes(mv[pos : pos + n]))
+            pos += n
+        return out
 
 
 class _Peer:
@@ -138,6 +174,7 @@ class _Peer:
         self.host = host
         self.port = port
         self.queue: list[bytes] = []
+        self.chunks: list[bytes] = []  # pending chunks of large messages, in order (reversed)
         self.writer: asyncio.StreamWriter | None = None
         self.mac: _FrameMac | None = None
         self.task: asyncio.Task | None = None
@@ -173,6 +210,7 @@ class PeerTransport:
         self._server: asyncio.AbstractServer | None = None
         self._inbound: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self._closed = False
+        self._chunk_timer = False
         self.sockname: tuple[str, int] | None = None
 
     # -- lifecycle --------------------------------------------------------------
@@ -213,6 +251,11 @@ class PeerTransport:
         p = _Peer(node_id, host, port)
         self.peers[node_id] = p
         p.task = asyncio.get_running_loop().create_task(self._dial_loop(p))
+        p.task.add_done_callback(self._dial_task_done)
+
+    def _dial_task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Raft peer dialer failed", exc_info=task.exception())
 
     def remove_peer(self, node_id: int) -> None:
         p = self.peers.pop(node_id, None)
@@ -237,21 +280,50 @@ class PeerTransport:
         p = self.peers.get(to)
         if p is None or p.writer is None:
             return False
+        if len(message) > CHUNK_SIZE:
+            if p.chunks:
+                return False  # one large message at a time; the core will retry
+            mv = memoryview(message)
+            p.chunks = [bytes(mv[i : i + CHUNK_SIZE]) for i in range(0, len(message), CHUNK_SIZE)]
+            p.chunks.reverse()
+            self._schedule_chunks()
+            return True
         p.queue.append(message)
         return True
 
     def flush(self) -> None:
+        """Write what is queued: one frame per peer, with at most one chunk."""
+        more = False
         for p in self.peers.values():
-            if not p.queue:
+            if not p.queue and not p.chunks:
                 continue
             queue, p.queue = p.queue, []
             w = p.writer
             if w is None or p.mac is None:
+                p.chunks = []
                 continue
             if w.transport.get_write_buffer_size() > MAX_PENDING_BYTES:
                 log.warning("Raft peer %d is not reading: dropping %d messages", p.id, len(queue))
                 continue
-            w.write(encode_frame(p.mac, queue))
+            chunk = None
+            if p.chunks and w.transport.get_write_buffer_size() < 2 * CHUNK_SIZE:
+                data = p.chunks.pop()
+                chunk = (data, not p.chunks)
+            if p.chunks:
+                more = True
+            if queue or chunk:
+                w.write(encode_frame(p.mac, queue, chunk))
+        if more:
+            self._schedule_chunks()
+
+    def _schedule_chunks(self) -> None:
+        if not self._chunk_timer:
+            self._chunk_timer = True
+            asyncio.get_running_loop().call_later(0.001, self._flush_chunks)
+
+    def _flush_chunks(self) -> None:
+        self._chunk_timer = False
+        self.flush()
 
     def connected(self, node_id: int) -> bool:
         p = self.peers.get(node_id)
@@ -266,7 +338,10 @@ class PeerTransport:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(p.host, p.port), HANDSHAKE_TIMEOUT
                 )
-            except (TimeoutError, OSError):
+            except (TimeoutError, OSError) as exc:
+                if backoff == 0.05:  # first failure after a success: say it once
+                    log.info("Raft peer %d at %s:%d: cannot connect (%s); retrying", p.id, p.host, p.port,
+                             exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -283,6 +358,7 @@ class PeerTransport:
             log.info("Connected to raft peer %d at %s:%d", p.id, p.host, p.port)
             p.refused_logged = False
             backoff = 0.05
+            p.chunks = []  # a message half sent on the old connection cannot be finished
             p.mac = mac
             p.writer = writer
             try:
@@ -368,6 +444,7 @@ class PeerTransport:
         return did, _FrameMac(_mac(self.secret, b"raftmq-session", nd, nl, ids))
 
     async def _read_frames(self, peer_id: int, mac: _FrameMac, reader: asyncio.StreamReader) -> None:
+        reassembly = _Reassembly()
         while True:
             (n,) = _U32.unpack(await reader.readexactly(4))
             if n > MAX_FRAME:
@@ -376,4 +453,6 @@ class PeerTransport:
             body = data[:n]
             if not hmac.compare_digest(data[n:], mac.tag(body)):
                 raise ValueError("frame failed authentication")
-            self.on_messages(peer_id, split_body(body))
+            messages = reassembly.split(body)
+            if messages:
+                self.on_messages(peer_id, messages)
