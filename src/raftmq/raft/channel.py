@@ -17,6 +17,8 @@ Raft process -> worker
     ENTRY     entry data                          committed elsewhere (other node or worker)
     LOADED    pickled LoadedState                 answer to LOAD; ENTRY frames follow it
     ADMIN_REPLY u64 request id | JSON reply
+    RELOAD    (empty)                             the state was replaced by a snapshot: the
+                                                 ENTRY stream has a gap, rebuild from LOAD
 
 Frames are gathered per loop turn and written with one ``write`` call (one
 syscall for a whole batch of proposals or commit notices).  The peers of this
@@ -42,6 +44,7 @@ FAILED = 11
 ENTRY = 12
 LOADED = 13
 ADMIN_REPLY = 14
+RELOAD = 15
 
 # FAILED reasons
 NOT_LEADER = 1

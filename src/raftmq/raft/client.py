@@ -41,6 +41,7 @@ UNAVAILABLE = "unavailable"  # submitted while the channel is down
 NOT_LEADER = "not leader"  # refused before being appended: nothing changed durably
 LEADERSHIP_LOST = "leadership lost"  # appended, outcome unknown
 SHUTTING_DOWN = "shutting down"
+STATE_REPLACED = "state replaced"  # a snapshot replaced the tables: the ENTRY stream has a gap
 _FAIL_KINDS = {ch.NOT_LEADER: NOT_LEADER, ch.DROPPED: LEADERSHIP_LOST, ch.SHUTTING_DOWN: SHUTTING_DOWN}
 
 
@@ -197,6 +198,8 @@ class RaftStore:
             elif kind == ch.ENTRY:
                 if self._listener is not None:
                     self._listener(decode_ops(body))
+            elif kind == ch.RELOAD:
+                self._fail(STATE_REPLACED, "the raft process installed a snapshot; the live state must be reloaded")
             elif kind == ch.FAILED:
                 kind = _FAIL_KINDS.get(body[0], LEADERSHIP_LOST)
                 ids = ch.parse_ids(body[1:])

@@ -390,6 +390,9 @@ class RaftProcess:
             self.conf_state = rd.snapshot.meta.conf_state
             self._sync_transport_peers()
             log.info("Installed snapshot at index %d (term %d)", rd.snapshot.meta.index, rd.snapshot.meta.term)
+            for c in self._conns.values():
+                if c.fanout:
+                    c.send(ch.frame(ch.RELOAD))
         # 2. Only now may messages vouching for that state leave (Raft thesis §3.8).
         if messages and self.transport is not None:
             self._send(messages)
