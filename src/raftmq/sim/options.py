@@ -35,6 +35,8 @@ class Options:
     """A Ready takes 0..disk_delay_max steps to persist; a crash loses it."""
     # nodes
     crash_rate: float
+    leader_crash_rate: float
+    """Probability per step that the current leader crashes (the hard case)."""
     restart_delay_max: int
     tick_min: int
     tick_max: int
@@ -74,6 +76,7 @@ def swarm(seed: int, nodes: int | None = None, steps: int | None = None) -> Opti
         partition_len_max=rng.choice((100, 300, 800)),
         disk_delay_max=rng.choice((0, 2, 6)),
         crash_rate=rng.choice((0.0, 0.0005, 0.002)),
+        leader_crash_rate=rng.choice((0.0, 0.0, 0.001, 0.003)),
         restart_delay_max=rng.choice((50, 300, 1000)),
         tick_min=rng.choice((8, 10)),
         tick_max=rng.choice((10, 12, 14)),

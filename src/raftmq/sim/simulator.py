@@ -381,6 +381,12 @@ class Simulation:
                 self.stats["crashes"] += 1
                 logger.info("t=%d crash node %d", now, victim.id)
         leader = self._any_leader()
+        if leader is not None and rng.random() < opts.leader_crash_rate:
+            self._crash(leader)
+            leader.restart_at = now + rng.randint(1, opts.restart_delay_max)
+            self.stats["crashes"] += 1
+            logger.info("t=%d crash leader %d", now, leader.id)
+            leader = None
         if leader is not None and rng.random() < opts.conf_change_rate:
             self._conf_change(leader)
         if leader is not None and rng.random() < opts.transfer_rate:
