@@ -225,7 +225,8 @@ class RaftProcess:
         ticker.cancel()
         if syncer is not None:
             syncer.cancel()
-        self._process()  # persist whatever is in flight
+        while self.node.has_ready():  # persist whatever is in flight
+            self._handle_ready(self.node.ready())
         self._fail_all(ch.SHUTTING_DOWN)
         if self._server is not None:
             self._server.close()
@@ -335,8 +336,17 @@ class RaftProcess:
         if self._proposals:
             self._propose_queued()
         node = self.node
-        while node.has_ready():
+        if node.has_ready():
             self._handle_ready(node.ready())
+            if node.has_ready():
+                # Usually the commit of what was just persisted (the leader
+                # counts its own copy after advance).  Let the loop read the
+                # sockets first: proposals that arrived during the fsync then
+                # share the next Ready with this commit -- one transaction and
+                # one fsync for both instead of two.
+                self._scheduled = True
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._process)
         if self._waiting_loads:
             self._serve_loads()
 
