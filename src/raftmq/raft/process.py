@@ -451,7 +451,8 @@ class RaftProcess:
         done: dict[int, list[int]] = {}
         fanout = [c for c in conns.values() if c.fanout]
         unpack = ENVELOPE.unpack_from
-        for e in committed:
+        # A follower with no workers listening has nobody to tell: skip the walk.
+        for e in committed if (pending or fanout) else ():
             if e.kind != NORMAL:
                 continue
             data = e.data
