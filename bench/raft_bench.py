@@ -167,7 +167,9 @@ def run(members: int, args: argparse.Namespace) -> dict:
     procs = start_cluster(root, members, args.durability)
     try:
         leader = find_leader(procs)
-        rate, lat, fanout = asyncio.run(
+        import uvloop
+
+        rate, lat, fanout = uvloop.run(
             drive(leader, args.seconds, args.window, args.size, args.conns, args.fanout_readers)
         )
         return {"members": members, "commits_per_s": rate, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
