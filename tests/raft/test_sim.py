@@ -6,6 +6,11 @@ CI runs SEEDS seeds (about 0.1-0.2 s each); ``-m slow`` runs many more.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from raftmq.raft import core, log
@@ -66,6 +71,21 @@ def test_seed_replays_exactly() -> None:
     for seed in (3, 17):
         assert run(seed) == run(seed)
     assert run(3) != run(17)
+
+
+def test_seed_replays_across_processes() -> None:
+    """No hash-order dependence: two processes with different PYTHONHASHSEED
+    print the same event log for one seed."""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    outs = []
+    for hashseed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed, PYTHONPATH=src)
+        p = subprocess.run([sys.executable, "-m", "raftmq.sim", "--seed", "77", "-v"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        outs.append([ln for ln in p.stdout.splitlines() if "seeds passed in" not in ln])
+    assert len(outs[0]) > 20
+    assert outs[0] == outs[1]
 
 
 def _grant_every_vote(self: core.RawNode, m: Message) -> None:
