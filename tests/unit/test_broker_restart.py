@@ -110,3 +110,65 @@ def test_persistent_state_survives_restart(tmp_path):
     inflight, queue = run_with_broker(second, store=store2)
     assert not inflight and not queue
     assert store2.load().sessions["ps"].queue == []
+
+
+class SlowStore:
+    """Commits each batch 50 ms after it is submitted, in order (like a Raft store)."""
+
+    def __init__(self) -> None:
+        self.committed: list = []
+
+    def load(self):
+        from raftmq.state.entries import LoadedState
+
+        return LoadedState()
+
+    def submit(self, ops, done=None):
+        def commit():
+            self.committed.extend(ops)
+            if done is not None:
+                done()
+
+        asyncio.get_running_loop().call_later(0.05, commit)
+
+    def set_remote_listener(self, listener):
+        pass
+
+    async def close(self):
+        pass
+
+
+def test_acks_wait_for_the_store_and_connack_comes_first():
+    from raftmq._codec import Connack, Connect
+
+    from raftmq.state.entries import QueueAdd, SessionPut, SubAdd
+
+    store = SlowStore()
+
+    async def scenario(broker, port):
+        s = RawClient(5)
+        await s.connect(port, "ps", clean=False, properties={"session_expiry_interval": 60})
+        assert any(isinstance(op, SessionPut) for op in store.committed)
+        s.send(Subscribe(1, [("t", 1, False, False, 0)], None))
+        await s.recv_type(Suback)
+        assert any(isinstance(op, SubAdd) for op in store.committed)
+        s.close()
+        await asyncio.sleep(0.1)
+        p = RawClient(5)
+        await p.connect(port, "p")
+        # The subscriber comes back; messages published while its CONNACK waits
+        # for the store must not overtake the CONNACK [MQTT-3.2.0-1].
+        s = RawClient(5)
+        await s.open(port)
+        s.send(Connect(protocol_version=5, clean_start=False, client_id="ps",
+                       properties={"session_expiry_interval": 60}))
+        await asyncio.sleep(0.01)
+        p.send(Publish("t", b"during", 1, False, False, 1, None))
+        first = await s.recv()
+        assert isinstance(first, Connack) and first.session_present
+        await p.recv_type(Puback)
+        assert any(isinstance(op, QueueAdd) for op in store.committed)
+        m = await s.recv_type(Publish)
+        assert m.payload == b"during"
+
+    run_with_broker(scenario, store=store)

@@ -49,6 +49,7 @@ log = logging.getLogger("raftmq.broker")
 # Reason codes (MQTT 5 §2.4) used by the broker.
 RC_MALFORMED = 0x81
 RC_PROTOCOL_ERROR = 0x82
+RC_IMPLEMENTATION_SPECIFIC = 0x83
 
 HANDLERS: dict[type, Any] = {
     Publish: handle_publish,
@@ -84,6 +85,10 @@ def handle_packets(broker: Broker, conn: Connection, packets: list) -> None:
             handlers[type(packet)](broker, conn, packet)
     except MQTTError as e:
         protocol_error(conn, e.reason_code, str(e))
+    except Exception:
+        # A bug must cost one connection, never the broker or other clients.
+        log.exception("Error handling a packet from %s, disconnecting.", conn.label())
+        conn.disconnect(RC_IMPLEMENTATION_SPECIFIC)
 
 
 def protocol_error(conn: Connection, reason_code: int, why: str) -> None:

@@ -50,7 +50,7 @@ class Connection(asyncio.Protocol):
                  "username", "version", "keepalive", "peer", "rx_bytes", "rx_seen", "rx_seen_at",
                  "accepted_at", "will", "graceful", "client_receive_max", "client_max_packet",
                  "client_alias_max", "alias_in", "qos1_in_pending", "problem_info", "paused",
-                 "clean_start", "alias_out", "next_alias_out")
+                 "clean_start", "alias_out", "next_alias_out", "online")
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -82,6 +82,9 @@ class Connection(asyncio.Protocol):
         self.problem_info = True
         self.paused = False
         self.clean_start = True
+        # CONNACK written: messages may be delivered (none may precede CONNACK,
+        # which can wait for the store) [MQTT-3.2.0-1].
+        self.online = False
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -123,6 +126,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = CLOSING
+        self.online = False
         self.broker.on_connection_lost(self)
 
     def pause_writing(self) -> None:
@@ -212,6 +216,7 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
             self.out.clear()
         self.state = CLOSING
+        self.online = False
         self.transport.close()
 
     def disconnect(self, reason_code: int) -> None:

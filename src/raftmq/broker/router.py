@@ -108,7 +108,7 @@ class Router:
                     continue
                 session = sessions[client_id]
                 conn = session.conn
-                if conn is None or conn.state != 1:
+                if conn is None or not conn.online:
                     continue
                 retain = message.retain and sub.retain_as_published
                 version = conn.version
@@ -214,7 +214,7 @@ class Router:
             idx = (start + i) % n
             client_id = members[idx][0]
             conn = sessions[client_id].conn
-            if conn is not None and conn.state == 1:
+            if conn is not None and conn.online:
                 self._rr[key] = idx + 1
                 return members[idx]
         if online_only or not n:
@@ -234,7 +234,7 @@ class Router:
         conn = session.conn
         broker = self.broker
         if qos == 0:
-            if conn is None or conn.state != 1:
+            if conn is None or not conn.online:
                 return
             if conn.version == 5:
                 data = self._encode_v5(conn, message, 0, retain, sub.sub_id)
@@ -253,7 +253,7 @@ class Router:
             broker.stats.publish_dropped += 1
             return
         out = Outgoing(session.take_seq(), message, qos, retain, [sub.sub_id] if sub.sub_id else None)
-        online = conn is not None and conn.state == 1
+        online = conn is not None and conn.online
         if online and not session.queue and len(session.inflight) < self._window(conn):
             out.packet_id = session.next_packet_id()
             out.state = SENT
@@ -300,7 +300,7 @@ class Router:
     def pump(self, session: Session) -> None:
         """Move queued messages into flight while the window allows."""
         conn = session.conn
-        if conn is None or conn.state != 1:
+        if conn is None or not conn.online:
             return
         window = self._window(conn)
         queue = session.queue

@@ -196,6 +196,7 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
         if conn.state != 1 or session.conn is not conn:
             return
         conn.write(connack)
+        conn.online = True
         # [MQTT-4.4.0-1]: resend unacknowledged PUBLISH / PUBREL, then what is queued.
         broker.router.resume(session)
 

@@ -130,9 +130,9 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
         log.debug("Received PUBLISH from %s (d%d, q%d, r%d, m%d, '%s', ... (%d bytes))",
                   conn.client_id, p.dup, qos, p.retain, packet_id, topic, len(payload))
 
-    auth = broker.auth
-    if topic.startswith("$SYS") or (
-            broker.acl_enabled and not auth.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain)):
+    dollar = topic[0] == "$"
+    if (dollar and topic.startswith("$SYS")) or (broker.acl_enabled and not broker._auth.acl_check(
+            conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain)):
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
         if qos:
@@ -140,7 +140,7 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
         return
 
     message = Message(topic, payload, qos, p.retain, props, expiry_at)
-    if topic.startswith("$CONTROL/"):
+    if dollar and topic.startswith("$CONTROL/"):
         handler = broker.control_handlers.get(topic)
         if handler is not None:
             handler(conn, message)
