@@ -104,10 +104,6 @@ _LEADER_EARLY = frozenset((MessageType.APP, MessageType.HEARTBEAT, MessageType.S
 PROMOTE_LAG = 64
 
 
-def pack_envelope(origin: int, conn_id: int, req_id: int) -> bytes:
-    return ENVELOPE.pack(ENVELOPE_VERSION, origin, conn_id, req_id)
-
-
 class RaftProcess:
     def __init__(self, settings: ClusterSettings, data_dir: str, durability: str = "sync") -> None:
         self.settings = settings
@@ -137,7 +133,6 @@ class RaftProcess:
         self.leader = 0
         self.applied = self.machine.applied_index()
         self.conf_state = self.storage.conf_state()
-        self._load_barrier: int | None = None  # applied index a LOAD must wait for
         self._leader_barrier = 0
         # Channel connections and what they wait for.
         self._conns: dict[int, ch.FrameProtocol] = {}
@@ -153,7 +148,6 @@ class RaftProcess:
         self.transport: PeerTransport | None = None
         self._server: asyncio.AbstractServer | None = None
         self.peer_addresses: dict[int, tuple[str, int]] = self._load_peer_addresses()
-        self.committed_count = 0
 
     # -- start-up ------------------------------------------------------------------
 
@@ -303,10 +297,13 @@ class RaftProcess:
         step = self.node.step
         decode = wire.decode
         for p in payloads:
+            m = decode(p)  # a DecodeError closes that peer's connection (transport)
             try:
-                step(decode(p))
+                step(m)
             except ProposalDropped:
                 pass
+            except Exception:
+                _die(f"the Raft core failed on a message from node {src}")
         self._schedule()
 
     def _on_channel_frames(self, proto: ch.FrameProtocol, frames: list[tuple[int, bytes]]) -> None:
@@ -332,6 +329,15 @@ class RaftProcess:
     # -- the Ready loop --------------------------------------------------------------
 
     def _process(self) -> None:
+        try:
+            self._process_once()
+        except Exception:
+            # The core or the disk failed in the middle of a Ready: the only
+            # safe continuation is a restart from what is on disk (crash-only;
+            # the supervisor restarts us and the log says why).
+            _die("the Ready loop failed")
+
+    def _process_once(self) -> None:
         self._scheduled = False
         if self._proposals:
             self._propose_queued()
@@ -478,7 +484,6 @@ class RaftProcess:
             if c is not None:
                 c.send(ch.frame(ch.COMMITTED, ch.ids_body(rids)))
         last = committed[-1].index
-        self.committed_count += len(committed)
         self.applied = max(self.applied, last)
         if self.applied - self._last_compact_check >= self.settings.snapshot_entries:
             self._last_compact_check = self.applied
@@ -681,6 +686,12 @@ class RaftProcess:
                     continue  # another conf change is pending: next tick
                 log.info("Promoting learner %d (match %d, last %d)", nid, match, last)
                 self._schedule()
+
+
+def _die(what: str) -> None:
+    log.critical("Raft process exiting: %s", what, exc_info=True)
+    logging.shutdown()
+    os._exit(70)  # EX_SOFTWARE
 
 
 def _addr(a: tuple[str, int] | None) -> str | None:
