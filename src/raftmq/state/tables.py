@@ -25,6 +25,7 @@ Integers in keys are big-endian so that LMDB's bytewise order is numeric order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -105,6 +106,7 @@ def _digest(b: bytes) -> bytes:
     return hashlib.blake2b(b, digest_size=32).digest()
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same few ids recur in every batch
 def client_key(client_id: str) -> bytes:
     b = client_id.encode()
     if len(b) <= _INLINE_MAX:
