@@ -298,6 +298,19 @@ def test_corrupt_hard_state_detected_at_open(tmp_path: Path) -> None:
     assert info.value.index == 0
 
 
+def test_commit_beyond_the_log_detected_at_open(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    with LmdbStorage(path) as s:
+        s.save(HardState(1, 1, 5), ents(1, 5, 1), None)
+    env = lmdb.open(path, max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.delete((5).to_bytes(8, "big"), db=env.open_db(DB_LOG, txn=txn))
+    env.close()
+    with pytest.raises(CorruptLogError) as info:
+        LmdbStorage(path)
+    assert info.value.index == 5
+
+
 def test_compact_everything_then_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
     with LmdbStorage(path) as s:
@@ -480,8 +493,9 @@ def test_random_histories_match_memory_storage(tmp_path_factory: pytest.TempPath
     try:
         for kind, a, b, flag in actions:
             if kind == "append":
-                # start somewhere in the last `a` entries (a conflict) or right after the end
-                lo = max(ref.last_index() + 1 - a, 1)
+                # start somewhere in the last `a` uncommitted entries (a conflict) or
+                # right after the end; committed entries are never replaced (Raft §5.4)
+                lo = max(ref.last_index() + 1 - a, ref.hard_state.commit + 1, 1)
                 if flag:
                     term += 1
                 es = [Entry(term, i, b"%d/%d" % (i, term) * (i % 7)) for i in range(lo, lo + b)]
@@ -497,7 +511,7 @@ def test_random_histories_match_memory_storage(tmp_path_factory: pytest.TempPath
                     ref.compact(i)
                     s.compact(i)
             elif kind == "install":
-                index = ref.snapshot().meta.index + a
+                index = max(ref.snapshot().meta.index, ref.hard_state.commit) + a
                 term += 1
                 snap = Snapshot(SnapshotMeta(index, term, ConfState((1, 2, 3))), b"installed")
                 ref.apply_snapshot(snap)

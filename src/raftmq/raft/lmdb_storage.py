@@ -115,6 +115,8 @@ def _encode_hard_state(hs: HardState) -> bytes:
 
 
 def _decode_hard_state(b: bytes) -> HardState:
+    if len(b) != _HARD_STATE.size:
+        raise CorruptLogError(0, "hard state of the wrong size")
     term, vote, commit, crc = _HARD_STATE.unpack(b)
     if zlib.crc32(b[:-4]) != crc:
         raise CorruptLogError(0, "hard state checksum mismatch")
@@ -183,6 +185,10 @@ class LmdbStorage:
             else:
                 self._last = self._snap_index
                 tail = []
+        if self._hard_state.commit > self._last:
+            # commit and entries are saved in one transaction: a commit index
+            # beyond the log means the log lost entries.
+            raise CorruptLogError(self._last + 1, f"missing, hard state commit is {self._hard_state.commit}")
         # In-memory caches: terms of [_terms_lo, _last], Entry objects of [_tail_lo, _last].
         self._tail: list[Entry] = tail
         self._tail_lo = self._last + 1 - len(tail)
