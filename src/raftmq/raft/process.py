@@ -372,10 +372,10 @@ class RaftProcess:
         except NotLeader:
             self._fail_requests(queued, ch.NOT_LEADER)
             return
-        except ProposalDropped:
-            self._fail_requests(queued, ch.DROPPED)
+        except ProposalDropped:  # e.g. a leadership transfer is in progress: not appended
+            self._fail_requests(queued, ch.NOT_LEADER)
             return
-        term = self._term
+        term = self.node.term  # the term of the entries just appended
         pending = self._pending
         for cid, rid, _ in queued:
             pending[(cid, rid)] = term
@@ -465,7 +465,11 @@ class RaftProcess:
             if len(data) < ENVELOPE.size or data[0] != ENVELOPE_VERSION:
                 continue
             _v, origin, cid, rid = unpack(data)
-            if origin == me and pending.pop((cid, rid), None) is not None:
+            # The term check: an entry left by an earlier incarnation of this
+            # process (same connection and request numbers, reused after a
+            # restart) has an older term than anything proposed now.
+            if origin == me and pending.get((cid, rid)) == e.term:
+                del pending[(cid, rid)]
                 lst = done.get(cid)
                 if lst is None:
                     done[cid] = [rid]
