@@ -292,6 +292,11 @@ def test_dynsec_replace_and_pluggable_apply(tmp_path: Path) -> None:
     assert res == [(2, ["dynsec: no such client"])]
     assert m.load().dynsec == {"clients": ["u1", "u2"]}
     assert len(seen) == 3
+    # several entries in one apply, a rejected change between good ones
+    e1 = Entry(1, 3, encode_ops([Dynsec({"op": "add", "username": "u3"}), Dynsec({"op": "bad"})]))
+    e2 = Entry(1, 4, encode_ops([SessionPut("s", 5, 1, True), Dynsec({"op": "add", "username": "u4"})]))
+    assert m.apply([e1, e2]) == [(3, ["dynsec: no such client"]), (4, None)]
+    assert m.load().dynsec == {"clients": ["u1", "u2", "u3", "u4"]}
     env.close()
 
     env = T.open_environment(str(tmp_path / "db2"))

@@ -94,6 +94,8 @@ class SnapshotFormatError(ValueError):
 
 
 DynsecApply = Callable[[dict[str, Any] | None, dict[str, Any]], dict[str, Any]]
+"""``apply_dynsec(document, change) -> new document``; must not modify ``document``
+and must be deterministic (a password's salt is chosen by the proposer)."""
 
 
 def default_apply_dynsec(document: dict[str, Any] | None, change: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +117,7 @@ def _find_apply_dynsec() -> DynsecApply:
     return apply_change
 
 
+_UNLOADED = object()
 _SNAP_MAGIC = b"RMQSNAP1"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -144,6 +147,8 @@ class StateMachine:
             storage = backing
         self.apply_dynsec = apply_dynsec or _find_apply_dynsec()
         self.on_conf_change = on_conf_change
+        self._dynsec_doc: Any = _UNLOADED  # the document while apply_in runs
+        self._dynsec_dirty = False
         readonly = self.env.flags()["readonly"]
         if readonly:
             dbs = {name: self.env.open_db(name, create=False) for name in T.MACHINE_DBS}
@@ -209,6 +214,10 @@ class StateMachine:
         """``apply`` inside the caller's write transaction (LmdbStorage.save)."""
         applied, applied_term = T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
         results: list[tuple[int, Any]] = []
+        # The dynsec document is read at most once and written at most once per
+        # call, however many Dynsec ops the entries carry (an import is many).
+        self._dynsec_doc: Any = _UNLOADED
+        self._dynsec_dirty = False
         for e in entries:
             index = e.index
             if index <= applied:
@@ -223,6 +232,10 @@ class StateMachine:
                 result = None  # a new leader's empty entry (Raft §8)
             results.append((index, result))
             applied, applied_term = index, e.term
+        if self._dynsec_dirty:
+            doc = orjson.dumps(self._dynsec_doc, option=orjson.OPT_SORT_KEYS)
+            txn.put(T.DYNSEC_DOCUMENT, doc, db=self.db_dynsec)
+        self._dynsec_doc = _UNLOADED
         if results:
             txn.put(T.META_APPLIED, T.applied_row(applied, applied_term), db=self.db_meta)
         return results
@@ -321,13 +334,17 @@ class StateMachine:
         txn.delete(ck, db=self.db_wills)
 
     def _apply_dynsec(self, txn: lmdb.Transaction, change: dict[str, Any]) -> str | None:
-        raw = txn.get(T.DYNSEC_DOCUMENT, db=self.db_dynsec)
-        document = orjson.loads(raw) if raw is not None else None
+        if self._dynsec_doc is _UNLOADED:
+            raw = txn.get(T.DYNSEC_DOCUMENT, db=self.db_dynsec)
+            self._dynsec_doc = orjson.loads(raw) if raw is not None else None
         try:
-            new = self.apply_dynsec(document, change)
+            # apply_dynsec returns a new document and leaves its argument alone,
+            # so a rejected change leaves the current one intact.
+            new = self.apply_dynsec(self._dynsec_doc, change)
         except Exception as exc:  # noqa: BLE001 - a rejected change is a result, not a crash
             return f"dynsec: {exc}"
-        txn.put(T.DYNSEC_DOCUMENT, orjson.dumps(new, option=orjson.OPT_SORT_KEYS), db=self.db_dynsec)
+        self._dynsec_doc = new
+        self._dynsec_dirty = True
         return None
 
     # -- load --------------------------------------------------------------------------
