@@ -256,3 +256,19 @@ def test_will_published_when_taken_over_v5_with_expiry_zero(broker):
         with connected(broker, cid, version=5):
             assert w.recv_publish().payload == b"taken"
         old.close()
+
+
+def test_retained_message_delivered_at_subscription_qos(broker):
+    """[MQTT-3.3.1-5]/3.8.4: a retained QoS 2 message goes to a QoS 0 subscriber at QoS 0."""
+    topic = unique("ret/")
+    with connected(broker) as p:
+        p.publish(topic, b"q2", qos=2, retain=True, pid=1)
+        from support.mqttraw import PUBCOMP, PUBREC, PUBREL
+
+        p.expect(PUBREC)
+        p.ack(PUBREL, 1)
+        p.expect(PUBCOMP)
+    with connected(broker) as s0, connected(broker) as s2:
+        s0.subscribe(1, [(topic, 0)])
+        s2.subscribe(1, [(topic, 2)])
+        assert (s0.recv_publish().qos, s2.recv_publish().qos) == (0, 2)

@@ -388,3 +388,22 @@ def test_pubrec_error_reason_ends_qos2_flow(broker):
         got = sub.recv_publish(auto_ack=False)
         sub.ack(PUBREC, got.pid, reason=0x80)
         assert sub.nothing_for(0.5)
+
+
+def test_outbound_topic_aliases_used_when_client_allows(raftmq):
+    """5.0 §3.3.2.3.4: the server may replace a repeated topic by an alias the client allowed.
+
+    raftmq only: Mosquitto 2.0.11 never sends aliases.  The first use of an alias carries the
+    topic, later ones an empty topic; the raw client checks both.
+    """
+    topic = unique("ta/")
+    with connected(raftmq, version=5, props={"topic_alias_maximum": 4}) as sub, \
+            connected(raftmq) as pub:
+        sub.subscribe(1, [(topic, 0)])
+        for i in range(3):
+            pub.publish(topic, str(i).encode())
+        got = sub.drain_publishes(0.5)
+        assert [(p.topic, p.payload) for p in got] == [(topic, b"0"), (topic, b"1"), (topic, b"2")]
+        aliases = [p.props.get("topic_alias") for p in got]
+        assert aliases[0] is not None and 1 <= aliases[0] <= 4
+        assert b"\x00\x00" in got[2].raw[2:4]  # later uses: zero-length topic on the wire
