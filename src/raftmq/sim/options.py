@@ -33,6 +33,9 @@ class Options:
     # disk
     disk_delay_max: int
     """A Ready takes 0..disk_delay_max steps to persist; a crash loses it."""
+    leader_early_send: bool
+    """Send a leader's APP/HEARTBEAT/SNAP when the Ready is taken, before its
+    own write completes (thesis §10.2.1), as the raft process does."""
     # nodes
     crash_rate: float
     leader_crash_rate: float
@@ -75,6 +78,7 @@ def swarm(seed: int, nodes: int | None = None, steps: int | None = None) -> Opti
         partition_rate=rng.choice((0.0, 0.001, 0.003)),
         partition_len_max=rng.choice((100, 300, 800)),
         disk_delay_max=rng.choice((0, 2, 6)),
+        leader_early_send=rng.random() < 0.5,
         crash_rate=rng.choice((0.0, 0.0005, 0.002)),
         leader_crash_rate=rng.choice((0.0, 0.0, 0.001, 0.003)),
         restart_delay_max=rng.choice((50, 300, 1000)),

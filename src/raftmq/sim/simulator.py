@@ -49,6 +49,8 @@ from raftmq.sim.options import Options
 
 logger = logging.getLogger("raftmq.sim")
 
+_LEADER_EARLY = frozenset((MT.APP, MT.HEARTBEAT, MT.SNAP))
+
 
 @dataclass
 class SimNode:
@@ -219,8 +221,19 @@ class Simulation:
         if n.pending_ready is None:
             if not raw.has_ready():
                 return
-            n.pending_ready = raw.ready()
+            rd = n.pending_ready = raw.ready()
             n.ready_done_at = self.now + self.rng.randint(0, self.opts.disk_delay_max)
+            if self.opts.leader_early_send and rd.messages:
+                # Thesis §10.2.1: a leader may replicate while it writes its own
+                # disk; its own copy counts only after advance(). Only leaders
+                # produce these types. Everything else waits for the write.
+                keep = []
+                for m in rd.messages:
+                    if m.type in _LEADER_EARLY:
+                        self._send(raw, m)
+                    else:
+                        keep.append(m)
+                rd.messages = keep
         if self.now < n.ready_done_at:
             return
         rd = n.pending_ready
@@ -239,8 +252,7 @@ class Simulation:
             st.set_hard_state(rd.hard_state)
         # 2. send
         for m in rd.messages:
-            if not self.net.send(self.now, m) and m.type == MT.SNAP:
-                raw.report_snapshot(m.dst, False)  # the transport saw the send fail
+            self._send(raw, m)
         # 3. apply
         if rd.snapshot is not None:
             snap = rd.snapshot
@@ -254,6 +266,10 @@ class Simulation:
                 n.waiting_reads.append((rs.index, rs.context))
         self._serve_reads(n)
         raw.advance(rd)
+
+    def _send(self, raw: RawNode, m: Message) -> None:
+        if not self.net.send(self.now, m) and m.type == MT.SNAP:
+            raw.report_snapshot(m.dst, False)  # the transport saw the send fail
 
     def _apply(self, n: SimNode, e: Entry) -> None:
         if e.index != n.applied + 1:
