@@ -87,6 +87,10 @@ from raftmq.raft.types import (
 
 logger = logging.getLogger("raftmq.raft")
 
+_LOCAL_TYPES = frozenset((MT.HUP, MT.BEAT, MT.PROP, MT.CHECK_QUORUM, MT.TRANSFER_LEADER))
+_RESP_TYPES = frozenset((MT.APP_RESP, MT.HEARTBEAT_RESP, MT.VOTE_RESP, MT.PRE_VOTE_RESP,
+                         MT.READ_INDEX_RESP))
+
 TRANSFER_CONTEXT = b"transfer"
 """Context of a vote request caused by TIMEOUT_NOW: it overrides the lease."""
 
@@ -195,9 +199,9 @@ class RawNode:
 
     def step(self, msg: Message) -> None:
         """Feed a message received from a peer. Local message types are refused."""
-        if msg.type in (MT.HUP, MT.BEAT, MT.PROP, MT.CHECK_QUORUM, MT.TRANSFER_LEADER):
+        if msg.type in _LOCAL_TYPES:
             raise ValueError(f"cannot step local message {msg.type.name}")
-        if msg.src not in self.prs and msg.type.name.endswith("_RESP") and self.role == Role.LEADER:
+        if self.role == Role.LEADER and msg.type in _RESP_TYPES and msg.src not in self.prs:
             # A response from a node no longer in the configuration.
             return
         self._step(msg)
