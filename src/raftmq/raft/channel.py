@@ -136,6 +136,8 @@ class FrameProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self._out:
+            self.flush()  # frames sent before the connection was attached
         if self.on_made is not None:
             self.on_made(self)
 

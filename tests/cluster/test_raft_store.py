@@ -1,0 +1,86 @@
+"""RaftStore (raft/client.py): the broker's Store over the channel to a real raft process.
+
+Two stores play two workers of one standalone node: what one submits is
+acknowledged to it (done) and fanned out to the other (remote listener), never
+echoed back; load() returns the committed tables; a restart of the raft
+process fails the pending proposals (never acknowledged) and is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+from raft_harness import RaftNode, free_port, wait_for
+
+from raftmq.raft.client import CHANNEL_LOST, RaftStore
+from raftmq.state.entries import Message, RetainSet, SubAdd
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def standalone(tmp_path):
+    node = RaftNode(tmp_path, 1, free_port())
+    node.config_path.write_text(f'data_dir = "{node.data_dir}"\n')
+    node.start()
+    yield node
+    node.kill9()
+
+
+def test_submit_acknowledges_the_proposer_and_fans_out_to_siblings(standalone) -> None:
+    async def main() -> tuple[list, list, list, object]:
+        w1 = RaftStore(str(standalone.data_dir), worker_id=1, connect_timeout=20)
+        w2 = RaftStore(str(standalone.data_dir), worker_id=2, connect_timeout=20)
+        w1.load()
+        w2.load()
+        seen1: list = []
+        seen2: list = []
+        done: list[int] = []
+        w1.set_remote_listener(seen1.append)
+        w2.set_remote_listener(seen2.append)
+        for i in range(50):
+            w1.submit([RetainSet(Message(f"r/{i}", b"v", 1, True))], lambda i=i: done.append(i))
+        w2.submit([SubAdd("c", "a/#", 1)])
+        deadline = asyncio.get_running_loop().time() + 20
+        while (len(done) < 50 or len(seen2) < 50 or not seen1) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        w3 = RaftStore(str(standalone.data_dir), worker_id=3)
+        state = w3.load()
+        await w3.close()
+        await w1.close()
+        await w2.close()
+        return done, seen1, seen2, state
+
+    done, seen1, seen2, state = asyncio.run(main())
+    assert done == list(range(50))  # in submission order
+    assert [ops[0].message.topic for ops in seen2] == [f"r/{i}" for i in range(50)]
+    assert seen1 == [[SubAdd("c", "a/#", 1)]]  # only the sibling's entry, not its own
+    assert set(state.retained) == {f"r/{i}" for i in range(50)}
+
+
+def test_raft_process_restart_fails_pending_and_reports(standalone) -> None:
+    async def main() -> tuple[list, list]:
+        store = RaftStore(str(standalone.data_dir), worker_id=1, connect_timeout=20)
+        store.load()
+        failures: list = []
+        store.set_failure_listener(lambda kind, detail: failures.append(kind))
+        acked: list[int] = []
+        store.submit([RetainSet(Message("x", b"1", 1, True))], lambda: acked.append(1))
+        while not acked:
+            await asyncio.sleep(0.01)
+        standalone.proc.send_signal(signal.SIGSTOP)  # the next proposal cannot commit
+        store.submit([RetainSet(Message("y", b"2", 1, True))], lambda: acked.append(2))
+        await asyncio.sleep(0.2)
+        standalone.kill9()  # dies with the proposal pending
+        while not failures:
+            await asyncio.sleep(0.01)
+        await store.close()
+        return acked, failures
+
+    acked, failures = asyncio.run(main())
+    assert acked == [1]
+    assert failures == [CHANNEL_LOST]
+    standalone.start()
+    wait_for(lambda: standalone.status(timeout=2)["role"] == "leader", 20, "the restart")
