@@ -101,34 +101,7 @@ class Router:
         if broker.acl_enabled:
             normal, shared = self._receive_allowed(message, normal, shared)
         if qos == 0:
-            # Fast path: encode once per (version, retain flag), reuse for every subscriber.
-            cache: dict = {}
-            for client_id, sub, _filter in normal:
-                if sub.no_local and client_id == sender_id:
-                    continue
-                session = sessions[client_id]
-                conn = session.conn
-                if conn is None or not conn.online:
-                    continue
-                retain = message.retain and sub.retain_as_published
-                version = conn.version
-                if version == 5 and (sub.sub_id or message.properties or message.expiry_at
-                                     or conn.client_alias_max):
-                    data = self._encode_v5(conn, message, 0, retain, sub.sub_id)
-                    if data is None:
-                        stats.publish_dropped += 1
-                        continue
-                else:
-                    key = (version == 5, retain)
-                    data = cache.get(key)
-                    if data is None:
-                        data = cache[key] = encode_publish(message.topic, message.payload, 0,
-                                                           retain, False, 0, None, version)
-                if conn.paused or len(data) > conn.client_max_packet:
-                    stats.publish_dropped += 1
-                    continue
-                conn.write(data)
-                delivered += 1
+            delivered = self._fanout_qos0(message, normal, sender_id) if normal else 0
             for _group, _filter, members in shared:
                 member = self._pick_member(_group, _filter, members, online_only=True)
                 if member is None:
@@ -160,6 +133,51 @@ class Router:
             delivered += 1
         if add.deliveries:
             ops.append(add)
+        return delivered
+
+    def _fanout_qos0(self, message: Message, normal: list, sender_id: str | None) -> int:
+        """QoS 0 to the online subscribers: the hot loop.  The PUBLISH is encoded
+        once per (MQTT 5 or not, retain flag) and the same bytes are appended to
+        every subscriber's buffer; only an MQTT 5 delivery that needs its own
+        properties (subscription identifier, expiry, topic alias) is encoded alone."""
+        sessions = self.sessions
+        plain = message.properties is None and not message.expiry_at
+        message_retain = message.retain
+        topic = message.topic
+        payload = message.payload
+        encoded: list = [None, None, None, None]  # [v5 * 2 + retain]
+        mark_dirty = self.broker.mark_dirty
+        delivered = dropped = 0
+        for client_id, sub, _filter in normal:
+            if sub.no_local and client_id == sender_id:
+                continue  # [MQTT-3.8.3-3]
+            conn = sessions[client_id].conn
+            if conn is None or not conn.online:
+                continue
+            retain = message_retain and sub.retain_as_published
+            version = conn.version
+            if version == 5 and (not plain or sub.sub_id or conn.client_alias_max):
+                data = conn.encode_publish_v5(message, 0, retain, False, 0,
+                                              [sub.sub_id] if sub.sub_id else None)
+                if data is None:
+                    dropped += 1
+                    continue
+            else:
+                slot = (2 if version == 5 else 0) + retain
+                data = encoded[slot]
+                if data is None:
+                    data = encoded[slot] = encode_publish(topic, payload, 0, retain, False, 0,
+                                                          None, version)
+            if conn.paused or len(data) > conn.client_max_packet:
+                dropped += 1  # slow reader (QoS 0 is dropped) or too big for it
+                continue
+            conn.out.append(data)
+            if not conn.dirty:
+                conn.dirty = True
+                mark_dirty(conn)
+            delivered += 1
+        if dropped:
+            self.broker.stats.publish_dropped += dropped
         return delivered
 
     def _receive_allowed(self, message: Message, normal: list, shared: list) -> tuple[list, list]:

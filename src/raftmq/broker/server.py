@@ -202,7 +202,7 @@ class Broker:
                 action()
             except Exception:
                 log.exception("Error in a commit action")
-        if self.pending_ops and not self.outstanding_batches:
+        if self.pending_ops:  # ops the actions produced (e.g. retained messages after SUBACK)
             self.flush_ops()
 
     # -- connections and sessions -------------------------------------------------
