@@ -30,7 +30,7 @@ def standalone(tmp_path):
 
 
 def test_submit_acknowledges_the_proposer_and_fans_out_to_siblings(standalone) -> None:
-    async def main() -> tuple[list, list, list, object]:
+    async def main() -> tuple[list, list, list, object, list]:
         w1 = RaftStore(str(standalone.data_dir), worker_id=1, connect_timeout=20)
         w2 = RaftStore(str(standalone.data_dir), worker_id=2, connect_timeout=20)
         w1.load()
@@ -38,22 +38,25 @@ def test_submit_acknowledges_the_proposer_and_fans_out_to_siblings(standalone) -
         seen1: list = []
         seen2: list = []
         done: list[int] = []
+        roles: list = []
+        w1.set_role_listener(lambda *r: roles.append(r))
         w1.set_remote_listener(seen1.append)
         w2.set_remote_listener(seen2.append)
         for i in range(50):
             w1.submit([RetainSet(Message(f"r/{i}", b"v", 1, True))], lambda i=i: done.append(i))
         w2.submit([SubAdd("c", "a/#", 1)])
         deadline = asyncio.get_running_loop().time() + 20
-        while (len(done) < 50 or len(seen2) < 50 or not seen1) and asyncio.get_running_loop().time() < deadline:
+        while (len(done) < 50 or len(seen2) < 50 or not seen1 or not roles) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         w3 = RaftStore(str(standalone.data_dir), worker_id=3)
         state = w3.load()
         await w3.close()
         await w1.close()
         await w2.close()
-        return done, seen1, seen2, state
+        return done, seen1, seen2, state, roles
 
-    done, seen1, seen2, state = asyncio.run(main())
+    done, seen1, seen2, state, roles = asyncio.run(main())
+    assert roles[-1][:2] == ("leader", 1)
     assert done == list(range(50))  # in submission order
     assert [ops[0].message.topic for ops in seen2] == [f"r/{i}" for i in range(50)]
     assert seen1 == [[SubAdd("c", "a/#", 1)]]  # only the sibling's entry, not its own

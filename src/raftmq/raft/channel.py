@@ -19,6 +19,8 @@ Raft process -> worker
     ADMIN_REPLY u64 request id | JSON reply
     RELOAD    (empty)                             the state was replaced by a snapshot: the
                                                  ENTRY stream has a gap, rebuild from LOAD
+    ROLE      JSON {"role", "leader", "term"}      this node's Raft role; sent after HELLO
+                                                 (fan-out connections) and on every change
 
 Frames are gathered per loop turn and written with one ``write`` call (one
 syscall for a whole batch of proposals or commit notices).  The peers of this
@@ -45,6 +47,7 @@ ENTRY = 12
 LOADED = 13
 ADMIN_REPLY = 14
 RELOAD = 15
+ROLE = 16
 
 # FAILED reasons
 NOT_LEADER = 1

@@ -10,7 +10,9 @@ read in one turn together: one Ready, one LMDB transaction, one fsync.
 ``load()`` asks the raft process for the committed state (LOAD) rather than
 opening the LMDB map read-only: the answer is a consistent cut *in the same
 stream* as the ENTRY fan-out that follows it, so a worker neither misses nor
-double-applies an entry committed while it loads.  Start-up is the only time it
+double-applies an entry committed while it loads (the raft process applies an
+entry, then fans it out, then answers a waiting LOAD, all in one loop: ENTRY
+frames before LOADED are in the loaded state and dropped, those after are not).  Start-up is the only time it
 is used, so the cost (one pickle of the tables) does not matter.
 
 Failure: if the channel breaks (the raft process restarts) every pending
@@ -29,6 +31,8 @@ import asyncio
 import logging
 import pickle
 from collections.abc import Callable
+
+import orjson
 
 from raftmq.raft import channel as ch
 from raftmq.state.entries import LoadedState, Op, decode_ops, encode_ops
@@ -54,6 +58,8 @@ class RaftStore:
         self._pending: dict[int, Callable[[], None] | None] = {}
         self._listener: Callable[[list[Op]], None] | None = None
         self._failure_listener: Callable[[str, str], None] | None = None
+        self._role_listener: Callable[[str, int, int], None] | None = None
+        self.role: tuple[str, int, int] | None = None  # (role, leader id, term), last known
         self._proto: ch.FrameProtocol | None = None
         self._blocking: ch.BlockingChannel | None = None
         self._attach_task: asyncio.Task | None = None
@@ -69,7 +75,17 @@ class RaftStore:
                 self.data_dir, self.worker_id, timeout=self.connect_timeout, fanout=True
             )
         self._blocking.send(ch.frame(ch.LOAD))
-        state = pickle.loads(self._blocking.recv_until(ch.LOADED))
+        early: list[tuple[int, bytes]] = []
+        while True:
+            kind, body = self._blocking.recv_frame()
+            if kind == ch.LOADED:
+                break
+            if kind == ch.ROLE:
+                early = [(kind, body)]
+            # An ENTRY before LOADED is already in the loaded state (the raft
+            # process applies, then fans out, then answers LOAD in order): drop it.
+        state = pickle.loads(body)
+        self._blocking._pending[:0] = early
         self._maybe_attach()
         return state
 
@@ -94,6 +110,15 @@ class RaftStore:
         """``listener(kind, detail)`` when proposals fail (they will never be
         acknowledged); ``kind`` is one of the constants above."""
         self._failure_listener = listener
+
+    def set_role_listener(self, listener: Callable[[str, int, int], None]) -> None:
+        """``listener(role, leader_id, term)`` on every Raft role change of this
+        node ("leader", "follower", "pre_candidate", "candidate"); called at
+        once with the last known role."""
+        self._role_listener = listener
+        self._maybe_attach()
+        if self.role is not None:
+            listener(*self.role)
 
     async def close(self) -> None:
         self._closed = True
@@ -198,6 +223,11 @@ class RaftStore:
             elif kind == ch.ENTRY:
                 if self._listener is not None:
                     self._listener(decode_ops(body))
+            elif kind == ch.ROLE:
+                r = orjson.loads(body)
+                self.role = (r["role"], r["leader"], r["term"])
+                if self._role_listener is not None:
+                    self._role_listener(*self.role)
             elif kind == ch.RELOAD:
                 self._fail(STATE_REPLACED, "the raft process installed a snapshot; the live state must be reloaded")
             elif kind == ch.FAILED:

@@ -315,6 +315,8 @@ class RaftProcess:
             elif kind == ch.HELLO:
                 proto.worker_id = ch.U32.unpack_from(body)[0]
                 proto.fanout = len(body) > 4 and bool(body[4] & 1)
+                if proto.fanout:
+                    proto.send(self._role_frame())
             elif kind == ch.LOAD:
                 self._waiting_loads.append(proto)
             elif kind == ch.ADMIN:
@@ -442,13 +444,25 @@ class RaftProcess:
         if role != self.role or leader != self.leader:
             term = hs.term if hs is not None else self._term
             log.info("Raft node %d is now %s (leader %d, term %d)", self.id, role.name.lower(), leader, term)
+        changed = role != self.role or leader != self.leader
         self.role, self.leader = role, leader
+        if changed:
+            frame = None
+            for c in self._conns.values():
+                if c.fanout:
+                    frame = frame or self._role_frame(hs.term if hs is not None else None)
+                    c.send(frame)
         if role == Role.LEADER and not was_leader:
             # Entries up to the new leader's first entry may be committed but
             # not yet known as such: a LOAD waits until they are applied.
             self._leader_barrier = self.storage.last_index() + 1
         if was_leader and role != Role.LEADER:
             self._fail_all(ch.DROPPED)
+
+    def _role_frame(self, term: int | None = None) -> bytes:
+        """Workers learn the role (in cluster modes a follower's workers refuse clients)."""
+        body = {"role": self.role.name.lower(), "leader": self.leader, "term": term or self.node.term}
+        return ch.frame(ch.ROLE, orjson.dumps(body))
 
     def _after_commit(self, committed: list[Entry]) -> None:
         me = self.id
