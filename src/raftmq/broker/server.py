@@ -23,7 +23,12 @@ Hooks for the other parts of raftmq:
   client for which ``predicate(conn)`` is true (5.0 DISCONNECT with the reason,
   3.x close).  ``conn.client_id``, ``conn.username`` identify it.
 - ``Broker.store``: the Store (state/store.py); durable changes are submitted
-  through ``Broker.commit`` so that acknowledgements wait for ``done``.
+  through ``Broker.commit(ops, action)`` (then ``Broker.flush_ops()`` when
+  called outside packet handling) so that ``action`` -- e.g. a ``$CONTROL``
+  response -- runs only once ``ops`` are committed.
+- ``Broker.remote_listeners``: callables given every batch of ops committed
+  by another node or worker (``Store.set_remote_listener``), e.g. dynsec
+  changes in ``dynsec-sync`` mode.
 
 Durability (DESIGN.md §2): every durable change is an op (state/entries.py).
 Ops produced while handling one read are collected in ``pending_ops`` and
@@ -79,6 +84,7 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.connections: set[Connection] = set()
         self.control_handlers: dict[str, Callable[[Any, Message], None]] = {}
+        self.remote_listeners: list[Callable[[list], None]] = []
         self.stats = Stats()
         self.retained = Retained()
         self.router = Router(self)
@@ -270,9 +276,7 @@ class Broker:
         self.connections.discard(conn)
         session = conn.session
         if session is None or session.conn is not conn:
-            if conn.client_id and conn.state != NEW:
-                pass
-            return
+            return  # never connected, refused, or taken over (attach_session handled it)
         session.conn = None
         self.connected_count -= 1
         if not conn.graceful:
@@ -326,6 +330,13 @@ class Broker:
                 conn.disconnect(reason_code)
                 n += 1
         return n
+
+    def _on_remote_ops(self, ops: list) -> None:
+        for listener in self.remote_listeners:
+            try:
+                listener(ops)
+            except Exception:
+                log.exception("Error in a remote ops listener")
 
     # -- upkeep ---------------------------------------------------------------
 
@@ -407,6 +418,7 @@ class Broker:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._load()
+        self.store.set_remote_listener(self._on_remote_ops)
         self.sys = SysTopics(self)
         self._next_sys = self.loop.time()
         for listener in self.config.listeners:
