@@ -20,7 +20,7 @@ from raftmq.raft.channel import BlockingChannel
 
 
 def _request(data_dir: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    ch = BlockingChannel(data_dir, timeout=timeout)
+    ch = BlockingChannel(data_dir, timeout=timeout, connect_timeout=2.0)
     try:
         return ch.admin(request)
     finally:

@@ -187,10 +187,11 @@ class BlockingChannel:
     start-up LOAD, tests."""
 
     def __init__(
-        self, data_dir: str, worker_id: int = 0, timeout: float = 10.0, fanout: bool = False
+        self, data_dir: str, worker_id: int = 0, timeout: float = 10.0, fanout: bool = False,
+        connect_timeout: float | None = None,
     ) -> None:
         self.path = socket_path(data_dir)
-        self.sock = connect_blocking(self.path, timeout)
+        self.sock = connect_blocking(self.path, timeout if connect_timeout is None else connect_timeout)
         self.sock.settimeout(timeout)
         self.reader = FrameReader()
         self._pending: list[tuple[int, bytes]] = []
