@@ -120,7 +120,7 @@ def test_add_and_remove_members(make_cluster, capsys) -> None:
     wait_for(lambda: caught_up(newcomer, leader), 30, "the new member to catch up")
     assert before <= retained_keys(newcomer)
     assert newcomer.status()["voters"] == [1, 2, 3, 4]
-    # With 4 voters, commit needs 3: still works with one member down.
+    # With 4 voters a commit needs 3 copies: the new member counts.
     after = leader.propose(keys("n", 20))
     assert after == set(keys("n", 20))
 
