@@ -68,6 +68,8 @@ class SimNode:
     restart_at: int | None = None
     removed: bool = False
     incarnation: int = 0
+    last_commit: int = 0
+    commit_incarnation: int = 0
     proposals: dict[str, int] = field(default_factory=dict)  # tag -> client
     read_requests: dict[bytes, int] = field(default_factory=dict)  # ctx -> client
     waiting_reads: list[tuple[int, bytes]] = field(default_factory=list)
@@ -172,8 +174,25 @@ class Simulation:
                 except ProposalDropped:
                     continue
             if self._converged(leader):
+                self._check_final_logs(leader)
                 return
         self._fail_liveness()
+
+    def _check_final_logs(self, leader: SimNode) -> None:
+        """After convergence every member's log equals the leader's over the
+        range both still hold (Log Matching, checked whole once more)."""
+        ref = leader.raw.log
+        for m in self._members(leader):
+            lg = m.raw.log
+            lo = max(ref.first_index(), lg.first_index())
+            hi = min(ref.last_index(), lg.last_index())
+            if lg.last_index() != ref.last_index():
+                raise Violation(f"final logs: node {m.id} last index {lg.last_index()}, "
+                                f"leader {leader.id} {ref.last_index()}")
+            for a, b in zip(ref.slice(lo, hi + 1), lg.slice(lo, hi + 1), strict=True):
+                if (a.term, a.data, a.kind) != (b.term, b.data, b.kind):
+                    raise Violation(f"final logs: node {m.id} differs from leader "
+                                    f"{leader.id} at index {a.index}")
 
     def _step(self) -> None:
         self.now += 1
@@ -480,6 +499,16 @@ class Simulation:
     def _check(self) -> None:
         for _, n in sorted(self.nodes.items()):
             raw = n.raw
+            if raw is None:
+                continue
+            # Within one incarnation commit never goes back; applied <= commit.
+            commit = raw.log.committed
+            if commit < n.last_commit and n.commit_incarnation == n.incarnation:
+                raise Violation(f"node {n.id} commit index went back {n.last_commit} -> {commit}")
+            if n.applied > commit:
+                raise Violation(f"node {n.id} applied {n.applied} > commit {commit}")
+            n.last_commit = commit
+            n.commit_incarnation = n.incarnation
             if raw is not None and raw.role == Role.LEADER:
                 if raw.term not in self.checker.leaders:
                     self.stats["leaders"] += 1
