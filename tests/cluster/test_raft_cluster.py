@@ -189,6 +189,13 @@ def test_secret_file_readable_by_others_is_refused(tmp_path, mode) -> None:
     assert result.returncode != 0
     assert f"mode {mode:04o}" in result.stderr and "chmod 600" in result.stderr
     assert not (node.data_dir / "raft.sock").exists()
+    # The supervisor refuses before starting anything.
+    result = subprocess.run(
+        [sys.executable, "-m", "raftmq.supervisor", "-c", str(node.config_path)],
+        env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "chmod 600" in result.stderr and "Supervisor" not in result.stderr
 
 
 def test_follower_refuses_proposals_and_they_never_commit(make_cluster) -> None:

@@ -87,3 +87,15 @@ def test_raft_process_restart_fails_pending_and_reports(standalone) -> None:
     assert failures == [CHANNEL_LOST]
     standalone.start()
     wait_for(lambda: standalone.status(timeout=2)["role"] == "leader", 20, "the restart")
+
+
+def test_channel_socket_and_data_are_private(standalone) -> None:
+    """Only the node's user may propose (socket 0600) or read the log (LMDB files 0600)."""
+    import os
+    import stat
+
+    wait_for(lambda: (standalone.data_dir / "raft.sock").exists(), 10, "the channel socket")
+    assert stat.S_IMODE(os.stat(standalone.data_dir / "raft.sock").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(standalone.data_dir).st_mode) == 0o700
+    for name in ("data.mdb", "lock.mdb"):
+        assert stat.S_IMODE(os.stat(standalone.data_dir / "raft.lmdb" / name).st_mode) == 0o600
