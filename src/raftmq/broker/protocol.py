@@ -104,6 +104,7 @@ class Connection(asyncio.Protocol):
         n = len(data)
         self.rx_bytes += n
         broker.stats.bytes_received += n
+        broker._in_read = True
         try:
             packets = self.parser.feed(data)
         except MQTTError as e:
@@ -116,10 +117,12 @@ class Connection(asyncio.Protocol):
             else:
                 dispatch.protocol_error(self, e.reason_code, str(e))
             broker.flush_ops()
+            broker.end_read()
             return
         if packets:
             dispatch.handle_packets(broker, self, packets)
             broker.flush_ops()
+        broker.end_read()
 
     def eof_received(self) -> bool:
         return False  # close the transport

@@ -95,6 +95,14 @@ class Broker:
         self.ports: list[int] = []
         # Writes gathered per connection, flushed once per loop turn.
         self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        # Adaptive gathering (see end_read): True = flush once per loop turn
+        # (call_soon); False = flush at the end of each read.
+        self._per_turn = True
+        self._in_read = False
+        self._reads = 0  # reads since the last flush (per-turn mode) / in this period
+        self._sample_reads = 0
+        self._sample_flushes = 0
         # Store batching.
         self.pending_ops: list = []
         self._pending_actions: list[Callable[[], None]] = []
@@ -130,12 +138,39 @@ class Broker:
     # -- write gathering --------------------------------------------------------
 
     def mark_dirty(self, conn: Connection) -> None:
-        dirty = self._dirty
-        if not dirty:
+        self._dirty.append(conn)
+        if not self._flush_scheduled and (self._per_turn or not self._in_read):
+            self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        dirty.append(conn)
+
+    def end_read(self) -> None:
+        """After each read.  Writes are gathered per loop turn when several
+        connections are read per turn (closed-loop load, fan-in: one write per
+        destination per turn).  When the sampled turns show about one read per
+        turn (open-loop, many slow clients) the extra loop iteration a
+        ``call_soon`` costs buys nothing, so for a while each read's writes are
+        flushed at its end -- still one write per destination per read."""
+        self._in_read = False
+        if self._per_turn:
+            self._reads += 1
+            return
+        if self._dirty:
+            self._flush()
+        self._reads += 1
+        if self._reads >= 2048:  # sample the load again
+            self._reads = 0
+            self._per_turn = True
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._per_turn and self._reads:
+            self._sample_reads += self._reads
+            self._reads = 0
+            self._sample_flushes += 1
+            if self._sample_flushes >= 64:
+                if self._sample_reads < 80:  # under 1.25 reads per turn
+                    self._per_turn = False
+                self._sample_reads = self._sample_flushes = 0
         dirty = self._dirty
         self._dirty = []
         stats = self.stats
