@@ -68,7 +68,7 @@ class RaftNode:
 
     def write_config(
         self, peers: list[RaftNode], secret_file: Path, *, join: bool = False,
-        snapshot_entries: int = 50_000, election_ticks: int = 30,
+        snapshot_entries: int = 50_000, election_ticks: int = 50,
     ) -> None:
         lines = [
             f'data_dir = "{self.data_dir}"',
