@@ -327,3 +327,99 @@ def test_proposals_refused_when_not_leader_names_leader() -> None:
     assert ei.value.leader == 3
     with pytest.raises(ProposalDropped):
         node.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, 9))
+
+
+def _leader_with_follower() -> tuple[RawNode, RawNode, dict[int, MemoryStorage]]:
+    storages = {i: boot((1, 2)) for i in (1, 2)}
+    leader = RawNode(Config(id=1), storages[1], random.Random(1))
+    follower = RawNode(Config(id=2), storages[2], random.Random(2))
+    leader.campaign()
+    for _ in range(10):
+        for m in persist_msgs(leader, storages[1]):
+            follower.step(m)
+        for m in persist_msgs(follower, storages[2]):
+            leader.step(m)
+    assert leader.role == Role.LEADER
+    return leader, follower, storages
+
+
+def test_report_unreachable_stops_streaming() -> None:
+    """The transport's report_unreachable turns optimistic REPLICATE into PROBE
+    (one message at a time from the last known match)."""
+    leader, _, storages = _leader_with_follower()
+    pr = leader.prs[2]
+    assert pr.state == ProgressState.REPLICATE
+    leader.propose(b"x")
+    persist_msgs(leader, storages[1])  # APP lost in the network
+    leader.report_unreachable(2)
+    assert pr.state == ProgressState.PROBE and pr.next == pr.match + 1
+
+
+def test_snapshot_to_follower_behind_compaction_and_report() -> None:
+    """Raft §7: a follower needing compacted entries gets SNAP; until the
+    transport reports the outcome the follower is paused; a failure falls back
+    to probing, and a later snapshot gets through and the follower catches up."""
+    ids = (1, 2, 3)
+    storages = {i: boot(ids) for i in ids}
+    nodes = {i: RawNode(Config(id=i), storages[i], random.Random(i)) for i in ids}
+    down: set[int] = set()
+    snaps: list[Message] = []
+
+    def pump() -> None:
+        for _ in range(50):
+            msgs = []
+            for i in ids:
+                if nodes[i].has_ready():
+                    rd = nodes[i].ready()
+                    if rd.snapshot is not None:
+                        storages[i].apply_snapshot(rd.snapshot)
+                    storages[i].append(rd.entries)
+                    if rd.hard_state:
+                        storages[i].set_hard_state(rd.hard_state)
+                    nodes[i].advance(rd)
+                    msgs += rd.messages
+            if not msgs:
+                return
+            for m in msgs:
+                if m.type == MT.SNAP:
+                    snaps.append(m)
+                if m.dst not in down and m.src not in down:
+                    nodes[m.dst].step(m)
+
+    leader = nodes[1]
+    leader.campaign()
+    pump()
+    down.add(2)
+    for i in range(10):
+        leader.propose(b"%d" % i)
+    pump()
+    applied = leader.log.applied
+    assert applied == leader.log.last_index()
+    storages[1].create_snapshot(applied, ConfState(ids), b"snap")
+    storages[1].compact(applied)
+    leader.report_unreachable(2)
+    pr = leader.prs[2]
+    for _ in range(3):  # heartbeats go unanswered: 2 is down
+        leader.tick()
+        pump()
+    down.clear()
+    for _ in range(3):  # 2 answers a heartbeat; its next entries are compacted
+        leader.tick()
+        pump()
+        if snaps:
+            break
+    assert snaps and snaps[0].dst == 2 and snaps[0].snapshot.data == b"snap"
+    assert pr.state == ProgressState.REPLICATE or pr.state == ProgressState.SNAPSHOT
+    if pr.state == ProgressState.SNAPSHOT:
+        assert pr.is_paused()
+    leader.report_snapshot(2, True)
+    pump()
+    leader.tick()
+    pump()
+    assert storages[2].snapshot().data == b"snap"
+    assert nodes[2].log.last_index() == leader.log.last_index()
+    assert pr.state == ProgressState.REPLICATE
+    # A failed send falls back to probing.
+    pr.become_snapshot(applied)
+    leader.report_snapshot(2, False)
+    assert pr.state == ProgressState.PROBE and pr.is_paused()
