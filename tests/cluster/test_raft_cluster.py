@@ -208,3 +208,18 @@ def test_follower_refuses_proposals_and_they_never_commit(make_cluster) -> None:
     wait_for(lambda: caught_up(follower, leader), 20, "the follower to apply")
     assert not {k for k in retained_keys(follower) if k.startswith("f")}
     assert marker <= retained_keys(follower)
+
+
+def test_leader_stopping_on_purpose_hands_over_leadership(make_cluster) -> None:
+    """SIGTERM on the leader (a rolling restart): it transfers leadership first (thesis §3.10)."""
+    cluster = make_cluster(3)
+    leader = cluster.leader()
+    committed = leader.propose(keys("r", 20))
+    assert leader.terminate() == 0
+    log = leader.log_text()
+    assert "Transferring leadership to node" in log
+    target = int(log.split("Transferring leadership to node ")[1].split()[0])
+    new_leader = cluster.leader(exclude=leader.id)
+    assert new_leader.id == target
+    assert f"Raft node {leader.id} is now follower (leader {target}" in log
+    assert committed <= retained_keys(new_leader)

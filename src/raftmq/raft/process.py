@@ -215,6 +215,7 @@ class RaftProcess:
         )
         await self._stop_event.wait()
         log.info("Raft node %d shutting down", self.id)
+        await self._hand_over_leadership()
         self._stopping = True
         ticker.cancel()
         if syncer is not None:
@@ -236,6 +237,24 @@ class RaftProcess:
         except OSError:
             pass
         log.info("Raft node %d stopped", self.id)
+
+    async def _hand_over_leadership(self) -> None:
+        """A leader that stops on purpose hands over first (thesis §3.10), so the
+        cluster does not wait an election timeout (rolling restarts)."""
+        if self.role != Role.LEADER or len(self.conf_state.voters) < 2:
+            return
+        progress = _progress_of(self.node.status())
+        others = [v for v in self.conf_state.voters if v != self.id]
+        target = max(others, key=lambda v: progress.get(str(v), {}).get("match", 0))
+        log.info("Transferring leadership to node %d before shutdown", target)
+        try:
+            self.node.transfer_leadership(target)
+        except ProposalDropped:
+            return
+        self._schedule()
+        deadline = time.monotonic() + 2 * self.settings.election_ticks * self.settings.tick_ms / 1000
+        while self.role == Role.LEADER and time.monotonic() < deadline:
+            await asyncio.sleep(self.settings.tick_ms / 1000)
 
     async def _start_channel(self) -> None:
         path = ch.socket_path(self.data_dir)
