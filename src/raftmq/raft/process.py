@@ -49,8 +49,11 @@ transaction.
 Durability: "sync" (default) opens LMDB with a flush at every commit, so a
 proposer is told COMMITTED only after the entry is on disk (on a majority, in a
 cluster).  "async" commits to the OS page cache and fsyncs once a second: a
-crash of the process loses nothing, a crash of the machine may lose the last
-second of acknowledged messages.
+crash of the process loses nothing (the page cache survives it), a crash of
+the machine may lose the last second of acknowledged messages -- and, as LMDB
+documents for MDB_NOSYNC, on a file system that does not keep write order it
+may leave the environment unusable.  It is the weaker setting, for nodes
+whose durability comes from the cluster rather than from their own disk.
 """
 
 from __future__ import annotations
