@@ -40,6 +40,9 @@ class Options:
     crash_rate: float
     leader_crash_rate: float
     """Probability per step that the current leader crashes (the hard case)."""
+    new_leader_crash: float
+    """Probability that a newly elected leader crashes within a few message
+    delays, before it replicated much (Figure 8-style histories)."""
     restart_delay_max: int
     tick_min: int
     tick_max: int
@@ -81,6 +84,7 @@ def swarm(seed: int, nodes: int | None = None, steps: int | None = None) -> Opti
         leader_early_send=rng.random() < 0.5,
         crash_rate=rng.choice((0.0, 0.0005, 0.002)),
         leader_crash_rate=rng.choice((0.0, 0.0, 0.001, 0.003)),
+        new_leader_crash=rng.choice((0.0, 0.0, 0.1, 0.3)),
         restart_delay_max=rng.choice((50, 300, 1000)),
         tick_min=rng.choice((8, 10)),
         tick_max=rng.choice((10, 12, 14)),
@@ -93,6 +97,6 @@ def swarm(seed: int, nodes: int | None = None, steps: int | None = None) -> Opti
         keys=rng.choice((1, 2, 3)),
         read_index_ratio=rng.choice((0.0, 0.5, 1.0)),
         election_tick=10,
-        max_size_per_msg=rng.choice((64, 512, 1 << 20)),
+        max_size_per_msg=rng.choice((1, 64, 512, 1 << 20)),
         max_inflight_msgs=rng.choice((1, 4, 64)),
     )

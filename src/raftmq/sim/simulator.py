@@ -112,6 +112,7 @@ class Simulation:
         self.clients = [Client(c) for c in range(1, opts.client_count + 1)]
         self.history: list[Op] = []
         self.partition_until = 0
+        self.doomed: dict[int, tuple[int, int]] = {}  # node -> (term, crash at step)
         self.faults = True
         self.stats = {"crashes": 0, "restarts": 0, "partitions": 0, "conf_changes": 0,
                       "transfers": 0, "snapshots": 0, "ops_ok": 0, "ops_timeout": 0,
@@ -415,6 +416,16 @@ class Simulation:
                 victim.restart_at = now + rng.randint(1, opts.restart_delay_max)
                 self.stats["crashes"] += 1
                 logger.info("t=%d crash node %d", now, victim.id)
+        for node_id, (term, at) in list(self.doomed.items()):
+            n = self.nodes[node_id]
+            if n.raw is None or n.raw.term != term:
+                del self.doomed[node_id]
+            elif now >= at:
+                del self.doomed[node_id]
+                self._crash(n)
+                n.restart_at = now + rng.randint(1, opts.restart_delay_max)
+                self.stats["crashes"] += 1
+                logger.info("t=%d crash new leader %d of term %d", now, node_id, term)
         leader = self._any_leader()
         if leader is not None and rng.random() < opts.leader_crash_rate:
             self._crash(leader)
@@ -512,6 +523,9 @@ class Simulation:
             if raw is not None and raw.role == Role.LEADER:
                 if raw.term not in self.checker.leaders:
                     self.stats["leaders"] += 1
+                    if self.faults and self.rng.random() < self.opts.new_leader_crash:
+                        at = self.now + self.rng.randint(1, 2 * self.opts.delay_max + 2)
+                        self.doomed[n.id] = (raw.term, at)
                 self.checker.observe_leader(n.id, raw.term, raw.log)
 
     def _members(self, leader: SimNode) -> list[SimNode]:
