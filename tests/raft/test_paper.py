@@ -10,6 +10,7 @@ can isolate nodes or drop messages.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -52,13 +53,17 @@ class Cluster:
         voters = tuple(range(1, n + 1))
         self.storage = {i: make_storage(voters, learners) for i in voters + learners}
         self.nodes = {i: make_node(i, st, **cfg) for i, st in self.storage.items()}
+        self.cfg = cfg
         self.isolated: set[int] = set()
         self.dropped: set[tuple[int, int]] = set()
+        self.drop_if: Callable[[Message], bool] | None = None
         self.applied: dict[int, list[Entry]] = {i: [] for i in self.nodes}
         self.reads: dict[int, list[ReadState]] = {i: [] for i in self.nodes}
         self.sent: list[Message] = []
 
     def blocked(self, m: Message) -> bool:
+        if self.drop_if is not None and self.drop_if(m):
+            return True
         return m.src in self.isolated or m.dst in self.isolated or (m.src, m.dst) in self.dropped
 
     def process(self, i: int) -> list[Message]:
@@ -90,6 +95,19 @@ class Cluster:
                 if not self.blocked(m) and m.dst in self.nodes:
                     self.nodes[m.dst].step(m)
         raise AssertionError("cluster did not stabilize")
+
+    def restart(self, i: int) -> RawNode:
+        """Crash and restart node i on what its storage holds."""
+        self.nodes[i] = make_node(i, self.storage[i], **self.cfg)
+        return self.nodes[i]
+
+    def campaign_until_leader(self, i: int, attempts: int = 3) -> RawNode:
+        for _ in range(attempts):
+            self.nodes[i].campaign()
+            self.stabilize()
+            if self.nodes[i].role == Role.LEADER:
+                return self.nodes[i]
+        raise AssertionError(f"{i} not elected")
 
     def tick(self, i: int, n: int = 1) -> None:
         for _ in range(n):
@@ -402,6 +420,53 @@ def test_leader_never_commits_previous_term_entry_by_counting() -> None:
     # Once the no-op of term 3 is on a majority, both commit.
     leader.step(Message(MT.APP_RESP, src=2, dst=1, term=3, index=3))
     assert leader.log.committed == 3
+
+
+def test_figure8_previous_term_entry_not_lost() -> None:
+    """Raft §5.4.2, Figure 8 replayed: an entry of term 2 that leader S1 (term 4)
+    has copied to a majority must not be committed by counting; S5 (with a
+    term-3 entry at that index) may still be elected and overwrite it, and no
+    node ever applied the overwritten entry."""
+    c = Cluster(5, pre_vote=False, check_quorum=False, max_size_per_msg=1, max_inflight_msgs=1)
+    s1 = c.elect(1)  # (a) S1 leads term 2
+    k = s1.log.last_index() + 1
+    c.isolated = {3, 4, 5}
+    s1.propose(b"x")  # entry k, term 2, reaches S2 only
+    c.stabilize()
+    assert c.storage[2].last_index() == k and s1.log.committed < k
+    # (b) S1 crashes. S5 is elected for term 3 by S3, S4 and itself, writes
+    # its no-op at index k, and crashes before sending it anywhere.
+    c.restart(1)
+    c.isolated = {1, 2}
+    c.drop_if = lambda m: m.src == 5 and m.type == MT.APP
+    s5 = c.campaign_until_leader(5)
+    assert s5.term == 3 and s5.log.term(k) == 3
+    c.restart(5)
+    # (c) S1 is elected for term 4 and copies entry k (term 2) to S3 and S4,
+    # but the term-4 no-op after it reaches only S2.
+    c.isolated = {5}
+    c.drop_if = lambda m: (
+        m.dst in (3, 4) and m.type == MT.APP and c.nodes[m.dst].log.last_index() >= k
+        and any(e.index > k for e in m.entries)
+    )
+    s1 = c.campaign_until_leader(1)
+    assert s1.term == 4
+    assert [c.nodes[i].log.term_or_zero(k) for i in (1, 2, 3, 4)] == [2, 2, 2, 2]
+    assert s1.log.committed < k  # on a majority, yet never committed by counting
+    # (d) S1 crashes; S5 comes back and wins term 5 (its last term 3 beats the
+    # term 2 of S3 and S4), overwriting entry k.
+    c.drop_if = None
+    c.restart(1)
+    c.isolated = {1}
+    s5 = c.campaign_until_leader(5)
+    assert s5.term == 5
+    c.isolated = set()
+    c.tick_all(3)
+    final = {e.index: (e.term, e.data) for e in c.applied[5]}
+    assert final[k][0] == 3
+    for i, entries in c.applied.items():
+        for e in entries:
+            assert final.get(e.index, (e.term, e.data)) == (e.term, e.data), (i, e)
 
 
 def test_leader_is_append_only() -> None:
