@@ -2,6 +2,10 @@
 
 - ``broker``: parametrized over ["raftmq", "mosquitto"] -- the same test runs
   against both (differential tests); ``-k raftmq`` / ``-k mosquitto`` picks one.
+  With default options one broker process of each kind is shared by the tests of
+  a module (tests use unique topics and client ids); a test after which that
+  broker is no longer running gets an error in its teardown, and the next test
+  gets a fresh broker.
 - ``make_broker(**options)``: a broker of the same parametrized kind with
   mosquitto.conf-named options (e.g. ``max_inflight_messages=5``).
 - ``raftmq`` / ``mosquitto``: one broker of that kind with default options;
@@ -38,7 +42,7 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
         b.stop()
 
 
-@pytest.fixture(params=BROKER_KINDS)
+@pytest.fixture(scope="module", params=BROKER_KINDS)
 def broker_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -51,9 +55,29 @@ def make_broker(broker_kind: str, broker_factory: Callable[..., BrokerProcess]) 
     return make
 
 
+@pytest.fixture(scope="module")
+def _shared_brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, BrokerProcess]]:
+    running: dict[str, BrokerProcess] = {}
+    yield running
+    for b in running.values():
+        b.stop()
+
+
 @pytest.fixture
-def broker(make_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
-    return make_broker()
+def broker(broker_kind: str, _shared_brokers: dict[str, BrokerProcess],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    if broker_kind == "mosquitto" and not os.path.exists(MOSQUITTO):
+        pytest.skip("mosquitto is not installed")
+    b = _shared_brokers.get(broker_kind)
+    if b is None or not b.alive():
+        b = BrokerProcess(broker_kind, tmp_path_factory.mktemp(f"shared-{broker_kind}")).start()
+        _shared_brokers[broker_kind] = b
+    yield b
+    if not b.alive():
+        del _shared_brokers[broker_kind]
+        b.stop()
+        pytest.fail(f"{broker_kind} exited during this test (status {b.proc.returncode}):\n"
+                    + b.log_tail())
 
 
 @pytest.fixture

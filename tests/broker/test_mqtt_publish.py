@@ -42,7 +42,7 @@ def test_delivery_qos_is_min_of_publish_and_subscription(broker, version, pub_qo
             sub.ack(PUBREC, got.pid)
             assert sub.expect(PUBREL).pid == got.pid  # [MQTT-4.3.3-?] the server's PUBREL
             sub.ack(PUBCOMP, got.pid)
-        assert sub.nothing_for(0.3)
+        assert sub.no_publish_pending()
 
 
 def test_qos2_duplicate_publish_delivered_once(broker):
@@ -56,7 +56,7 @@ def test_qos2_duplicate_publish_delivered_once(broker):
         assert pub.expect(PUBREC).pid == 5
         pub.ack(PUBREL, 5)
         assert pub.expect(PUBCOMP).pid == 5
-        assert [p.payload for p in sub.drain_publishes(0.5)] == [b"once"]
+        assert [p.payload for p in sub.drain_publishes()] == [b"once"]
 
 
 def test_qos2_packet_id_reusable_after_pubcomp(broker):
@@ -65,7 +65,7 @@ def test_qos2_packet_id_reusable_after_pubcomp(broker):
         sub.subscribe(1, [(topic, 2)])
         _publish_flow(pub, topic, b"first", 2, pid=9)
         _publish_flow(pub, topic, b"second", 2, pid=9)
-        assert [p.payload for p in sub.drain_publishes(0.5)] == [b"first", b"second"]
+        assert [p.payload for p in sub.drain_publishes()] == [b"first", b"second"]
 
 
 def test_qos2_pubrel_for_unknown_id_gets_pubcomp(broker):
@@ -114,7 +114,7 @@ def test_unacked_qos1_redelivered_with_dup_on_reconnect(broker, version):
         re = again.recv_publish(auto_ack=False)
         assert (re.pid, re.payload, re.dup, re.qos) == (first.pid, b"r1", True, 1)
         again.ack(PUBACK, re.pid)
-        assert again.nothing_for(0.3)
+        assert again.no_publish_pending()
 
 
 def test_unacked_qos2_publish_redelivered_on_reconnect(broker):
@@ -151,7 +151,7 @@ def test_pubrel_resent_on_reconnect_after_pubrec(broker):
         rel = again.recv()
         assert (rel.type, rel.pid) == (PUBREL, first.pid)
         again.ack(PUBCOMP, rel.pid)
-        assert again.nothing_for(0.3)
+        assert again.no_publish_pending()
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])

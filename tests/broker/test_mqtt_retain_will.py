@@ -37,7 +37,7 @@ def test_retained_replaced_by_newer(broker):
     _retain(broker, topic, b"new")
     with connected(broker) as s:
         s.subscribe(1, [(topic, 1)])
-        assert [p.payload for p in s.drain_publishes(0.5)] == [b"new"]
+        assert [p.payload for p in s.drain_publishes()] == [b"new"]
 
 
 def test_retained_cleared_by_empty_payload(broker):
@@ -48,7 +48,7 @@ def test_retained_cleared_by_empty_payload(broker):
     _retain(broker, topic, b"")
     with connected(broker) as s:
         s.subscribe(1, [(topic, 1)])
-        assert s.nothing_for(0.5)
+        assert s.no_publish_pending()
 
 
 def test_retained_matched_by_wildcards(broker):
@@ -57,9 +57,9 @@ def test_retained_matched_by_wildcards(broker):
         _retain(broker, f"{base}/{leaf}", leaf.encode())
     with connected(broker) as s:
         s.subscribe(1, [(base + "/+", 0)])
-        assert sorted(p.payload for p in s.drain_publishes(0.5)) == [b"a", b"b"]
+        assert sorted(p.payload for p in s.drain_publishes()) == [b"a", b"b"]
         s.subscribe(2, [(base + "/#", 0)])
-        assert sorted(p.payload for p in s.drain_publishes(0.5)) == [b"a", b"b", b"c/d"]
+        assert sorted(p.payload for p in s.drain_publishes()) == [b"a", b"b", b"c/d"]
 
 
 def test_retain_flag_cleared_for_existing_subscribers_311(broker):
@@ -98,9 +98,9 @@ def test_v5_retain_handling_0_sends_on_every_subscribe(broker):
     _retain(broker, topic, b"r", version=5)
     with connected(broker, version=5) as s:
         s.subscribe(1, [(topic, sub_options(1, rh=0))])
-        assert [p.payload for p in s.drain_publishes(0.4)] == [b"r"]
+        assert [p.payload for p in s.drain_publishes()] == [b"r"]
         s.subscribe(2, [(topic, sub_options(1, rh=0))])
-        assert [p.payload for p in s.drain_publishes(0.4)] == [b"r"]
+        assert [p.payload for p in s.drain_publishes()] == [b"r"]
 
 
 def test_v5_retain_handling_1_only_for_new_subscription(broker):
@@ -108,9 +108,9 @@ def test_v5_retain_handling_1_only_for_new_subscription(broker):
     _retain(broker, topic, b"r", version=5)
     with connected(broker, version=5) as s:
         s.subscribe(1, [(topic, sub_options(1, rh=1))])
-        assert [p.payload for p in s.drain_publishes(0.4)] == [b"r"]
+        assert [p.payload for p in s.drain_publishes()] == [b"r"]
         s.subscribe(2, [(topic, sub_options(1, rh=1))])
-        assert s.nothing_for(0.4)
+        assert s.no_publish_pending()
 
 
 def test_v5_retain_handling_2_never(broker):
@@ -118,7 +118,7 @@ def test_v5_retain_handling_2_never(broker):
     _retain(broker, topic, b"r", version=5)
     with connected(broker, version=5) as s:
         s.subscribe(1, [(topic, sub_options(1, rh=2))])
-        assert s.nothing_for(0.4)
+        assert s.no_publish_pending()
         _retain(broker, topic, b"live", version=5)  # live messages still arrive
         assert s.recv_publish().payload == b"live"
 
@@ -162,8 +162,9 @@ def test_will_not_published_on_normal_disconnect(broker, version):
     with _watch(broker, topic) as w:
         c = connected(broker, version=version, will=Will(topic, b"bye"))
         c.disconnect()
+        c.wait_closed()  # the server has handled the DISCONNECT and closed
         c.close()
-        assert w.nothing_for(0.7)
+        assert w.no_publish_pending(0.3)
 
 
 def test_v5_disconnect_with_will_message_reason_sends_will(broker):

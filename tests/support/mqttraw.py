@@ -514,7 +514,7 @@ class RawClient:
                 self.ack(PUBREC, p.pid)
             return p
 
-    def drain_publishes(self, quiet: float = 0.5, auto_ack: bool = True,
+    def drain_publishes(self, quiet: float = 0.3, auto_ack: bool = True,
                         first: float = 3.0) -> list[Packet]:
         """Every PUBLISH until ``quiet`` seconds pass without one.
 
@@ -542,6 +542,17 @@ class RawClient:
                 out.append(self.recv_publish(remaining, auto_ack))
             except TimeoutError:
                 return out
+
+    def no_publish_pending(self, extra: float = 0.1) -> bool:
+        """True if no PUBLISH is queued for this client: a PINGREQ round trip is a barrier
+        (the server answers it after what it already sent to us), then ``extra`` seconds."""
+        self.send(b"\xc0\x00")
+        while True:
+            p = self.recv(3.0)
+            if p.type == PINGRESP:
+                break
+            raise AssertionError(f"expected silence, got {p}")
+        return self.nothing_for(extra)
 
     def nothing_for(self, seconds: float) -> bool:
         """True if no packet (other than PINGRESP) arrives for ``seconds``."""
