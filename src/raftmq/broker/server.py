@@ -28,7 +28,8 @@ Hooks for the other parts of raftmq:
   response -- runs only once ``ops`` are committed.
 - ``Broker.remote_listeners``: callables given every batch of ops committed
   by another node or worker (``Store.set_remote_listener``), e.g. dynsec
-  changes in ``dynsec-sync`` mode.
+  changes in ``dynsec-sync`` mode (unless a plugin replaced the store's
+  listener with its own after the Broker was made).
 
 Durability (DESIGN.md §2): every durable change is an op (state/entries.py).
 Ops produced while handling one read are collected in ``pending_ops`` and
@@ -85,6 +86,10 @@ class Broker:
         self.connections: set[Connection] = set()
         self.control_handlers: dict[str, Callable[[Any, Message], None]] = {}
         self.remote_listeners: list[Callable[[list], None]] = []
+        # Registered now, so that a plugin installed before start() that sets
+        # its own store listener (dynsec does) takes precedence.
+        if hasattr(store, "set_remote_listener"):
+            store.set_remote_listener(self._on_remote_ops)
         self.stats = Stats()
         self.retained = Retained()
         self.router = Router(self)
@@ -453,7 +458,6 @@ class Broker:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._load()
-        self.store.set_remote_listener(self._on_remote_ops)
         self.sys = SysTopics(self)
         self._next_sys = self.loop.time()
         for listener in self.config.listeners:
