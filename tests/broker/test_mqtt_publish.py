@@ -250,3 +250,31 @@ def test_client_receives_its_own_publish_without_no_local(broker):
         c.subscribe(1, [(topic, 0)])
         c.publish(topic, b"self")
         assert c.recv().type == PUBLISH
+
+
+def test_unacked_message_not_resent_while_connected(broker):
+    """[MQTT-4.4.0-1] (5.0): the server re-sends unacknowledged PUBLISHes only on reconnect,
+    never on a timer while the connection is up."""
+    topic = unique("nr/")
+    with connected(broker, version=5) as sub, connected(broker) as pub:
+        sub.subscribe(1, [(topic, 1)])
+        _publish_flow(pub, topic, b"once", 1, pid=1)
+        got = sub.recv_publish(auto_ack=False)
+        assert got.payload == b"once"
+        assert sub.nothing_for(1.5)
+
+
+def test_max_inflight_messages_limits_outgoing_311(make_broker):
+    """max_inflight_messages: at most that many unacknowledged QoS 1 messages go to a client;
+    the rest wait (queued) until acks arrive."""
+    b = make_broker(max_inflight_messages=2)
+    topic = unique("mi/")
+    with connected(b) as sub, connected(b) as pub:
+        sub.subscribe(1, [(topic, 1)])
+        for i in range(5):
+            _publish_flow(pub, topic, str(i).encode(), 1, pid=i + 1)
+        first = sub.drain_publishes(auto_ack=False)
+        assert [p.payload for p in first] == [b"0", b"1"]
+        for p in first:
+            sub.ack(PUBACK, p.pid)
+        assert [p.payload for p in sub.drain_publishes()] == [b"2", b"3", b"4"]

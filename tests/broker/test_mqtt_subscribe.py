@@ -339,3 +339,13 @@ def test_subscribe_before_connect_closes(broker, version):
     with raw(broker, version) as c:
         c.send(subscribe(1, [("a", 0)], version=version))
         assert c.wait_closed() == []
+
+
+def test_v5_subscription_identifier_on_retained_delivery(broker):
+    topic = unique("sid/")
+    _pub(broker, topic, b"kept", version=5, retain=True)
+    with connected(broker, version=5) as c:
+        c.subscribe(1, [(topic, 1)], {"subscription_identifier": 9})
+        got = c.recv_publish()
+        assert (got.payload, got.retain, got.props.get("subscription_identifier")) == (
+            b"kept", True, [9])
