@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import heapq
 import logging
 import signal
 from collections.abc import Callable
@@ -117,6 +118,7 @@ class Broker:
         self._next_sys = 0.0
         self.connect_timeout = CONNECT_TIMEOUT
         self.connected_count = 0  # sessions with a connection
+        self._expiries: list[tuple[float, str]] = []  # heap of (expire_at, client id)
         # What the broker announces in an MQTT 5 CONNACK (§3.2.2.3).
         inflight = config.max_inflight_messages
         self.receive_maximum = inflight if 0 < inflight < 65535 else 65535
@@ -331,7 +333,7 @@ class Broker:
             self.end_session(session, ops)
         else:
             if session.expiry_interval != EXPIRY_NEVER:
-                session.expire_at = self.loop.time() + session.expiry_interval
+                self._schedule_expiry(session, self.loop.time() + session.expiry_interval)
             if will is not None:
                 delay = min(will[0], session.expiry_interval)
                 if delay == 0:
@@ -371,6 +373,10 @@ class Broker:
                 n += 1
         return n
 
+    def _schedule_expiry(self, session: Session, at: float) -> None:
+        session.expire_at = at
+        heapq.heappush(self._expiries, (at, session.client_id))
+
     def _on_remote_ops(self, ops: list) -> None:
         for listener in self.remote_listeners:
             try:
@@ -404,9 +410,13 @@ class Broker:
                     log.info("Client %s has exceeded timeout, disconnecting.", conn.client_id)
                     conn.disconnect(RC_KEEP_ALIVE_TIMEOUT)
         ops: list = []
-        for session in list(self.sessions.values()):
-            if session.conn is None and session.expire_at and session.expire_at <= now:
-                log.info("Expiring client %s.", session.client_id)
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            at, client_id = heapq.heappop(expiries)
+            session = self.sessions.get(client_id)
+            # Stale entries (reconnected, ended, rescheduled) are skipped.
+            if session is not None and session.conn is None and session.expire_at == at:
+                log.info("Expiring client %s.", client_id)
                 self.stats.clients_expired += 1
                 self.end_session(session, ops)
         self.wills.tick(now)
@@ -429,7 +439,7 @@ class Broker:
                               record.username)
             session.durable = True
             if record.expiry_interval != EXPIRY_NEVER:
-                session.expire_at = now + record.expiry_interval
+                self._schedule_expiry(session, now + record.expiry_interval)
             self.sessions[record.client_id] = session
             for topic_filter, (options, sub_id) in record.subscriptions.items():
                 qos, no_local, rap, rh = unpack_sub_options(options)
