@@ -26,6 +26,14 @@ from support.brokers import MOSQUITTO, BrokerProcess
 BROKER_KINDS = ["raftmq", "mosquitto"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "waits: waits seconds on purpose (keep alive, expiry, will delay, $SYS interval); "
+        "in the default run, `-m 'not waits'` for a quick one",
+    )
+
+
 @pytest.fixture
 def broker_factory(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
@@ -80,9 +88,14 @@ def broker(broker_kind: str, _shared_brokers: dict[str, BrokerProcess],
                     + b.log_tail())
 
 
+# Validation aid: RAFTMQ_TESTS_RAFTMQ_IS=mosquitto runs the raftmq-only tests against
+# Mosquitto, to see them fail where Mosquitto lacks the feature they check.
+_RAFTMQ_KIND = os.environ.get("RAFTMQ_TESTS_RAFTMQ_IS", "raftmq")
+
+
 @pytest.fixture
 def raftmq_factory(broker_factory: Callable[..., BrokerProcess]) -> Callable[..., BrokerProcess]:
-    return lambda **options: broker_factory("raftmq", **options)
+    return lambda **options: broker_factory(_RAFTMQ_KIND, **options)
 
 
 @pytest.fixture

@@ -209,6 +209,7 @@ def test_config_listener_with_allow_anonymous(tmp_path):
         b.stop()
 
 
+@pytest.mark.waits
 def test_persistent_client_expiration_ends_idle_311_sessions(raftmq_factory):
     """persistent_client_expiration: a 3.1.1 persistent session whose client stays away that
     long is removed (Mosquitto's option; seconds here, Mosquitto's minimum unit is an hour)."""

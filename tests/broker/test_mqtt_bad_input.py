@@ -179,6 +179,7 @@ def test_slow_packet_byte_by_byte_accepted(broker):
         assert c.expect(PINGRESP).type == PINGRESP
 
 
+@pytest.mark.waits
 def test_half_sent_packet_then_silence_closed_by_keepalive(broker):
     """A packet that never completes does not keep a connection alive beyond 1.5x keep alive."""
     with connected(broker, keepalive=1) as c:
@@ -187,6 +188,7 @@ def test_half_sent_packet_then_silence_closed_by_keepalive(broker):
     assert_serves(broker)
 
 
+@pytest.mark.waits
 def test_connection_without_connect_closed(raftmq):
     """[MQTT-3.1.4-?] 5.0 §4.2/3.1.1 §3.1.4: a server SHOULD close a connection that sends no
     CONNECT within a reasonable time.  raftmq only (Mosquitto 2.0.11 waits much longer)."""

@@ -164,6 +164,7 @@ def test_v5_session_expiry_zero_ends_session_at_disconnect(broker):
         assert c.no_publish_pending()
 
 
+@pytest.mark.waits
 def test_v5_session_expires_after_interval(broker):
     cid, topic = unique("se"), unique("se/")
     _queue_one(broker, cid, topic, 5, clean=False, props={"session_expiry_interval": 1})
@@ -208,6 +209,7 @@ def test_v5_disconnect_setting_expiry_when_connect_had_zero_is_protocol_error(br
 # --------------------------------------------------------------------------- keep alive
 
 
+@pytest.mark.waits
 def test_silent_client_disconnected_after_keepalive_and_will_sent(broker):
     """[MQTT-3.1.2-24]: no packet within 1.5 x keep alive -> the server closes; the will goes out."""
     will_topic = unique("will/")
@@ -221,6 +223,7 @@ def test_silent_client_disconnected_after_keepalive_and_will_sent(broker):
         silent.close()
 
 
+@pytest.mark.waits
 def test_keepalive_allows_one_and_a_half_intervals(broker):
     """The server waits 1.5 x keep alive: silent 1.2 x, then a PINGREQ still gets PINGRESP."""
     with connected(broker, keepalive=2) as c:
@@ -229,6 +232,7 @@ def test_keepalive_allows_one_and_a_half_intervals(broker):
         assert c.expect(PINGRESP).type == PINGRESP
 
 
+@pytest.mark.waits
 def test_pings_keep_the_connection_open(broker):
     with connected(broker, keepalive=1) as c:
         for _ in range(5):
@@ -248,6 +252,7 @@ def test_v5_server_keep_alive_from_max_keepalive(make_broker):
         assert c.connect(unique("k"), keepalive=5).props.get("server_keep_alive", 5) == 5
 
 
+@pytest.mark.waits
 def test_v5_server_keep_alive_is_enforced(raftmq_factory):
     """The client asked 60 s, the server said 1 s: the server closes after ~1.5 s of silence.
 

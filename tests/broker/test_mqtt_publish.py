@@ -252,6 +252,7 @@ def test_client_receives_its_own_publish_without_no_local(broker):
         assert c.recv().type == PUBLISH
 
 
+@pytest.mark.waits
 def test_unacked_message_not_resent_while_connected(broker):
     """[MQTT-4.4.0-1] (5.0): the server re-sends unacknowledged PUBLISHes only on reconnect,
     never on a timer while the connection is up."""

@@ -210,6 +210,7 @@ def test_v5_will_properties_passed_through(broker):
         assert {k: got.props.get(k) for k in props} == props
 
 
+@pytest.mark.waits
 def test_v5_will_delay_interval_delays_will(broker):
     """5.0 §3.1.3.2.2: the will goes out Will Delay Interval seconds after the connection ends."""
     topic = unique("will/")
@@ -222,6 +223,7 @@ def test_v5_will_delay_interval_delays_will(broker):
         assert w.recv_publish(timeout=5).payload == b"late"
 
 
+@pytest.mark.waits
 def test_v5_will_cancelled_by_reconnect_within_delay(broker):
     """5.0 §3.1.3.2.2: a reconnect of the session before the delay ends cancels the will."""
     topic, cid = unique("will/"), unique("wd")
@@ -237,6 +239,7 @@ def test_v5_will_cancelled_by_reconnect_within_delay(broker):
             again.disconnect()
 
 
+@pytest.mark.waits
 def test_v5_will_sent_when_session_ends_before_delay(broker):
     """5.0 §3.1.2.5: the will is sent at the earlier of will delay and session end."""
     topic = unique("will/")

@@ -295,6 +295,7 @@ def test_offline_session_survives_many_messages(broker):
 # --------------------------------------------------------------------------- message expiry
 
 
+@pytest.mark.waits
 def test_v5_expired_queued_message_not_delivered(broker):
     """5.0 §3.3.2.3.3: a message whose expiry interval passed is not sent to the subscriber."""
     cid, topic = unique("me"), unique("me/")
@@ -313,6 +314,7 @@ def test_v5_expired_queued_message_not_delivered(broker):
         assert got[0].props["message_expiry_interval"] < 60
 
 
+@pytest.mark.waits
 def test_v5_expired_retained_message_not_delivered(broker):
     topic = unique("me/")
     _pub(broker, topic, b"fleeting", version=5, retain=True, props={"message_expiry_interval": 1})

@@ -9,6 +9,8 @@ import pytest
 from support.helpers import connected, unique
 from support.mqttraw import PUBACK
 
+pytestmark = pytest.mark.waits  # every test waits for $SYS intervals
+
 # The topics Mosquitto 2.0 publishes that the issue names (version, uptime, clients, messages
 # and bytes, publish counters, subscriptions, retained count, load averages).
 REQUIRED = [
