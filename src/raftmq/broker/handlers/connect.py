@@ -144,13 +144,10 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
                 p.will_payload.decode("utf-8")
             except UnicodeDecodeError:
                 return refuse(conn, RC_PAYLOAD_FORMAT_INVALID)  # [MQTT-3.1.3-11]
-        expiry_at = 0
-        interval = wprops.pop("message_expiry_interval", None)
-        if interval is not None:
-            expiry_at = 0  # counted from when the will is published (will.py)
-            wprops["message_expiry_interval"] = interval
+        # A will's Message Expiry Interval stays in its properties: it counts
+        # from when the will is published (will.will_to_publish), not from now.
         will = (delay, Message(p.will_topic, bytes(p.will_payload or b""), p.will_qos,
-                               bool(p.will_retain), wprops or None, expiry_at))
+                               bool(p.will_retain), wprops or None, 0))
 
     # -- authentication ---------------------------------------------------------
     username = p.username

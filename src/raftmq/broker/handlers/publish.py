@@ -140,7 +140,20 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
         return
 
     message = Message(topic, payload, qos, p.retain, props, expiry_at)
-    if dollar and topic.startswith("$CONTROL/"):
+    if qos == 0 and not dollar:
+        broker.router.route(message, conn.client_id, None)  # the hot path
+        return
+    on_accepted_publish(broker, conn, message, packet_id)
+
+
+def on_accepted_publish(broker: Broker, conn: Connection, message: Message, packet_id: int) -> None:
+    """A valid, authorised PUBLISH: hand it to ``$CONTROL``, or retain and route
+    it; then acknowledge (from the store's ``done`` when it changed durable state)."""
+    topic = message.topic
+    qos = message.qos
+    session = conn.session
+    v5 = conn.version == 5
+    if topic.startswith("$CONTROL/"):
         handler = broker.control_handlers.get(topic)
         if handler is not None:
             handler(conn, message)
