@@ -262,3 +262,39 @@ def test_mutated_packets_never_hurt_the_broker(broker):
                 pass
         assert broker.alive(), f"broker died on mutation {n}, seed {seed}:\n{broker.log_tail()}"
     assert_serves(broker)
+
+
+def test_v31_empty_client_id_rejected(broker):
+    """MQTT 3.1: the Client Identifier must be 1 to 23 characters -> CONNACK 2."""
+    with raw(broker, 3) as c:
+        assert c.connect("", clean=True).reason == 2
+
+
+@pytest.mark.parametrize("ptype", [6, 10])
+def test_pubrel_or_unsubscribe_with_wrong_flags_closes(broker, ptype):
+    """[MQTT-3.6.1-1]/[MQTT-3.10.1-1]: PUBREL and UNSUBSCRIBE fixed-header flags must be 0010."""
+    body = b"\x00\x01" + (utf8("a") if ptype == 10 else b"")
+    with connected(broker) as c:
+        c.send(packet(ptype, 0x00, body))
+        assert c.wait_closed() == []
+    assert_serves(broker)
+
+
+def test_subscription_identifier_zero_is_an_error(broker):
+    """5.0 §3.8.2.1.2: a Subscription Identifier of 0 is a Protocol Error (Mosquitto: 0x81)."""
+    with connected(broker, version=5) as c:
+        c.send(subscribe(1, [(unique("sid/"), 0)], {"subscription_identifier": 0}, version=5))
+        assert _closed_only_with(c.wait_closed(), (0x81, 0x82))
+    assert_serves(broker)
+
+
+def test_no_local_on_shared_subscription_is_protocol_error(raftmq):
+    """[MQTT-3.8.3-4]: No Local = 1 on a Shared Subscription is a Protocol Error -> DISCONNECT
+    0x82.  raftmq only: Mosquitto 2.0.11 grants it."""
+    from support.mqttraw import sub_options
+
+    with connected(raftmq, version=5) as c:
+        c.send(subscribe(1, [(f"$share/g/{unique('t')}", sub_options(0, no_local=True))],
+                         version=5))
+        assert [(p.type, p.reason) for p in c.wait_closed()] == [(DISCONNECT, 0x82)]
+    assert_serves(raftmq)
