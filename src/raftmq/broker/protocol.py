@@ -31,6 +31,8 @@ NEW = 0  # accepted, no CONNECT yet
 CONNECTED = 1  # CONNECT accepted (CONNACK may still wait for the store)
 CLOSING = 2  # closing: nothing more is read or written
 
+_NO_ALIASES: dict[str, int] = {}  # shared, never written (see handle_connect)
+
 # Highest packet size the protocol can express (MQTT 5 §2.1.4, 256 MB).
 PROTOCOL_MAX_PACKET = 268435455
 
@@ -75,8 +77,8 @@ class Connection(asyncio.Protocol):
         self.client_receive_max = 65535
         self.client_max_packet = PROTOCOL_MAX_PACKET
         self.client_alias_max = 0
-        self.alias_in: dict[int, str] = {}
-        self.alias_out: dict[str, int] = {}
+        self.alias_in: dict[int, str] | None = None  # created on first use
+        self.alias_out: dict[str, int] = _NO_ALIASES  # own dict once client_alias_max > 0
         self.next_alias_out = 1
         self.qos1_in_pending = 0  # QoS 1 PUBLISHes received whose PUBACK waits for the store
         self.problem_info = True

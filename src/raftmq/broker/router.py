@@ -282,7 +282,7 @@ class Router:
             else:
                 conn.send_outgoing(out)
         else:
-            session.queue.append(out)
+            session.enqueue(out)
         if session.durable:
             entry = [session.client_id, out.seq, out.packet_id, qos, out.sub_ids or []]
             if add is not None:

@@ -453,7 +453,7 @@ class Broker:
                     session.inflight[q.packet_id] = out
                 else:
                     out.packet_id = 0
-                    session.queue.append(out)
+                    session.enqueue(out)
                 session.next_seq = max(session.next_seq, q.seq + 1)
             session.qos2_in = set(record.qos2_in)
             if record.will is not None:

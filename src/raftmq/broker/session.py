@@ -25,6 +25,8 @@ from raftmq.state.entries import QUEUED, Message
 if TYPE_CHECKING:
     from raftmq.broker.protocol import Connection
 
+_NO_IDS: frozenset = frozenset()
+
 # MQTT 5 §3.1.2.11.2: 0xFFFFFFFF means the session never expires.
 EXPIRY_NEVER = 0xFFFFFFFF
 
@@ -77,8 +79,10 @@ class Session:
         self.username = username
         self.subscriptions: dict[str, Subscription] = {}
         self.inflight: dict[int, Outgoing] = {}
-        self.queue: deque[Outgoing] = deque()
-        self.qos2_in: set[int] = set()
+        # Created on first use: most sessions never queue or receive QoS 2, and
+        # an empty deque alone is ~600 bytes (memory per idle connection).
+        self.queue: deque[Outgoing] | tuple = ()
+        self.qos2_in: set[int] | frozenset = _NO_IDS
         self.will: tuple[int, Message] | None = None
         self.conn: Connection | None = None
         # loop.time() at which an offline session expires (0 = not scheduled).
@@ -92,6 +96,17 @@ class Session:
     @property
     def persistent(self) -> bool:
         return self.expiry_interval > 0
+
+    def enqueue(self, out: Outgoing) -> None:
+        queue = self.queue
+        if queue.__class__ is tuple:
+            queue = self.queue = deque()
+        queue.append(out)
+
+    def qos2_add(self, packet_id: int) -> None:
+        if self.qos2_in.__class__ is frozenset:
+            self.qos2_in = set()
+        self.qos2_in.add(packet_id)
 
     def next_packet_id(self) -> int:
         """A packet id not used by any in-flight message [MQTT-2.2.1-3]."""

@@ -110,6 +110,8 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
         conn.client_receive_max = props.get("receive_maximum", 65535)
         conn.client_max_packet = props.get("maximum_packet_size", conn.client_max_packet)
         conn.client_alias_max = props.get("topic_alias_maximum", 0)
+        if conn.client_alias_max:
+            conn.alias_out = {}
         conn.problem_info = props.get("request_problem_information", 1) != 0
         expiry = props.get("session_expiry_interval", 0)
     elif p.clean_start:

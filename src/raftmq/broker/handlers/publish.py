@@ -74,9 +74,11 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
             if alias == 0 or alias > broker.topic_alias_maximum:
                 raise MQTTError(RC_TOPIC_ALIAS_INVALID, "topic alias out of range")  # [MQTT-3.3.2-8]
             if topic:
+                if conn.alias_in is None:
+                    conn.alias_in = {}
                 conn.alias_in[alias] = topic
             else:
-                topic = conn.alias_in.get(alias)
+                topic = conn.alias_in.get(alias) if conn.alias_in is not None else None
                 if topic is None:
                     raise MQTTError(RC_PROTOCOL_ERROR, "unknown topic alias")
     if not topic:
@@ -160,7 +162,7 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
         if qos:
             conn.write(ack_bytes(0x40 if qos == 1 else 0x50, packet_id))
             if qos == 2:
-                session.qos2_in.add(packet_id)
+                session.qos2_add(packet_id)
         return
 
     if qos == 0:
@@ -177,7 +179,7 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
             ack = Puback(packet_id, RC_NO_MATCHING_SUBSCRIBERS, None).encode(5)
     else:
         ack = ack_bytes(0x50, packet_id)
-        session.qos2_in.add(packet_id)
+        session.qos2_add(packet_id)
         if session.durable:
             ops.append(Qos2InAdd(conn.client_id, packet_id))
     if ops:
