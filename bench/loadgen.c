@@ -86,6 +86,7 @@ static struct {
     int mqtt_version; /* 4 = 3.1.1, 5 = 5.0 */
     int connect_concurrency;
     int max_inflight; /* open loop, QoS >= 1 */
+    int refill;       /* closed loop: free credit needed before publishing again, -1 = window/4 */
     const char *label;
     int cpu_pids[MAX_CPU_PIDS];
     int n_cpu_pids;
@@ -94,7 +95,7 @@ static struct {
     .conns = 1000, .qos = 0, .payload = 64, .window = 100, .rate = 0, .duration = 5,
     .warmup = 1, .drain = 3, .connect_timeout = 20, .stall_timeout = 5, .hold = 2,
     .tick_us = 100, .keepalive = 60, .mqtt_version = 4, .connect_concurrency = 50,
-    .max_inflight = 1000, .label = "",
+    .max_inflight = 1000, .refill = -1, .label = "",
 };
 
 /* ------------------------------------------------------------------ time */
@@ -894,10 +895,14 @@ static void closed_loop_fill(uint64_t now)
         uint64_t out = pub_outstanding(p);
         int step = p->fanout;
         int burst = 0;
-        uint64_t unacked_cap = opt.qos && p->c->receive_max ? (uint64_t)p->c->receive_max : UINT64_MAX;
+        /* Refill only once --refill messages' worth of credit is free, so a
+         * broker that returns deliveries one by one still gets publishes in
+         * batches (one write each), not one write per message. */
+        int refill_due = !out || out + (uint64_t)opt.refill * step <= limit;
         /* [MQTT-4.9.0-2]: no more unacknowledged QoS 1/2 PUBLISHes than the
          * server's Receive Maximum */
-        while (out + step <= limit && burst < 1024 && p->sent - p->acked < unacked_cap) {
+        uint64_t unacked_cap = opt.qos && p->c->receive_max ? (uint64_t)p->c->receive_max : UINT64_MAX;
+        while (refill_due && out + step <= limit && burst < 1024 && p->sent - p->acked < unacked_cap) {
             publish_one(p, now);
             out += step;
             burst++;
@@ -1037,6 +1042,8 @@ static void usage(void)
             "  -d, --duration S         measured seconds (5)\n"
             "      --warmup S           seconds before measuring (1)\n"
             "      --drain S            max seconds to wait for in-flight messages (3)\n"
+            "      --refill N           closed loop: publish again once N messages of the window\n"
+            "                           are free (window/4; 1 = top up after every delivery)\n"
             "      --tick-us US         open loop pacing tick (100)\n"
             "      --max-inflight N     open loop QoS>=1: unacknowledged per publisher (1000)\n"
             "      --mqtt 4|5           protocol level: 4 = 3.1.1, 5 = 5.0 (4)\n"
@@ -1067,7 +1074,7 @@ int main(int argc, char **argv)
         {"drain", 1, 0, 2},         {"tick-us", 1, 0, 3},         {"max-inflight", 1, 0, 4},
         {"mqtt", 1, 0, 5},          {"keepalive", 1, 0, 6},       {"connect-timeout", 1, 0, 7},
         {"stall-timeout", 1, 0, 8}, {"concurrency", 1, 0, 9},     {"hold", 1, 0, 10},
-        {"cpu-pid", 1, 0, 11},      {"label", 1, 0, 12},          {"help", 0, 0, '?'},
+        {"cpu-pid", 1, 0, 11},      {"label", 1, 0, 12},          {"refill", 1, 0, 13},          {"help", 0, 0, '?'},
         {0, 0, 0, 0}};
     int ch, pubs_set = 0;
     while ((ch = getopt_long(argc, argv, "h:p:l:P:S:n:q:s:w:r:d:", longopts, NULL)) != -1) {
@@ -1103,6 +1110,7 @@ int main(int argc, char **argv)
             if (opt.n_cpu_pids < MAX_CPU_PIDS) opt.cpu_pids[opt.n_cpu_pids++] = atoi(optarg);
             break;
         case 12: opt.label = optarg; break;
+        case 13: opt.refill = atoi(optarg); break;
         default: usage();
         }
     }
@@ -1112,6 +1120,10 @@ int main(int argc, char **argv)
         opt.subs = opt.layout == L_PAIRS ? opt.pubs : opt.layout == L_FANOUT ? 50 : 1;
     if (opt.layout == L_PAIRS)
         opt.subs = opt.pubs;
+    if (opt.refill < 0)
+        opt.refill = opt.window / 4 > 0 ? opt.window / 4 : 1;
+    if (opt.refill > opt.window)
+        opt.refill = opt.window;
     if (opt.qos < 0 || opt.qos > 2 || opt.payload < PAYLOAD_HEADER || opt.pubs < 1 || opt.subs < 1 ||
         opt.window < 1 || opt.port <= 0 || opt.conns < 1 || opt.tick_us < 1)
         usage();
