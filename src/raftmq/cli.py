@@ -42,6 +42,12 @@ def setup_logging(level: str) -> None:
     if getattr(setup_logging, "_done", False):
         root.setLevel(_LEVELS[level])
         return
+    # The broker logs one line per client event: skip the frame walk and the
+    # thread/process lookups the stdlib does for every record.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT if level == "debug" else LOG_FORMAT))
     root.addHandler(handler)
@@ -68,15 +74,14 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def serve(config: Config) -> int:
-    """Run the broker until SIGTERM/SIGINT; the one place that decides how it starts.
+    """Run the node until SIGTERM/SIGINT: the supervisor, its raft process and workers.
 
-    Standalone with an in-memory store for now; the supervisor (raft process +
-    workers) replaces this body.
+    Standalone is a one-member Raft group on the same code path as a cluster;
+    ``durability = "none"`` runs the workers on the in-memory store alone.
     """
-    from raftmq.broker.server import run
-    from raftmq.state.store import MemoryStore
+    from raftmq.supervisor import serve as supervise
 
-    return run(config, MemoryStore())
+    return supervise(config)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -101,8 +106,26 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
+def _cluster_command() -> Command:
+    from raftmq.cluster.admin import add_cluster_args, run_cluster
+
+    return (add_cluster_args, run_cluster, "cluster status, add, remove, transfer-leader")
+
+
+def _dynsec_command() -> Command:
+    from raftmq.dynsec.cli import add_dynsec_args, run_dynsec
+
+    return (
+        add_dynsec_args,
+        run_dynsec,
+        "dynamic security: init, import, export (Mosquitto's dynamic-security.json)",
+    )
+
+
 COMMANDS: dict[str, Command] = {
     "serve": (_add_serve_args, _run_serve, "run the broker"),
+    "cluster": _cluster_command(),
+    "dynsec": _dynsec_command(),
 }
 
 

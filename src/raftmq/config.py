@@ -22,9 +22,9 @@ converts its value.  An unknown key or a bad value raises ``ConfigError``
 naming the key and the file; nothing is silently ignored.
 
 Extending: a new top-level key is one row in ``_TOP_KEYS`` plus one field of
-``Config``.  Cluster keys (node_id, peers, cluster_secret, ...) go in a
-``[cluster]`` table: add their rows to ``_CLUSTER_KEYS`` and the fields to
-``ClusterConfig``; ``load_config`` needs no change.
+``Config``.  Cluster keys (node_id, listen, peers, secret_file, ...) live in a
+``[cluster]`` table parsed by raftmq.cluster.config (see ``_SECTIONS``);
+``load_config`` needs no change for them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from raftmq.cluster.config import ClusterConfigError, ClusterSettings, cluster_from_mapping
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 1883
@@ -57,11 +59,6 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
-class ClusterConfig:
-    """The ``[cluster]`` table: filled in by the Raft work (node_id, peers, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[Listener, ...] = (Listener(DEFAULT_HOST, DEFAULT_PORT),)
     allow_anonymous: bool = True
@@ -79,7 +76,9 @@ class Config:
     durability: str = "sync"
     workers: int = 1
     log_level: str = "info"
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dynsec_enabled: bool = False  # TOML `dynsec = true`: Mosquitto's Dynamic Security
+    dynsec_substitute: bool = False  # %c / %u in ACL topics (off, as Mosquitto 2.0.22)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str = "<defaults>"  # the file it came from, for messages
 
 
@@ -191,14 +190,13 @@ _TOP_KEYS: dict[str, tuple[str, Checker]] = {
     "durability": ("durability", _choice(DURABILITIES)),
     "workers": ("workers", _int_range(1, 256)),
     "log_level": ("log_level", _choice(LOG_LEVELS)),
+    "dynsec": ("dynsec_enabled", _bool),
+    "dynsec_substitute": ("dynsec_substitute", _bool),
 }
 
-# Rows of the [cluster] table, same shape as _TOP_KEYS (fields of ClusterConfig).
-_CLUSTER_KEYS: dict[str, tuple[str, Checker]] = {}
-
-# section name -> (its rows, the dataclass it builds, the Config field it fills)
-_SECTIONS: dict[str, tuple[dict[str, tuple[str, Checker]], type, str]] = {
-    "cluster": (_CLUSTER_KEYS, ClusterConfig, "cluster"),
+# section name -> builder of its settings (raises ClusterConfigError naming the key)
+_SECTIONS: dict[str, tuple[Callable[[Any, str], Any], str]] = {
+    "cluster": (cluster_from_mapping, "cluster"),
 }
 
 
@@ -220,10 +218,13 @@ def config_from_mapping(data: Mapping[str, Any], where: str = "<config>") -> Con
     sections: dict[str, Any] = {}
     for key, raw in data.items():
         if key in _SECTIONS:
-            rows, cls, attr = _SECTIONS[key]
+            build, attr = _SECTIONS[key]
             if not isinstance(raw, dict):
                 raise _error(key, where, "expected a table")
-            sections[attr] = cls(**_check_table(raw, rows, where, prefix=f"{key}."))
+            try:
+                sections[attr] = build(raw, where)
+            except ClusterConfigError as exc:
+                raise ConfigError(str(exc)) from exc
         else:
             top.update(_check_table({key: raw}, _TOP_KEYS, where))
     if "listeners" in top and "allow_anonymous" not in top:

@@ -507,7 +507,14 @@ def run(config: Any, store: Any, auth: Any = None) -> int:
 
     async def main() -> int:
         broker = Broker(config, store, auth)
+        plugin = None
+        if getattr(config, "dynsec_enabled", False) and auth is None:
+            from raftmq.dynsec.plugin import install
+
+            plugin = install(broker, config)
         await broker.start()
+        if plugin is not None:
+            plugin.start()
         # The hot path allocates many short-lived, acyclic objects: collect
         # less often, and never scan what start-up loaded.
         gc.freeze()
