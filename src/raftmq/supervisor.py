@@ -234,6 +234,16 @@ def cluster_settings_of(config: Any) -> ClusterSettings:
 
 def serve(config: Any) -> int:
     """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
+    # Refuse what would silently misbehave rather than serve it: a second worker
+    # has no cross-worker routing yet (messages would not cross workers), and in
+    # the cluster modes workers do not yet follow Raft leadership (a follower
+    # would accept clients it cannot serve).  See README "State of the work".
+    if getattr(config, "workers", 1) > 1:
+        log.error("Error: workers = %d: more than one worker per node is not supported yet.", config.workers)
+        return 2
+    if getattr(config, "mode", "standalone") != "standalone":
+        log.error("Error: mode = %s: the cluster modes are not served by the broker yet.", config.mode)
+        return 2
     try:
         settings = cluster_settings_of(config)
     except Exception as exc:
