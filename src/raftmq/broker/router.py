@@ -182,18 +182,67 @@ class Router:
 
     def _receive_allowed(self, message: Message, normal: list, shared: list) -> tuple[list, list]:
         """Drop the subscribers the ACLs do not let receive this message
-        (Mosquitto's publishClientReceive, checked at delivery)."""
-        check = self.broker.auth.acl_check
+        (Mosquitto's publishClientReceive, checked at delivery).
+
+        Hot path: the decisions come from the broker's per-topic cache (who ->
+        allowed, emptied whenever the hook's ACL generation changes); the hook is
+        asked only on a miss, and ``normal`` is copied only if someone is refused."""
+        broker = self.broker
+        topic = message.topic
+        decisions = broker.acl_receive_decisions(topic)
+        check = broker.acl_check
+        sessions = self.sessions
+        qos, retain = message.qos, message.retain
+        kept: list | None = None
+        for i, match in enumerate(normal):
+            session = sessions[match[0]]
+            conn = session.conn
+            if conn is None or decisions is None:
+                # An offline session is not cached: its user name changes when
+                # another client takes it over.
+                allowed = check(conn or session, ACCESS_PUBLISH_RECEIVE, topic, qos, retain)
+            else:
+                allowed = decisions.get(conn)
+                if allowed is None:
+                    allowed = decisions[conn] = check(conn, ACCESS_PUBLISH_RECEIVE, topic, qos,
+                                                      retain)
+                    broker.acl_cached += 1
+            if not allowed:
+                if kept is None:
+                    kept = normal[:i]
+            elif kept is not None:
+                kept.append(match)
+        if kept is not None:
+            normal = kept
+        if shared:
+            shared = self._shared_receive_allowed(message, shared, decisions)
+        return normal, shared
+
+    def _shared_receive_allowed(self, message: Message, shared: list,
+                                decisions: dict | None) -> list:
+        """Shared subscriptions: the members allowed to receive, groups left empty dropped."""
+        broker = self.broker
+        check = broker.acl_check
         sessions = self.sessions
         topic, qos, retain = message.topic, message.qos, message.retain
-
-        def allowed(client_id: str) -> bool:
-            session = sessions[client_id]
-            return check(session.conn or session, ACCESS_PUBLISH_RECEIVE, topic, qos, retain)
-
-        normal = [m for m in normal if allowed(m[0])]
-        shared = [(g, f, [m for m in members if allowed(m[0])]) for g, f, members in shared]
-        return normal, [s for s in shared if s[2]]
+        result = []
+        for group, topic_filter, members in shared:
+            allowed_members = []
+            for member in members:
+                session = sessions[member[0]]
+                conn = session.conn
+                cache = decisions if conn is not None else None  # offline: see above
+                allowed = None if cache is None else cache.get(conn)
+                if allowed is None:
+                    allowed = check(conn or session, ACCESS_PUBLISH_RECEIVE, topic, qos, retain)
+                    if cache is not None:
+                        cache[conn] = allowed
+                        broker.acl_cached += 1
+                if allowed:
+                    allowed_members.append(member)
+            if allowed_members:
+                result.append((group, topic_filter, allowed_members))
+        return result
 
     def _merge_v3_overlaps(self, normal: list) -> list:
         """MQTT 3.1.1 [MQTT-3.3.5-1]: a client with overlapping subscriptions gets
@@ -299,7 +348,7 @@ class Router:
         """Retained messages matching a new subscription, retain flag set [MQTT-3.3.1-9]."""
         broker = self.broker
         for message in broker.retained.match(sub.match_filter):
-            if broker.acl_enabled and not broker.auth.acl_check(
+            if broker.acl_enabled and not broker.acl_check(
                     session.conn or session, ACCESS_PUBLISH_RECEIVE, message.topic, message.qos,
                     True):
                 continue

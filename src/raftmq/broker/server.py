@@ -12,7 +12,13 @@ Hooks for the other parts of raftmq:
 - ``Broker.auth``: the ``AuthHook`` (broker/auth.py): ``authenticate`` at
   CONNECT, ``acl_check`` on publish (send and receive), subscribe and
   unsubscribe.  Replace it before ``start()`` (dynsec does).  If the hook has
-  ``checks_acl = False`` the broker skips ACL calls entirely.
+  ``checks_acl = False`` the broker skips ACL calls entirely.  If it has an
+  ``acl_generation`` attribute (dynsec does), the broker caches its
+  publish_client_send / publish_client_receive answers per (connection,
+  topic) and forgets them all as soon as ``acl_generation``
+  changes: such a hook promises that between two changes of the generation a
+  decision depends only on the client, the access and the topic (not on QoS or
+  retain).  A hook without it is asked on every message.
 - ``Broker.control_handlers: dict[str, Callable[[Connection, Message], None]]``:
   a PUBLISH to a topic starting with ``$CONTROL/`` goes, after the ACL check,
   to the handler registered for that exact topic and is never routed to
@@ -74,6 +80,9 @@ TICK = 0.5
 RC_SESSION_TAKEN_OVER = 0x8E
 RC_KEEP_ALIVE_TIMEOUT = 0x8D
 RC_SERVER_SHUTTING_DOWN = 0x8B
+# Cached publish ACL decisions (send + receive) before the caches start over:
+# bounds the memory, including closed connections still held as keys.
+ACL_CACHE_LIMIT = 10_000
 
 
 class Broker:
@@ -141,6 +150,52 @@ class Broker:
         self._auth = hook
         # Hot path: skip ACL calls entirely for a hook that declares it has none.
         self.acl_enabled = bool(getattr(hook, "checks_acl", True))
+        # The bound method, fetched once (not per message).
+        self.acl_check: Callable[[Any, str, str, int, bool], bool] = hook.acl_check
+        self._acl_cacheable = self.acl_enabled and hasattr(hook, "acl_generation")
+        self._acl_generation: Any = None
+        self.acl_cached = 0  # entries in both caches; the router counts its own inserts
+        # topic -> Connection -> decision (a connection's user name and client id
+        # never change; an offline Session's may, so those are not cached).
+        self._acl_send_cache: dict[str, dict[Any, bool]] = {}
+        self._acl_receive_cache: dict[str, dict[Any, bool]] = {}
+
+    def _acl_caches_current(self) -> None:
+        """Forget every cached decision if the hook's ACLs changed or the caches are full."""
+        generation = self._auth.acl_generation
+        if generation != self._acl_generation or self.acl_cached >= ACL_CACHE_LIMIT:
+            self._acl_generation = generation
+            self._acl_send_cache = {}
+            self._acl_receive_cache = {}
+            self.acl_cached = 0
+
+    def acl_send_allowed(self, conn: Any, topic: str, qos: int, retain: bool) -> bool:
+        """publish_client_send for ``conn`` publishing to ``topic`` (call only when
+        ``acl_enabled``); cached per (connection, topic) for a hook with a generation."""
+        if not self._acl_cacheable:
+            return self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, retain)
+        self._acl_caches_current()
+        per_topic = self._acl_send_cache.get(topic)
+        if per_topic is None:
+            per_topic = self._acl_send_cache[topic] = {}
+        decision = per_topic.get(conn)
+        if decision is None:
+            decision = per_topic[conn] = self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos,
+                                                        retain)
+            self.acl_cached += 1
+        return decision
+
+    def acl_receive_decisions(self, topic: str) -> dict[Any, bool] | None:
+        """The cache of publish_client_receive decisions for ``topic`` (who ->
+        allowed), current for the hook's generation; None when the hook cannot be
+        cached.  The router fills it (and counts its inserts in ``acl_cached``)."""
+        if not self._acl_cacheable:
+            return None
+        self._acl_caches_current()
+        per_topic = self._acl_receive_cache.get(topic)
+        if per_topic is None:
+            per_topic = self._acl_receive_cache[topic] = {}
+        return per_topic
 
     # -- write gathering --------------------------------------------------------
 
@@ -347,7 +402,7 @@ class Broker:
                      ) -> None:
         message = will_to_publish(will)
         session = durable_session or self.sessions.get(client_id)
-        if self.acl_enabled and session is not None and not self._auth.acl_check(
+        if self.acl_enabled and session is not None and not self.acl_check(
                 session, ACCESS_PUBLISH_SEND, message.topic, message.qos, message.retain):
             return
         ops: list = []

@@ -20,7 +20,6 @@ import time
 from typing import TYPE_CHECKING
 
 from raftmq._codec import MQTTError, Puback, Pubcomp, Pubrec, Pubrel
-from raftmq.broker.auth import ACCESS_PUBLISH_SEND
 from raftmq.state.entries import PUBREC_RECEIVED, Message, Qos2InAdd, Qos2InRemove, QueueUpdate
 
 if TYPE_CHECKING:
@@ -133,8 +132,8 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
                   conn.client_id, p.dup, qos, p.retain, packet_id, topic, len(payload))
 
     dollar = topic[0] == "$"
-    if (dollar and topic.startswith("$SYS")) or (broker.acl_enabled and not broker._auth.acl_check(
-            conn, ACCESS_PUBLISH_SEND, topic, qos, p.retain)):
+    if (dollar and topic.startswith("$SYS")) or (broker.acl_enabled and not broker.acl_send_allowed(
+            conn, topic, qos, p.retain)):
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
         if qos:
