@@ -99,7 +99,20 @@ class Router:
         stats = broker.stats
         delivered = 0
         if broker.acl_enabled:
-            normal, shared = self._receive_allowed(message, normal, shared)
+            # publish_client_receive, hot path: every subscriber's cached decision
+            # says yes -> nothing to filter; anything else (a miss, a refusal, an
+            # offline session, a shared group, a new generation) -> the full filter.
+            decisions = broker.acl_receive_cache.get(message.topic) \
+                if broker.acl_generation_source.acl_generation == broker.acl_cache_generation \
+                else None
+            if decisions is None or shared:
+                normal, shared = self._receive_allowed(message, normal, shared)
+            else:
+                for client_id, _sub, _filter in normal:
+                    conn = sessions[client_id].conn
+                    if conn is None or decisions.get(conn) is not True:
+                        normal, shared = self._receive_allowed(message, normal, shared)
+                        break
         if qos == 0:
             delivered = self._fanout_qos0(message, normal, sender_id) if normal else 0
             for _group, _filter, members in shared:
@@ -184,9 +197,10 @@ class Router:
         """Drop the subscribers the ACLs do not let receive this message
         (Mosquitto's publishClientReceive, checked at delivery).
 
-        Hot path: the decisions come from the broker's per-topic cache (who ->
-        allowed, emptied whenever the hook's ACL generation changes); the hook is
-        asked only on a miss, and ``normal`` is copied only if someone is refused."""
+        The slow path of route's inline check: the decisions come from the
+        broker's per-topic cache (Connection -> allowed, emptied whenever the
+        hook's ACL generation changes) and the hook is asked on a miss; ``normal``
+        is copied only if someone is refused."""
         broker = self.broker
         topic = message.topic
         decisions = broker.acl_receive_decisions(topic)

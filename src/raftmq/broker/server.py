@@ -85,6 +85,13 @@ RC_SERVER_SHUTTING_DOWN = 0x8B
 ACL_CACHE_LIMIT = 10_000
 
 
+class _NoGeneration:
+    """The generation source of a hook without ``acl_generation``: never equal to
+    ``Broker.acl_cache_generation``, so the inline cache reads always miss."""
+
+    acl_generation = object()
+
+
 class Broker:
     def __init__(self, config: Any, store: Any, auth: Any = None) -> None:
         self.config = config
@@ -153,31 +160,42 @@ class Broker:
         # The bound method, fetched once (not per message).
         self.acl_check: Callable[[Any, str, str, int, bool], bool] = hook.acl_check
         self._acl_cacheable = self.acl_enabled and hasattr(hook, "acl_generation")
-        self._acl_generation: Any = None
-        self.acl_cached = 0  # entries in both caches; the router counts its own inserts
-        # topic -> Connection -> decision (a connection's user name and client id
-        # never change; an offline Session's may, so those are not cached).
-        self._acl_send_cache: dict[str, dict[Any, bool]] = {}
-        self._acl_receive_cache: dict[str, dict[Any, bool]] = {}
+        # Publish decisions: topic -> Connection -> allowed.  A connection's user
+        # name and client id never change; an offline Session's may (another
+        # client takes it over), so sessions are never keys.  The hot paths
+        # (handlers/publish.py, router.route) read them inline, valid only while
+        # ``acl_generation_source.acl_generation == acl_cache_generation``; on a
+        # miss they call acl_send_allowed / router._receive_allowed, which refill.
+        # A hook without a generation gets a source whose generation is never the
+        # cached one, so it is asked every time.
+        self.acl_generation_source: Any = hook if self._acl_cacheable else _NoGeneration
+        self.acl_cache_generation: Any = None
+        self.acl_cached = 0  # entries in both caches (the router counts its inserts too)
+        self.acl_send_cache: dict[str, dict[Any, bool]] = {}
+        self.acl_receive_cache: dict[str, dict[Any, bool]] = {}
 
-    def _acl_caches_current(self) -> None:
-        """Forget every cached decision if the hook's ACLs changed or the caches are full."""
+    def acl_caches_current(self) -> bool:
+        """Make the decision caches valid for the hook's current generation
+        (forgetting everything if it changed or they are full); False when the
+        hook cannot be cached."""
+        if not self._acl_cacheable:
+            return False
         generation = self._auth.acl_generation
-        if generation != self._acl_generation or self.acl_cached >= ACL_CACHE_LIMIT:
-            self._acl_generation = generation
-            self._acl_send_cache = {}
-            self._acl_receive_cache = {}
+        if generation != self.acl_cache_generation or self.acl_cached >= ACL_CACHE_LIMIT:
+            self.acl_cache_generation = generation
+            self.acl_send_cache = {}
+            self.acl_receive_cache = {}
             self.acl_cached = 0
+        return True
 
     def acl_send_allowed(self, conn: Any, topic: str, qos: int, retain: bool) -> bool:
         """publish_client_send for ``conn`` publishing to ``topic`` (call only when
-        ``acl_enabled``); cached per (connection, topic) for a hook with a generation."""
-        if not self._acl_cacheable:
+        ``acl_enabled``), through the cache for a hook with a generation."""
+        if not self.acl_caches_current():
             return self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, retain)
-        self._acl_caches_current()
-        per_topic = self._acl_send_cache.get(topic)
+        per_topic = self.acl_send_cache.get(topic)
         if per_topic is None:
-            per_topic = self._acl_send_cache[topic] = {}
+            per_topic = self.acl_send_cache[topic] = {}
         decision = per_topic.get(conn)
         if decision is None:
             decision = per_topic[conn] = self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos,
@@ -186,15 +204,14 @@ class Broker:
         return decision
 
     def acl_receive_decisions(self, topic: str) -> dict[Any, bool] | None:
-        """The cache of publish_client_receive decisions for ``topic`` (who ->
-        allowed), current for the hook's generation; None when the hook cannot be
-        cached.  The router fills it (and counts its inserts in ``acl_cached``)."""
-        if not self._acl_cacheable:
+        """The current cache of publish_client_receive decisions for ``topic``
+        (Connection -> allowed); None when the hook cannot be cached.  The router
+        fills it (and counts its inserts in ``acl_cached``)."""
+        if not self.acl_caches_current():
             return None
-        self._acl_caches_current()
-        per_topic = self._acl_receive_cache.get(topic)
+        per_topic = self.acl_receive_cache.get(topic)
         if per_topic is None:
-            per_topic = self._acl_receive_cache[topic] = {}
+            per_topic = self.acl_receive_cache[topic] = {}
         return per_topic
 
     # -- write gathering --------------------------------------------------------

@@ -63,6 +63,11 @@ class DynsecPlugin:
         # access -> topic -> username -> decision; emptied by every change (invalidate).
         self._acl_cache: dict[str, dict[str, dict[str | None, bool]]] = {}
         self._acl_cached = 0
+        # Changes whenever any ACL decision may have changed (bumped by
+        # invalidate, which every applied change calls): the broker caches
+        # acl_check answers per (connection, topic) while it stays equal.  A plain
+        # attribute, not a property: the broker reads it on every publish.
+        self.acl_generation = 0
 
     def start(self) -> None:
         """Commit the start-up seed, if any (call once the event loop runs)."""
@@ -101,16 +106,11 @@ class DynsecPlugin:
             self._acl_cached += 1
         return decision
 
-    @property
-    def acl_generation(self) -> int:
-        """Changes whenever any ACL decision may have changed: a broker may cache
-        ``acl_check`` answers (per connection or subscription) while it stays equal."""
-        return self.state.generation
-
     def invalidate(self) -> None:
         """Forget every cached decision (after any change of the configuration)."""
         self._acl_cache = {}
         self._acl_cached = 0
+        self.acl_generation += 1
 
     # -- control API -----------------------------------------------------------
 

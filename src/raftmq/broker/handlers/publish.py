@@ -132,8 +132,19 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
                   conn.client_id, p.dup, qos, p.retain, packet_id, topic, len(payload))
 
     dollar = topic[0] == "$"
-    if (dollar and topic.startswith("$SYS")) or (broker.acl_enabled and not broker.acl_send_allowed(
-            conn, topic, qos, p.retain)):
+    refused = dollar and topic.startswith("$SYS")
+    if broker.acl_enabled and not refused:
+        # publish_client_send, hot path: the broker's cached decision while the
+        # hook's ACLs are unchanged (server.py); the hook is asked on a miss.
+        allowed = None
+        if broker.acl_generation_source.acl_generation == broker.acl_cache_generation:
+            decisions = broker.acl_send_cache.get(topic)
+            if decisions is not None:
+                allowed = decisions.get(conn)
+        if allowed is None:
+            allowed = broker.acl_send_allowed(conn, topic, qos, p.retain)
+        refused = not allowed
+    if refused:
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
         if qos:
