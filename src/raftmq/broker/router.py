@@ -79,11 +79,13 @@ class Router:
     # -- publishing -------------------------------------------------------------
 
     def route(self, message: Message, sender_id: str | None, ops: list | None,
-              retain_durable: bool = True) -> int:
+              retain_durable: bool = True, acl_current: bool = False) -> int:
         """Store the retained message and deliver to every matching subscription.
 
         ``ops`` collects store operations (None for QoS 0 messages, which never
-        create any).  Returns the number of deliveries.
+        create any).  ``acl_current``: the caller has just seen the broker's ACL
+        caches valid for the hook's generation (handle_publish), so the generation
+        need not be compared again.  Returns the number of deliveries.
         """
         broker = self.broker
         if message.retain:
@@ -102,8 +104,8 @@ class Router:
             # publish_client_receive, hot path: every subscriber's cached decision
             # says yes -> nothing to filter; anything else (a miss, a refusal, an
             # offline session, a shared group, a new generation) -> the full filter.
-            decisions = broker.acl_receive_cache.get(message.topic) \
-                if broker.acl_generation_source.acl_generation == broker.acl_cache_generation \
+            decisions = broker.acl_receive_cache.get(message.topic) if acl_current or (
+                broker.acl_generation_source.acl_generation == broker.acl_cache_generation) \
                 else None
             if decisions is None or shared:
                 normal, shared = self._receive_allowed(message, normal, shared)
