@@ -100,23 +100,25 @@ class Router:
         qos = message.qos
         stats = broker.stats
         delivered = 0
+        receive_decisions = None  # QoS 0 to normal subscriptions: checked in the fan-out
         if broker.acl_enabled:
-            # publish_client_receive, hot path: every subscriber's cached decision
-            # says yes -> nothing to filter; anything else (a miss, a refusal, an
-            # offline session, a shared group, a new generation) -> the full filter.
+            # publish_client_receive.  Hot path: this topic's cached decisions
+            # (Connection -> allowed), current for the hook's generation, handed to
+            # the QoS 0 fan-out, which checks each subscriber on the connection it
+            # loads anyway.  Otherwise (a hook without a generation, QoS 1/2,
+            # shared groups): filter the matches first.
             decisions = broker.acl_receive_cache.get(message.topic) if acl_current or (
                 broker.acl_generation_source.acl_generation == broker.acl_cache_generation) \
                 else None
-            if decisions is None or shared:
+            if decisions is None:
+                decisions = broker.acl_receive_decisions(message.topic)
+            if decisions is None or shared or qos:
                 normal, shared = self._receive_allowed(message, normal, shared)
             else:
-                for client_id, _sub, _filter in normal:
-                    conn = sessions[client_id].conn
-                    if conn is None or decisions.get(conn) is not True:
-                        normal, shared = self._receive_allowed(message, normal, shared)
-                        break
+                receive_decisions = decisions
         if qos == 0:
-            delivered = self._fanout_qos0(message, normal, sender_id) if normal else 0
+            delivered = self._fanout_qos0(message, normal, sender_id, receive_decisions) \
+                if normal else 0
             for _group, _filter, members in shared:
                 member = self._pick_member(_group, _filter, members, online_only=True)
                 if member is None:
@@ -150,11 +152,15 @@ class Router:
             ops.append(add)
         return delivered
 
-    def _fanout_qos0(self, message: Message, normal: list, sender_id: str | None) -> int:
+    def _fanout_qos0(self, message: Message, normal: list, sender_id: str | None,
+                     receive_decisions: dict | None = None) -> int:
         """QoS 0 to the online subscribers: the hot loop.  The PUBLISH is encoded
         once per (MQTT 5 or not, retain flag) and the same bytes are appended to
         every subscriber's buffer; only an MQTT 5 delivery that needs its own
-        properties (subscription identifier, expiry, topic alias) is encoded alone."""
+        properties (subscription identifier, expiry, topic alias) is encoded alone.
+
+        ``receive_decisions``: the broker's current publish_client_receive cache for
+        this topic when the ACLs apply (None: no check, already filtered or no hook)."""
         sessions = self.sessions
         plain = message.properties is None and not message.expiry_at
         message_retain = message.retain
@@ -169,6 +175,12 @@ class Router:
             conn = sessions[client_id].conn
             if conn is None or not conn.online:
                 continue
+            if receive_decisions is not None:
+                allowed = receive_decisions.get(conn)
+                if allowed is None:
+                    allowed = self._receive_decision(receive_decisions, conn, message)
+                if not allowed:
+                    continue
             retain = message_retain and sub.retain_as_published
             version = conn.version
             if version == 5 and (not plain or sub.sub_id or conn.client_alias_max):
@@ -195,11 +207,20 @@ class Router:
             self.broker.stats.publish_dropped += dropped
         return delivered
 
+    def _receive_decision(self, decisions: dict, conn, message: Message) -> bool:
+        """A miss in the fan-out: ask the hook, remember the answer."""
+        broker = self.broker
+        allowed = decisions[conn] = broker.acl_check(conn, ACCESS_PUBLISH_RECEIVE, message.topic,
+                                                     message.qos, message.retain)
+        broker.acl_cached += 1
+        return allowed
+
     def _receive_allowed(self, message: Message, normal: list, shared: list) -> tuple[list, list]:
         """Drop the subscribers the ACLs do not let receive this message
         (Mosquitto's publishClientReceive, checked at delivery).
 
-        The slow path of route's inline check: the decisions come from the
+        Where the fan-out does not check (QoS 1/2, shared groups, a hook without
+        a generation): the decisions come from the
         broker's per-topic cache (Connection -> allowed, emptied whenever the
         hook's ACL generation changes) and the hook is asked on a miss; ``normal``
         is copied only if someone is refused."""
