@@ -79,13 +79,13 @@ class Router:
     # -- publishing -------------------------------------------------------------
 
     def route(self, message: Message, sender_id: str | None, ops: list | None,
-              retain_durable: bool = True, acl_current: bool = False) -> int:
+              retain_durable: bool = True, acl_receive: dict | None = None) -> int:
         """Store the retained message and deliver to every matching subscription.
 
         ``ops`` collects store operations (None for QoS 0 messages, which never
-        create any).  ``acl_current``: the caller has just seen the broker's ACL
-        caches valid for the hook's generation (handle_publish), so the generation
-        need not be compared again.  Returns the number of deliveries.
+        create any).  ``acl_receive``: the broker's publish_client_receive cache for
+        this topic, just seen current by the caller (handle_publish); without it
+        route fetches it.  Returns the number of deliveries.
         """
         broker = self.broker
         if message.retain:
@@ -107,9 +107,7 @@ class Router:
             # the QoS 0 fan-out, which checks each subscriber on the connection it
             # loads anyway.  Otherwise (a hook without a generation, QoS 1/2,
             # shared groups): filter the matches first.
-            decisions = broker.acl_receive_cache.get(message.topic) if acl_current or (
-                broker.acl_generation_source.acl_generation == broker.acl_cache_generation) \
-                else None
+            decisions = acl_receive
             if decisions is None:
                 decisions = broker.acl_receive_decisions(message.topic)
             if decisions is None or shared or qos:

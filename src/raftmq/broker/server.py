@@ -160,19 +160,20 @@ class Broker:
         # The bound method, fetched once (not per message).
         self.acl_check: Callable[[Any, str, str, int, bool], bool] = hook.acl_check
         self._acl_cacheable = self.acl_enabled and hasattr(hook, "acl_generation")
-        # Publish decisions: topic -> Connection -> allowed.  A connection's user
-        # name and client id never change; an offline Session's may (another
-        # client takes it over), so sessions are never keys.  The hot paths
-        # (handlers/publish.py, router.route) read them inline, valid only while
-        # ``acl_generation_source.acl_generation == acl_cache_generation``; on a
-        # miss they call acl_send_allowed / router._receive_allowed, which refill.
+        # Publish decisions: topic -> Connection -> allowed (send and receive).
+        # A connection's user name and client id never change; an offline
+        # Session's may (another client takes it over), so sessions are never
+        # keys.  The hot paths (handlers/publish.py, router.route) read them
+        # inline, valid only while ``acl_generation_source.acl_generation ==
+        # acl_cache_generation``; on a miss they call acl_send_allowed /
+        # acl_receive_decisions and the hook, and fill them.
         # A hook without a generation gets a source whose generation is never the
         # cached one, so it is asked every time.
         self.acl_generation_source: Any = hook if self._acl_cacheable else _NoGeneration
         self.acl_cache_generation: Any = None
         self.acl_cached = 0  # entries in both caches (the router counts its inserts too)
-        self.acl_send_cache: dict[str, dict[Any, bool]] = {}
-        self.acl_receive_cache: dict[str, dict[Any, bool]] = {}
+        # topic -> (send decisions, receive decisions): one lookup per message.
+        self.acl_topic_cache: dict[str, tuple[dict[Any, bool], dict[Any, bool]]] = {}
 
     def acl_caches_current(self) -> bool:
         """Make the decision caches valid for the hook's current generation
@@ -183,8 +184,7 @@ class Broker:
         generation = self._auth.acl_generation
         if generation != self.acl_cache_generation or self.acl_cached >= ACL_CACHE_LIMIT:
             self.acl_cache_generation = generation
-            self.acl_send_cache = {}
-            self.acl_receive_cache = {}
+            self.acl_topic_cache = {}
             self.acl_cached = 0
         return True
 
@@ -193,9 +193,7 @@ class Broker:
         ``acl_enabled``), through the cache for a hook with a generation."""
         if not self.acl_caches_current():
             return self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, retain)
-        per_topic = self.acl_send_cache.get(topic)
-        if per_topic is None:
-            per_topic = self.acl_send_cache[topic] = {}
+        per_topic = self._acl_topic_entry(topic)[0]
         decision = per_topic.get(conn)
         if decision is None:
             decision = per_topic[conn] = self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos,
@@ -209,10 +207,13 @@ class Broker:
         fills it (and counts its inserts in ``acl_cached``)."""
         if not self.acl_caches_current():
             return None
-        per_topic = self.acl_receive_cache.get(topic)
-        if per_topic is None:
-            per_topic = self.acl_receive_cache[topic] = {}
-        return per_topic
+        return self._acl_topic_entry(topic)[1]
+
+    def _acl_topic_entry(self, topic: str) -> tuple[dict[Any, bool], dict[Any, bool]]:
+        entry = self.acl_topic_cache.get(topic)
+        if entry is None:
+            entry = self.acl_topic_cache[topic] = ({}, {})
+        return entry
 
     # -- write gathering --------------------------------------------------------
 

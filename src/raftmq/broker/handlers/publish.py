@@ -133,19 +133,19 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
 
     dollar = topic[0] == "$"
     refused = dollar and topic.startswith("$SYS")
-    acl_current = False  # the broker's ACL caches are known current (route skips its check)
+    acl_receive = None  # this topic's publish_client_receive cache, known current (for route)
     if broker.acl_enabled and not refused:
         # publish_client_send, hot path: the broker's cached decision while the
         # hook's ACLs are unchanged (server.py); the hook is asked on a miss.
         allowed = None
         if broker.acl_generation_source.acl_generation == broker.acl_cache_generation:
-            acl_current = True
-            decisions = broker.acl_send_cache.get(topic)
-            if decisions is not None:
-                allowed = decisions.get(conn)
+            cached = broker.acl_topic_cache.get(topic)
+            if cached is not None:
+                allowed = cached[0].get(conn)
+                acl_receive = cached[1]
         if allowed is None:
             allowed = broker.acl_send_allowed(conn, topic, qos, p.retain)
-            acl_current = False  # (may have been refilled: route checks for itself)
+            acl_receive = None  # the caches may have started over: route fetches its own
         refused = not allowed
     if refused:
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
@@ -156,7 +156,7 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
 
     message = Message(topic, payload, qos, p.retain, props, expiry_at)
     if qos == 0 and not dollar:
-        broker.router.route(message, conn.client_id, None, acl_current=acl_current)  # hot path
+        broker.router.route(message, conn.client_id, None, acl_receive=acl_receive)  # hot path
         return
     on_accepted_publish(broker, conn, message, packet_id)
 
