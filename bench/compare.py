@@ -75,6 +75,11 @@ SCENARIOS: dict[str, Scenario] = {
             ("-l", "pairs", "-P", "10", "-q", "1", "-w", "50"),
         ),
         Scenario(
+            "qos1-durable", "QoS 1, 10 pairs, persistent subscriber sessions (every delivery is durable state)",
+            ("-l", "pairs", "-P", "10", "-q", "1", "-w", "50", "--persistent-subs"),
+            (("throughput", ">=", 1.0),),
+        ),
+        Scenario(
             "latency-10k", "QoS 0, 10 pairs, open loop at 10,000 msg/s in total: latency",
             ("-l", "pairs", "-P", "10", "-q", "0", "-r", "10000"),
             (("p99", "<=", 1.0),),

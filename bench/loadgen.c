@@ -87,6 +87,7 @@ static struct {
     int connect_concurrency;
     int max_inflight; /* open loop, QoS >= 1 */
     int refill;       /* closed loop: free credit needed before publishing again, -1 = window/4 */
+    int persistent_subs; /* subscribers keep a session (clean session 0): QoS >= 1 goes through the broker's store */
     const char *label;
     int cpu_pids[MAX_CPU_PIDS];
     int n_cpu_pids;
@@ -313,7 +314,8 @@ static void send_connect(conn_t *c)
     memcpy(vh + n, "MQTT", 4);
     n += 4;
     vh[n++] = (uint8_t)opt.mqtt_version;
-    vh[n++] = 0x02; /* clean session / clean start */
+    /* clean session / clean start, unless subscribers keep a persistent session */
+    vh[n++] = (opt.persistent_subs && c->role == R_SUB) ? 0x00 : 0x02;
     vh[n++] = (uint8_t)(opt.keepalive >> 8);
     vh[n++] = (uint8_t)opt.keepalive;
     if (opt.mqtt_version == 5)
@@ -1042,6 +1044,8 @@ static void usage(void)
             "  -d, --duration S         measured seconds (5)\n"
             "      --warmup S           seconds before measuring (1)\n"
             "      --drain S            max seconds to wait for in-flight messages (3)\n"
+            "      --persistent-subs    subscribers connect with clean session 0 (3.1.1 only): their QoS >= 1\n"
+            "                           deliveries are persistent state (queued/in flight in the broker's store)\n"
             "      --refill N           closed loop: publish again once N messages of the window\n"
             "                           are free (window/4; 1 = top up after every delivery)\n"
             "      --tick-us US         open loop pacing tick (100)\n"
@@ -1074,7 +1078,7 @@ int main(int argc, char **argv)
         {"drain", 1, 0, 2},         {"tick-us", 1, 0, 3},         {"max-inflight", 1, 0, 4},
         {"mqtt", 1, 0, 5},          {"keepalive", 1, 0, 6},       {"connect-timeout", 1, 0, 7},
         {"stall-timeout", 1, 0, 8}, {"concurrency", 1, 0, 9},     {"hold", 1, 0, 10},
-        {"cpu-pid", 1, 0, 11},      {"label", 1, 0, 12},          {"refill", 1, 0, 13},          {"help", 0, 0, '?'},
+        {"cpu-pid", 1, 0, 11},      {"label", 1, 0, 12},          {"refill", 1, 0, 13}, {"persistent-subs", 0, 0, 14},          {"help", 0, 0, '?'},
         {0, 0, 0, 0}};
     int ch, pubs_set = 0;
     while ((ch = getopt_long(argc, argv, "h:p:l:P:S:n:q:s:w:r:d:", longopts, NULL)) != -1) {
@@ -1111,6 +1115,7 @@ int main(int argc, char **argv)
             break;
         case 12: opt.label = optarg; break;
         case 13: opt.refill = atoi(optarg); break;
+        case 14: opt.persistent_subs = 1; break;
         default: usage();
         }
     }
