@@ -129,3 +129,29 @@ def test_dynsec_acl_change_applies_to_the_next_message_on_warm_caches():
         assert (await p.recv_type(Puback)).reason_code == 0x87
 
     run_with_broker(scenario)
+
+
+def test_qos1_receive_decisions_follow_the_generation():
+    async def scenario(broker, port):
+        hook = _GenerationHook()
+        broker.auth = hook
+        s = RawClient(5)
+        await s.connect(port, "s")
+        s.send(Subscribe(1, [("t/#", 1, False, False, 0)], None))
+        await s.recv_type(Suback)
+        p = RawClient(5)
+        await p.connect(port, "p")
+        for pid in (1, 2):
+            p.send(Publish("t/q", b"%d" % pid, 1, False, False, pid, None))
+            await p.recv_type(Puback)
+            got = await s.recv_type(Publish)
+            assert got.payload == b"%d" % pid
+            s.send(Puback(got.packet_id, 0, None))
+        assert hook.calls.count(("s", RECEIVE, "t/q")) == 1
+        hook.denied.add((RECEIVE, "s"))
+        hook.generation += 1
+        p.send(Publish("t/q", b"denied", 1, False, False, 3, None))
+        await p.recv_type(Puback)
+        await s.no_packet()
+
+    run_with_broker(scenario)

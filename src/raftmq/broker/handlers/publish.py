@@ -137,15 +137,14 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
     if broker.acl_enabled and not refused:
         # publish_client_send, hot path: the broker's cached decision while the
         # hook's ACLs are unchanged (server.py); the hook is asked on a miss.
-        allowed = None
-        if broker.acl_generation_source.acl_generation == broker.acl_cache_generation:
-            cached = broker.acl_topic_cache.get(topic)
-            if cached is not None:
-                allowed = cached[0].get(conn)
-                acl_receive = cached[1]
+        cached = broker.acl_topic_cache.get(topic) \
+            if broker.acl_generation_source.acl_generation == broker.acl_cache_generation else None
+        allowed = cached[0].get(conn) if cached is not None else None
         if allowed is None:
+            # A miss; the caches may start over, so route fetches its own.
             allowed = broker.acl_send_allowed(conn, topic, qos, p.retain)
-            acl_receive = None  # the caches may have started over: route fetches its own
+        else:
+            acl_receive = cached[1]
         refused = not allowed
     if refused:
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
@@ -156,7 +155,7 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
 
     message = Message(topic, payload, qos, p.retain, props, expiry_at)
     if qos == 0 and not dollar:
-        broker.router.route(message, conn.client_id, None, acl_receive=acl_receive)  # hot path
+        broker.router.route(message, conn.client_id, None, True, acl_receive)  # hot path
         return
     on_accepted_publish(broker, conn, message, packet_id)
 
