@@ -100,20 +100,19 @@ class Router:
         qos = message.qos
         stats = broker.stats
         delivered = 0
-        receive_decisions = None  # QoS 0 to normal subscriptions: checked in the fan-out
+        # QoS 0 to normal subscriptions: the receive decisions checked in the fan-out.
+        receive_decisions = acl_receive  # None without ACLs
         if broker.acl_enabled:
             # publish_client_receive.  Hot path: this topic's cached decisions
             # (Connection -> allowed), current for the hook's generation, handed to
             # the QoS 0 fan-out, which checks each subscriber on the connection it
             # loads anyway.  Otherwise (a hook without a generation, QoS 1/2,
             # shared groups): filter the matches first.
-            decisions = acl_receive
-            if decisions is None:
-                decisions = broker.acl_receive_decisions(message.topic)
-            if decisions is None or shared or qos:
+            if receive_decisions is None:
+                receive_decisions = broker.acl_receive_decisions(message.topic)
+            if receive_decisions is None or shared or qos:
                 normal, shared = self._receive_allowed(message, normal, shared)
-            else:
-                receive_decisions = decisions
+                receive_decisions = None
         if qos == 0:
             delivered = self._fanout_qos0(message, normal, sender_id, receive_decisions) \
                 if normal else 0
