@@ -423,9 +423,24 @@ class RaftProcess:
             if early:
                 self._send(early)
                 messages = [m for m in messages if m.type not in _LEADER_EARLY]
+        # Committed entries are already on this node's disk (the core hands out
+        # only entries at or below its stable index, persisted by an earlier
+        # Ready) and on a majority: the proposers may learn it now, before
+        # this Ready's fsync, so the workers answer their clients (and send
+        # the follow-up proposals) while we write -- instead of one fsync
+        # later.  Applying them still happens in this Ready's transaction; a
+        # LOAD is answered only after it.  With a snapshot the fan-out must
+        # follow the RELOAD frame: that (rare) Ready keeps the later order.
+        installs_snapshot = rd.snapshot is not None and not rd.snapshot.is_empty()
+        notified_early = False
+        if committed and not installs_snapshot:
+            self._notify_committed(committed)
+            for c in self._conns.values():
+                c.flush()
+            notified_early = True
         # 1. Persist (and apply) in one transaction, one fsync.
         self.storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=stripped)
-        if rd.snapshot is not None and not rd.snapshot.is_empty():
+        if installs_snapshot:
             self.applied = rd.snapshot.meta.index
             self.conf_state = rd.snapshot.meta.conf_state
             self._sync_transport_peers()
@@ -436,8 +451,10 @@ class RaftProcess:
         # 2. Only now may messages vouching for that state leave (Raft thesis §3.8).
         if messages and self.transport is not None:
             self._send(messages)
-        # 3. Tell proposers and fan out.
+        # 3. Tell proposers and fan out (unless done above), count applied.
         if committed:
+            if not notified_early:
+                self._notify_committed(committed)
             self._after_commit(committed)
         self.node.advance(rd)
 
@@ -486,7 +503,8 @@ class RaftProcess:
         body = {"role": self.role.name.lower(), "leader": self.leader, "term": term or self.node.term}
         return ch.frame(ch.ROLE, orjson.dumps(body))
 
-    def _after_commit(self, committed: list[Entry]) -> None:
+    def _notify_committed(self, committed: list[Entry]) -> None:
+        """Queue COMMITTED to the proposers and ENTRY to the fan-out connections."""
         me = self.id
         pending = self._pending
         conns = self._conns
@@ -523,6 +541,9 @@ class RaftProcess:
             c = conns.get(cid)
             if c is not None:
                 c.send(ch.frame(ch.COMMITTED, ch.ids_body(rids)))
+
+    def _after_commit(self, committed: list[Entry]) -> None:
+        """``committed`` is applied: advance the applied index, compact when due."""
         last = committed[-1].index
         self.applied = max(self.applied, last)
         if self.applied - self._last_compact_check >= self.settings.snapshot_entries:
