@@ -15,10 +15,13 @@ the loop turn.  ``_process`` proposes everything queued (``propose_many``), then
 runs etcd raft's loop until the core has nothing more::
 
     rd = node.ready()
+    notify proposers / fan out rd.committed_entries to the workers       # already stable
     storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=...)   # 1 txn, 1 fsync
     transport.send(rd.messages); transport.flush()                       # only after the fsync
-    notify proposers / fan out committed entries to the workers
     node.advance(rd)
+
+(The core hands out as committed only entries persisted by an earlier Ready,
+so the workers may answer their clients while this Ready's fsync runs.)
 
 So every proposal that arrived while the previous fsync ran shares the next
 transaction and fsync and the next AppendEntries (group commit).  The state
