@@ -113,6 +113,12 @@ class DurableNode:
         """SIGKILL the supervisor and all its descendants at the same instant."""
         assert self.proc is not None
         pids = [self.proc.pid, *descendants(self.proc.pid)]
+        # The whole process group too (the node runs in its own session): a child
+        # the supervisor was spawning at this instant is not in ``pids`` yet.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -120,6 +126,16 @@ class DurableNode:
                 pass
         self.proc.wait(10)
         wait_for(lambda: not any(_alive(p) for p in pids), 10, "the node's processes to die")
+        # Nothing of the old node may still hold the listener, or the next
+        # start() would take the old socket for the new node.
+        wait_for(lambda: not self._port_open(), 10, f"port {self.port} to close")
+
+    def _port_open(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
