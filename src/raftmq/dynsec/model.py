@@ -168,35 +168,18 @@ class DynsecState:
     # -- JSON objects as the control API returns them ----------------------
 
     def client_json(self, client: Client) -> dict[str, Any]:
-        out: dict[str, Any] = {"username": client.username}
-        if client.clientid is not None:
-            out["clientid"] = client.clientid
-        if client.textname is not None:
-            out["textname"] = client.textname
-        if client.textdescription is not None:
-            out["textdescription"] = client.textdescription
-        if client.disabled:
-            out["disabled"] = True
-        out["roles"] = [_link_json("rolename", n, p) for n, p in ordered_links(client.roles)]
+        out = _client_head(client)
         out["groups"] = [_link_json("groupname", n, p) for n, p in ordered_links(client.groups)]
         return out
 
     def group_json(self, group: Group) -> dict[str, Any]:
-        out: dict[str, Any] = {"groupname": group.name}
-        if group.textname is not None:
-            out["textname"] = group.textname
-        if group.textdescription is not None:
-            out["textdescription"] = group.textdescription
+        out = _described({"groupname": group.name}, group)
         out["clients"] = [{"username": u} for u in sorted(group.clients)]
         out["roles"] = [_link_json("rolename", n, p) for n, p in ordered_links(group.roles)]
         return out
 
     def role_json(self, role: Role) -> dict[str, Any]:
-        out: dict[str, Any] = {"rolename": role.name}
-        if role.textname is not None:
-            out["textname"] = role.textname
-        if role.textdescription is not None:
-            out["textdescription"] = role.textdescription
+        out = _described({"rolename": role.name}, role)
         out["acls"] = [
             {"acltype": t, "topic": a.topic, "priority": a.priority, "allow": a.allow}
             for t in ACL_TYPES
@@ -215,16 +198,7 @@ class DynsecState:
         clients = []
         for name in sorted(self.clients):
             c = self.clients[name]
-            obj: dict[str, Any] = {"username": c.username}
-            if c.clientid is not None:
-                obj["clientid"] = c.clientid
-            if c.textname is not None:
-                obj["textname"] = c.textname
-            if c.textdescription is not None:
-                obj["textdescription"] = c.textdescription
-            if c.disabled:
-                obj["disabled"] = True
-            obj["roles"] = [_link_json("rolename", n, p) for n, p in ordered_links(c.roles)]
+            obj = _client_head(c)
             if c.password is not None:
                 obj.update(c.password.to_json())
             clients.append(obj)
@@ -232,11 +206,7 @@ class DynsecState:
         groups = []
         for name in sorted(self.groups):
             g = self.groups[name]
-            obj = {"groupname": g.name}
-            if g.textname is not None:
-                obj["textname"] = g.textname
-            if g.textdescription is not None:
-                obj["textdescription"] = g.textdescription
+            obj = _described({"groupname": g.name}, g)
             obj["roles"] = [_link_json("rolename", n, p) for n, p in ordered_links(g.roles)]
             obj["clients"] = [_link_json("username", u, g.clients[u]) for u in sorted(g.clients)]
             groups.append(obj)
@@ -365,4 +335,25 @@ def parse_acls(value: Any) -> list[tuple[str, Acl]]:
         out.append(
             (canonical, Acl(topic, get_int(obj, "priority", ACL_DEFAULT_PRIORITY), get_bool(obj, "allow", False)))
         )
+    return out
+
+
+def _described(head: dict[str, Any], obj: Client | Group | Role) -> dict[str, Any]:
+    """``head`` with the object's optional textname / textdescription, in Mosquitto's key order."""
+    if obj.textname is not None:
+        head["textname"] = obj.textname
+    if obj.textdescription is not None:
+        head["textdescription"] = obj.textdescription
+    return head
+
+
+def _client_head(client: Client) -> dict[str, Any]:
+    """The keys a client has both in control responses and in the document, in that order."""
+    out: dict[str, Any] = {"username": client.username}
+    if client.clientid is not None:
+        out["clientid"] = client.clientid
+    _described(out, client)
+    if client.disabled:
+        out["disabled"] = True
+    out["roles"] = [_link_json("rolename", n, p) for n, p in ordered_links(client.roles)]
     return out
