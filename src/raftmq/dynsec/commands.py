@@ -373,13 +373,15 @@ def cmd_get_client(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> dic
     return {"client": state.client_json(_client(state, _username(cmd)))}
 
 
+def _listing(objects: dict[str, Any], to_json: Any, key: str, cmd: dict[str, Any]) -> dict[str, Any]:
+    """listClients / listGroups / listRoles: a sorted page of names, or of objects when verbose."""
+    names = _list_page(sorted(objects), cmd)
+    items: list[Any] = [to_json(objects[n]) for n in names] if get_bool(cmd, "verbose", False) else names
+    return {"totalCount": len(objects), key: items}
+
+
 def cmd_list_clients(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> dict[str, Any]:
-    names = _list_page(sorted(state.clients), cmd)
-    if get_bool(cmd, "verbose", False):
-        items: list[Any] = [state.client_json(state.clients[n]) for n in names]
-    else:
-        items = names
-    return {"totalCount": len(state.clients), "clients": items}
+    return _listing(state.clients, state.client_json, "clients", cmd)
 
 
 def _client_role_args(state: DynsecState, cmd: dict[str, Any]) -> tuple[Client, str]:
@@ -432,12 +434,7 @@ def cmd_get_group(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> dict
 
 
 def cmd_list_groups(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> dict[str, Any]:
-    names = _list_page(sorted(state.groups), cmd)
-    if get_bool(cmd, "verbose", False):
-        items: list[Any] = [state.group_json(state.groups[n]) for n in names]
-    else:
-        items = names
-    return {"totalCount": len(state.groups), "groups": items}
+    return _listing(state.groups, state.group_json, "groups", cmd)
 
 
 def cmd_modify_group(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> None:
@@ -555,12 +552,7 @@ def cmd_get_role(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> dict[
 
 
 def cmd_list_roles(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> dict[str, Any]:
-    names = _list_page(sorted(state.roles), cmd)
-    if get_bool(cmd, "verbose", False):
-        items: list[Any] = [state.role_json(state.roles[n]) for n in names]
-    else:
-        items = names
-    return {"totalCount": len(state.roles), "roles": items}
+    return _listing(state.roles, state.role_json, "roles", cmd)
 
 
 def cmd_modify_role(state: DynsecState, cmd: dict[str, Any], kicks: Kicks) -> None:
