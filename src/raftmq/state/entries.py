@@ -28,7 +28,9 @@ latin-1 string), payload (rest).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -280,6 +282,22 @@ OP_TYPES: dict[int, type] = {
     )
 }
 
+def _header_getter(cls: type) -> Callable[[Any], list[Any]]:
+    """The op's scalar fields (all but ``message``) as a list, looked up once per type."""
+    names = [f for f in cls.__slots__ if f != "message"]
+    if not names:
+        return lambda op: []
+    get = attrgetter(*names)
+    if len(names) == 1:
+        return lambda op: [get(op)]
+    return lambda op: list(get(op))
+
+
+# encode_ops is on the path of every durable change: no per-op reflection there.
+_HEADER_FIELDS: dict[int, Callable[[Any], list[Any]]] = {
+    tag: _header_getter(cls) for tag, cls in OP_TYPES.items()
+}
+
 _U32 = struct.Struct("<I")
 _OP_HEAD = struct.Struct("<BI")
 
@@ -287,8 +305,7 @@ _OP_HEAD = struct.Struct("<BI")
 def encode_ops(ops: list[Op]) -> bytes:
     parts = [_U32.pack(len(ops))]
     for op in ops:
-        fields = [getattr(op, f) for f in op.__slots__ if f != "message"]
-        head = orjson.dumps(fields)
+        head = orjson.dumps(_HEADER_FIELDS[op.TAG](op))
         msg = getattr(op, "message", None)
         mb = encode_message(msg) if msg is not None else b""
         parts += (_OP_HEAD.pack(op.TAG, len(head)), head, _U32.pack(len(mb)), mb)
