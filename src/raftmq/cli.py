@@ -70,6 +70,10 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="address to listen on with --port (default: the first listener's, else 127.0.0.1)",
     )
     parser.add_argument("--data-dir", metavar="DIR", help="directory for durable state")
+    parser.add_argument(
+        "--workers", type=int, metavar="N",
+        help="worker processes sharing the listeners (default: workers in the config, else one per CPU)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -85,7 +89,8 @@ def serve(config: Config) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    overrides = {"port": args.port, "host": args.host, "data_dir": args.data_dir}
+    overrides = {"port": args.port, "host": args.host, "data_dir": args.data_dir,
+                 "workers": args.workers}
     if args.verbose:
         overrides["log_level"] = "debug"
     try:

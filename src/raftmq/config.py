@@ -74,7 +74,7 @@ class Config:
     data_dir: str = "./data"
     mode: str = "standalone"
     durability: str = "sync"
-    workers: int = 1
+    workers: int = 0  # worker processes; 0 = one per CPU
     log_level: str = "info"
     dynsec_enabled: bool = False  # TOML `dynsec = true`: Mosquitto's Dynamic Security
     dynsec_substitute: bool = False  # %c / %u in ACL topics (off, as Mosquitto 2.0.22)
@@ -188,7 +188,7 @@ _TOP_KEYS: dict[str, tuple[str, Checker]] = {
     "data_dir": ("data_dir", _string),
     "mode": ("mode", _choice(MODES)),
     "durability": ("durability", _choice(DURABILITIES)),
-    "workers": ("workers", _int_range(1, 256)),
+    "workers": ("workers", _int_range(0, 256)),
     "log_level": ("log_level", _choice(LOG_LEVELS)),
     "dynsec": ("dynsec_enabled", _bool),
     "dynsec_substitute": ("dynsec_substitute", _bool),

@@ -35,8 +35,10 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import fields, replace
@@ -85,15 +87,20 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
     sys.exit(run_node(settings, data_dir, durability))
 
 
-def _worker_child(parent_pid: int, config: Any, worker_id: int) -> None:
+def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str) -> None:
     _die_with_parent(parent_pid)
     _setup_child_logging(config.log_level)
-    from raftmq.broker.server import run
+    import functools
 
+    from raftmq.broker.server import run
+    from raftmq.workers.node import attach_worker
+
+    node = functools.partial(attach_worker, index=index, count=count, run_dir=run_dir)
+    worker_id = index + 1  # the raft process numbers its channel clients from 1
     if config.durability == "none":
         from raftmq.state.store import MemoryStore
 
-        sys.exit(run(config, MemoryStore()))
+        sys.exit(run(config, MemoryStore(), node=node))
     from raftmq.raft.client import NOT_LEADER, RaftStore
 
     store = RaftStore(config.data_dir, worker_id)
@@ -112,7 +119,7 @@ def _worker_child(parent_pid: int, config: Any, worker_id: int) -> None:
         os._exit(EXIT_STORE_LOST)
 
     store.set_failure_listener(store_lost)
-    sys.exit(run(config, store))
+    sys.exit(run(config, store, node=node))
 
 
 class _Child:
@@ -147,8 +154,13 @@ class Supervisor:
                 "raftmq-raft", _raft_child,
                 (me, settings, config.data_dir, config.durability, config.log_level),
             )
+        count = worker_count(config)
+        # Private (0700) and short (unix socket paths are limited to 108 bytes):
+        # the workers' mesh and hand-off sockets (raftmq.workers).
+        self.run_dir = tempfile.mkdtemp(prefix="raftmq-")
         self.workers = [
-            _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i)) for i in range(1, config.workers + 1)
+            _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i, count, self.run_dir))
+            for i in range(count)
         ]
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -193,6 +205,7 @@ class Supervisor:
         self._stop(self.workers)
         if self.raft is not None:
             self._stop([self.raft])
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("Supervisor stopped.")
         return 0
 
@@ -209,6 +222,11 @@ class Supervisor:
                 log.warning("Child %s did not stop in %.0f s: killing it.", c.name, STOP_TIMEOUT)
                 c.proc.kill()
                 c.proc.join(5)
+
+
+def worker_count(config: Any) -> int:
+    """``workers`` from the config; 0 (the default) means one per CPU."""
+    return getattr(config, "workers", 0) or os.cpu_count() or 1
 
 
 def _exit_text(code: int | None) -> str:
@@ -234,13 +252,9 @@ def cluster_settings_of(config: Any) -> ClusterSettings:
 
 def serve(config: Any) -> int:
     """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
-    # Refuse what would silently misbehave rather than serve it: a second worker
-    # has no cross-worker routing yet (messages would not cross workers), and in
-    # the cluster modes workers do not yet follow Raft leadership (a follower
-    # would accept clients it cannot serve).  See README "State of the work".
-    if getattr(config, "workers", 1) > 1:
-        log.error("Error: workers = %d: more than one worker per node is not supported yet.", config.workers)
-        return 2
+    # Refuse what would silently misbehave rather than serve it: in the cluster
+    # modes workers do not yet follow Raft leadership (a follower would accept
+    # clients it cannot serve).  See README "State of the work".
     if getattr(config, "mode", "standalone") != "standalone":
         log.error("Error: mode = %s: the cluster modes are not served by the broker yet.", config.mode)
         return 2

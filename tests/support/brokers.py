@@ -22,6 +22,10 @@ HOST = "127.0.0.1"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 15.0
+# Worker processes of every raftmq started here (the broker suite runs with 1, 2
+# and 4: `RAFTMQ_TEST_WORKERS=4 pytest tests/broker -k raftmq`); an explicit
+# ``workers`` option wins.
+TEST_WORKERS = int(os.environ.get("RAFTMQ_TEST_WORKERS", "1"))
 STOP_TIMEOUT = 5.0
 
 
@@ -80,6 +84,8 @@ class BrokerProcess:
                "--data-dir", str(self.workdir / "data"), "-v"]
         if not self.listener_in_config:
             cmd += ["-p", str(self.port), "--host", self.host]
+        if "workers" not in opts:
+            cmd += ["--workers", str(TEST_WORKERS)]
         return cmd
 
     def start(self) -> BrokerProcess:

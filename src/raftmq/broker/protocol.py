@@ -52,7 +52,7 @@ class Connection(asyncio.Protocol):
                  "username", "version", "keepalive", "peer", "rx_bytes", "rx_seen", "rx_seen_at",
                  "accepted_at", "will", "graceful", "client_receive_max", "client_max_packet",
                  "client_alias_max", "alias_in", "qos1_in_pending", "problem_info", "paused",
-                 "clean_start", "alias_out", "next_alias_out", "online")
+                 "clean_start", "alias_out", "next_alias_out", "online", "raw_head")
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -87,6 +87,9 @@ class Connection(asyncio.Protocol):
         # CONNACK written: messages may be delivered (none may precede CONNACK,
         # which can wait for the store) [MQTT-3.2.0-1].
         self.online = False
+        # Bytes read before CONNECT was handled, kept only when the node has
+        # sibling workers: they travel with a hand-off (raftmq.workers.handoff).
+        self.raw_head = b""
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -109,6 +112,8 @@ class Connection(asyncio.Protocol):
         self.rx_bytes += n
         broker.stats.bytes_received += n
         broker._in_read = True
+        if self.state == NEW and broker.handoff is not None:
+            self.raw_head += data
         try:
             packets = self.parser.feed(data)
         except MQTTError as e:

@@ -62,6 +62,8 @@ class Router:
         self.trie.subscribe(sub.topic_filter, session.client_id, sub)
         if is_new:
             self.subscription_count += 1
+            if self.broker.mesh is not None:
+                self.broker.mesh.interest(key, 1)
         return is_new
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -70,6 +72,8 @@ class Router:
             return False
         self.trie.unsubscribe(topic_filter, session.client_id)
         self.subscription_count -= 1
+        if self.broker.mesh is not None:
+            self.broker.mesh.interest(topic_filter, -1)
         return True
 
     def unsubscribe_all(self, session: Session) -> None:
@@ -79,19 +83,30 @@ class Router:
     # -- publishing -------------------------------------------------------------
 
     def route(self, message: Message, sender_id: str | None, ops: list | None,
-              retain_durable: bool = True, acl_receive: dict | None = None) -> int:
+              retain_durable: bool = True, acl_receive: dict | None = None,
+              forward: bool = True, assigned: set | None = None) -> int:
         """Store the retained message and deliver to every matching subscription.
 
         ``ops`` collects store operations (None for QoS 0 messages, which never
         create any).  ``acl_receive``: the broker's publish_client_receive cache for
         this topic, just seen current by the caller (handle_publish); without it
-        route fetches it.  Returns the number of deliveries.
+        route fetches it.  With sibling workers (``broker.mesh``) the message is
+        also forwarded to those with a matching subscription unless ``forward``
+        is False (it came from one, or it is this worker's own ``$SYS``); a
+        forwarded message serves only the share groups in ``assigned``.
+        Returns the number of deliveries in this worker.
         """
         broker = self.broker
         if message.retain:
             broker.retained.store(message, ops if ops is not None else broker.pending_ops,
                                   retain_durable)
         normal, shared = self.trie.match(message.topic)
+        mesh = broker.mesh
+        if mesh is not None:
+            if forward:
+                shared = mesh.forward(message, sender_id, shared)
+            elif shared:
+                shared = [g for g in shared if (g[0], g[1]) in assigned] if assigned else []
         if not normal and not shared:
             return 0
         sessions = self.sessions

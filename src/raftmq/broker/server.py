@@ -107,6 +107,13 @@ class Broker:
         # its own store listener (dynsec does) takes precedence.
         if hasattr(store, "set_remote_listener"):
             store.set_remote_listener(self._on_remote_ops)
+        # Set by the worker layer (raftmq.workers) when the node runs several
+        # workers: ``mesh`` forwards to siblings and gates acknowledgements,
+        # ``handoff`` passes connections to the worker owning their client id.
+        self.mesh: Any = None
+        self.handoff: Any = None
+        self.worker_id = 0
+        self.worker_count = 1
         self.stats = Stats()
         self.retained = Retained()
         self.router = Router(self)
@@ -273,12 +280,25 @@ class Broker:
     # -- store batching ---------------------------------------------------------
 
     def commit(self, ops: list, action: Callable[[], None] | None) -> None:
-        """Submit ``ops`` with this read's batch; run ``action`` once committed."""
+        """Submit ``ops`` with this read's batch; run ``action`` once committed
+        (and, with sibling workers, once they processed what was forwarded so far)."""
         self.pending_ops.extend(ops)
         if action is not None:
+            mesh = self.mesh
+            if mesh is not None and mesh.gating():
+                action = mesh.gated(action)
             self._pending_actions.append(action)
 
     def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` after everything submitted so far is committed (now if
+        nothing is) and the sibling workers processed what was forwarded to them:
+        the rule for every acknowledgement to a client."""
+        mesh = self.mesh
+        if mesh is not None and mesh.gating():
+            action = mesh.gated(action)
+        self.after_store(action)
+
+    def after_store(self, action: Callable[[], None]) -> None:
         """Run ``action`` after everything submitted so far is committed (now if nothing is)."""
         if self.pending_ops:
             self._pending_actions.append(action)
@@ -306,7 +326,7 @@ class Broker:
                 actions = self._pending_actions
                 self._pending_actions = []
                 for action in actions:
-                    self.after_commit(action)
+                    self.after_store(action)
             return
         ops = self.pending_ops
         actions = self._pending_actions
@@ -388,7 +408,7 @@ class Broker:
         self.wills.fire(session.client_id)
 
     def on_connection_lost(self, conn: Connection) -> None:
-        self.connections.discard(conn)
+        self.connections.discard(conn)  # (a connection handed to a sibling ends here)
         session = conn.session
         if session is None or session.conn is not conn:
             return  # never connected, refused, or taken over (attach_session handled it)
@@ -493,6 +513,8 @@ class Broker:
                 self.stats.clients_expired += 1
                 self.end_session(session, ops)
         self.wills.tick(now)
+        if self.mesh is not None:
+            self.mesh.send_stats()
         interval = self.config.sys_interval
         if interval and now >= self._next_sys and self.sys is not None:
             self._next_sys = now + interval
@@ -507,7 +529,10 @@ class Broker:
         for message in state.retained.values():
             self.retained.load(message)
         now = self.loop.time()
+        mesh = self.mesh
         for record in state.sessions.values():
+            if mesh is not None and mesh.owner_of(record.client_id) != self.worker_id:
+                continue  # a sibling owns it (workers/ownership.py)
             session = Session(record.client_id, record.protocol_version, record.expiry_interval,
                               record.username)
             session.durable = True
@@ -543,15 +568,21 @@ class Broker:
         self._load()
         self.sys = SysTopics(self)
         self._next_sys = self.loop.time()
+        if self.mesh is not None:
+            # Linked to the siblings before accepting anyone (workers/mesh.py).
+            self.handoff.start()
+            await self.mesh.start()
         for listener in self.config.listeners:
             server = await self.loop.create_server(lambda: Connection(self), listener.host,
                                                    listener.port, reuse_address=True,
+                                                   reuse_port=self.mesh is not None,
                                                    backlog=1024)
             self.servers.append(server)
             for sock in server.sockets:
                 port = sock.getsockname()[1]
                 self.ports.append(port)
-                log.info("Opening ipv4 listen socket on port %d.", port)
+                log.info("Opening ipv4 listen socket on port %d%s.", port,
+                         f" (worker {self.worker_id})" if self.mesh is not None else "")
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 
     async def stop(self) -> None:
@@ -566,6 +597,9 @@ class Broker:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self.flush_ops()
+        if self.mesh is not None:
+            self.mesh.close()
+            self.handoff.close()
         for server in self.servers:
             try:
                 await asyncio.wait_for(server.wait_closed(), 2.0)
@@ -574,12 +608,17 @@ class Broker:
         self.servers.clear()
 
 
-def run(config: Any, store: Any, auth: Any = None) -> int:
-    """Run one broker on uvloop until SIGTERM / SIGINT; the process exit status."""
+def run(config: Any, store: Any, auth: Any = None, node: Any = None) -> int:
+    """Run one broker on uvloop until SIGTERM / SIGINT; the process exit status.
+
+    ``node``: ``attach(broker)`` of the worker layer (raftmq.workers.node) when
+    this broker is one of several workers of a node."""
     import uvloop
 
     async def main() -> int:
         broker = Broker(config, store, auth)
+        if node is not None:
+            node(broker)
         plugin = None
         if getattr(config, "dynsec_enabled", False) and auth is None:
             from raftmq.dynsec.plugin import install

@@ -43,6 +43,11 @@ class Stats:
         self.clients_expired = 0
 
 
+# Counters summed over the workers of a node (as workers/mesh.py STAT_FIELDS).
+_COUNTERS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
+             "publish_received", "publish_sent", "publish_dropped", "connections",
+             "clients_expired")
+
 _LOAD_SOURCES = {
     "messages/received": "messages_received",
     "messages/sent": "messages_sent",
@@ -63,20 +68,36 @@ class SysTopics:
         self.loads: dict[str, float] = {}
         self.prev: dict[str, int] = {}
         self.prev_time = self.started
+        self.clients_maximum = 0
 
     def _publish(self, topic: str, value: str, always: bool = False) -> None:
         if not always and self.last.get(topic) == value:
             return
         self.last[topic] = value
         message = Message(topic, value.encode(), 0, True, None, 0)
-        self.broker.router.route(message, None, None, retain_durable=False)
+        # Every worker publishes the node's totals to its own subscribers.
+        self.broker.router.route(message, None, None, retain_durable=False, forward=False)
 
-    def _update_loads(self, now: float) -> None:
-        stats = self.broker.stats
+    def _counters(self) -> dict[str, int]:
+        """The node's counters: this worker's plus its siblings' last reports."""
+        broker = self.broker
+        stats = broker.stats
+        counters = {attr: getattr(stats, attr) for attr in _COUNTERS}
+        counters["connected"] = broker.clients_connected()
+        counters["disconnected"] = sum(1 for s in broker.sessions.values() if s.conn is None)
+        counters["subscriptions"] = broker.router.subscription_count
+        mesh = broker.mesh
+        if mesh is not None:
+            names = (*mesh.STAT_FIELDS, "connected", "disconnected", "subscriptions")
+            for name, value in zip(names, mesh.sibling_totals(), strict=True):
+                counters[name] += value
+        return counters
+
+    def _update_loads(self, now: float, counters: dict[str, int]) -> None:
         interval = max(now - self.prev_time, 1e-3)
         self.prev_time = now
         for name, attr in _LOAD_SOURCES.items():
-            value = getattr(stats, attr)
+            value = counters[attr]
             delta = value - self.prev.get(attr, value)
             self.prev[attr] = value
             per_minute = delta * 60.0 / interval
@@ -89,10 +110,13 @@ class SysTopics:
     def publish(self) -> None:
         broker = self.broker
         now = broker.loop.time()
-        stats = broker.stats
-        self._update_loads(now)
-        connected = broker.clients_connected()
-        disconnected = sum(1 for s in broker.sessions.values() if s.conn is None)
+        stats = self._counters()
+        self._update_loads(now, stats)
+        connected = stats["connected"]
+        disconnected = stats["disconnected"]
+        # Highest number of clients connected at once: this worker's own
+        # maximum, or the node's as seen at each $SYS interval.
+        self.clients_maximum = max(self.clients_maximum, broker.stats.clients_maximum, connected)
         p = self._publish
         p("$SYS/broker/version", f"raftmq version {VERSION}")
         p("$SYS/broker/uptime", f"{int(now - self.started)} seconds", always=True)
@@ -101,18 +125,18 @@ class SysTopics:
         p("$SYS/broker/clients/disconnected", str(disconnected))
         p("$SYS/broker/clients/inactive", str(disconnected))
         p("$SYS/broker/clients/total", str(connected + disconnected))
-        p("$SYS/broker/clients/maximum", str(stats.clients_maximum))
-        p("$SYS/broker/clients/expired", str(stats.clients_expired))
-        p("$SYS/broker/messages/received", str(stats.messages_received))
-        p("$SYS/broker/messages/sent", str(stats.messages_sent))
+        p("$SYS/broker/clients/maximum", str(self.clients_maximum))
+        p("$SYS/broker/clients/expired", str(stats["clients_expired"]))
+        p("$SYS/broker/messages/received", str(stats["messages_received"]))
+        p("$SYS/broker/messages/sent", str(stats["messages_sent"]))
         p("$SYS/broker/messages/stored", str(broker.retained.count))
         p("$SYS/broker/store/messages/count", str(broker.retained.count))
-        p("$SYS/broker/bytes/received", str(stats.bytes_received))
-        p("$SYS/broker/bytes/sent", str(stats.bytes_sent))
-        p("$SYS/broker/publish/messages/received", str(stats.publish_received))
-        p("$SYS/broker/publish/messages/sent", str(stats.publish_sent))
-        p("$SYS/broker/publish/messages/dropped", str(stats.publish_dropped))
-        p("$SYS/broker/subscriptions/count", str(broker.router.subscription_count))
+        p("$SYS/broker/bytes/received", str(stats["bytes_received"]))
+        p("$SYS/broker/bytes/sent", str(stats["bytes_sent"]))
+        p("$SYS/broker/publish/messages/received", str(stats["publish_received"]))
+        p("$SYS/broker/publish/messages/sent", str(stats["publish_sent"]))
+        p("$SYS/broker/publish/messages/dropped", str(stats["publish_dropped"]))
+        p("$SYS/broker/subscriptions/count", str(stats["subscriptions"]))
         p("$SYS/broker/retained messages/count", str(broker.retained.count))
         for key, value in self.loads.items():
             p(f"$SYS/broker/load/{key}", f"{value:.2f}")

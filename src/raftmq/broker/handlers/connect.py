@@ -79,6 +79,21 @@ def refuse_unparsable_connect(conn: Connection, reason_code: int) -> None:
         conn.close()
 
 
+def _hand_off(broker: Broker, conn: Connection, owner: int, raw: bytes) -> None:
+    """The client id belongs to sibling worker ``owner``: pass the connection
+    on, untouched (raftmq.workers.handoff), or refuse it if that worker is down."""
+    if not broker.handoff.hand_off(conn, owner, raw):
+        log.info("Client %s:%d refused: worker %d is not available.", conn.peer[0], conn.peer[1],
+                 owner)
+        return refuse(conn, RC_SERVER_UNAVAILABLE)
+    stats = broker.stats
+    stats.connections -= 1  # counted again by the owner
+    stats.bytes_received -= len(raw)
+    stats.messages_received -= 1
+    conn.state = 2  # CLOSING: nothing more is read, handled or written here
+    conn.transport.abort()  # our descriptor only: the owner's keeps the connection
+
+
 def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     if conn.state != 0:
         # A second CONNECT is a protocol error [MQTT-3.1.0-2].
@@ -86,6 +101,8 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     config = broker.config
     version = p.protocol_version
     conn.version = version
+    raw = conn.raw_head  # what a hand-off would pass on (empty with one worker)
+    conn.raw_head = b""
     props = p.properties or {}
     v5 = version == 5
 
@@ -100,7 +117,12 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
         if version == 4 and not p.clean_start:
             # 3.1.1: a zero-length id requires CleanSession=1 [MQTT-3.1.3-8].
             return refuse(conn, RC_CLIENT_ID_NOT_VALID)
-        client_id = assigned = f"auto-{uuid.uuid4()}"
+        client_id = assigned = f"auto-{uuid.uuid4()}" if broker.mesh is None \
+            else broker.mesh.assign_client_id()
+    elif broker.mesh is not None:
+        owner = broker.mesh.owner_of(client_id)
+        if owner != broker.worker_id:
+            return _hand_off(broker, conn, owner, raw)
 
     # -- MQTT 5 CONNECT properties -------------------------------------------
     if v5:
@@ -186,10 +208,11 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
             cprops["server_keep_alive"] = server_keepalive
     connack = Connack(present, 0, cprops or None).encode(version)
 
-    log.info("New client connected from %s:%d as %s (p%d, c%d, k%d%s).", conn.peer[0],
+    log.info("New client connected from %s:%d as %s (p%d, c%d, k%d%s)%s.", conn.peer[0],
              conn.peer[1], client_id, {3: 1, 4: 2, 5: 5}.get(version, version),
              1 if p.clean_start else 0, keepalive,
-             f", u'{username}'" if username is not None else "")
+             f", u'{username}'" if username is not None else "",
+             f" on worker {broker.worker_id}" if broker.mesh is not None else "")
 
     def send_connack() -> None:
         if conn.state != 1 or session.conn is not conn:

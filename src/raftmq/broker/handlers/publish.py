@@ -183,6 +183,8 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
 
     ops: list = []
     delivered = broker.router.route(message, conn.client_id, ops)
+    if not delivered and broker.mesh is not None:
+        delivered = broker.mesh.matched
     if qos == 1:
         if delivered or not v5:
             ack = ack_bytes(0x40, packet_id)

@@ -1,0 +1,562 @@
+"""The links between the workers of one node: forwarding, interest, barriers.
+
+Every pair of workers shares one unix stream socket (the higher index
+connects to the lower; both directions use it).  On it flow frames::
+
+    u32 length of what follows | u8 type | body
+
+- HELLO(index): first frame of each side of a new connection.
+- FWD(seq, sender, assigned share groups, message): a message published in
+  the sending worker, for the receiver's matching subscriptions.  Only the
+  share groups listed are served by the receiver (the sender picked, for each
+  group, the one worker whose member gets the message).
+- INTEREST(seq, delta, filter): the sender's count of subscriptions on a
+  filter changed by ``delta`` (``$share/...`` filters count group members).
+  RESET(seq): forget every interest of the sender (sent, with the full set,
+  when a connection starts).
+- SYNC(seq): nothing but a sequence number to acknowledge (a barrier).
+- ACK(seq): every frame of the receiver's up to ``seq`` was processed and
+  what it changed in the store is committed.
+- STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
+
+Why forwarding by interest: a worker forwards a message only to siblings
+that subscribed to a matching filter, so in the common case of a publisher
+and subscriber in the same worker nothing crosses.  The cost is ordering: a
+sibling must know a new subscription before the subscriber is told SUBACK,
+or a message published right after the SUBACK could miss it.  Hence frames
+that need an answer carry a sequence number, the receiver acknowledges
+cumulatively once what the frames changed is committed, and the broker holds
+every client acknowledgement (CONNACK, SUBACK, PUBACK, PUBREC, ...) until the
+siblings acknowledged the frames sent before it (``gated``).  The same
+barrier gives the durability promise across workers: a QoS 1/2 message is
+acknowledged to its publisher only once every sibling that may hold a
+matching persistent session has queued it durably.
+
+Until a sibling has told its interest (it has not connected since this worker
+started) it is assumed to want every QoS 1/2 and retained message: those are
+kept (with their sequence numbers) and sent when it connects, so a sibling
+that restarts misses nothing a publisher was acknowledged for.  Retained
+messages go to every sibling (each worker holds every retained message).
+A sibling whose link breaks keeps its last known interest; its unacknowledged
+frames are sent again when it is back (QoS 1 may then be delivered twice, as
+the standard allows after a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from raftmq._trie import TopicTrie
+from raftmq.state.entries import Message, decode_message, encode_message
+from raftmq.workers.ownership import assign_client_id, owner_of
+
+if TYPE_CHECKING:
+    from raftmq.broker.server import Broker
+
+log = logging.getLogger("raftmq.workers")
+
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS = range(1, 8)
+
+_LEN = struct.Struct("<I")
+_HELLO = struct.Struct("<IBH")
+_SEQ_FRAME = struct.Struct("<IBQ")  # RESET / SYNC / ACK
+_FWD_HEAD = struct.Struct("<IBQHH")  # seq, sender length, assignment length
+_FWD_BODY = struct.Struct("<QHH")
+_INTEREST_HEAD = struct.Struct("<IBQi")
+_INTEREST_BODY = struct.Struct("<Qi")
+_U64 = struct.Struct("<Q")
+_HEADER = 5  # u32 length + u8 type
+
+CONNECT_RETRY = 0.05
+START_TIMEOUT = 10.0
+# Frames kept for a sibling that is down before new QoS 1/2 acknowledgements
+# wait (the publishers' PUBACKs are held by the barrier meanwhile anyway).
+RESEND_LIMIT = 1_000_000
+
+# The $SYS counters exchanged for node totals, in STATS order.
+STAT_FIELDS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
+               "publish_received", "publish_sent", "publish_dropped", "connections",
+               "clients_expired")
+
+
+class Sibling:
+    """What this worker knows of one other worker."""
+
+    __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
+                 "counts", "stats", "recv_seq", "ever_up")
+
+    def __init__(self, index: int, path: str) -> None:
+        self.index = index
+        self.path = path
+        self.link: _Link | None = None  # the connection, once its HELLO came
+        self.out: list[bytes] = []
+        self.sent_seq = 0  # last sequence number given to a frame for it
+        self.acked = 0  # its cumulative acknowledgement
+        self.resend: deque[tuple[int, bytes]] = deque()  # FWD frames not yet acknowledged
+        self.known = False  # it told us its interest at least once
+        self.counts: dict[str, int] = {}  # its interest: filter -> subscriptions
+        self.stats: tuple = ()
+        self.recv_seq = 0  # highest sequence number of its frames we processed
+        self.ever_up = False
+
+
+class Mesh:
+    """This worker's end of the links to its siblings (one per other worker)."""
+
+    STAT_FIELDS = STAT_FIELDS
+
+    def __init__(self, broker: Broker, index: int, count: int, run_dir: str) -> None:
+        self.broker = broker
+        self.index = index
+        self.count = count
+        self.run_dir = run_dir
+        self.siblings: dict[int, Sibling] = {
+            j: Sibling(j, os.path.join(run_dir, f"w{j}.mesh")) for j in range(count) if j != index
+        }
+        self._sibling_list = list(self.siblings.values())
+        self.local_interest: dict[str, int] = {}  # filter -> our subscriptions on it
+        self.remote = TopicTrie()  # siblings' filters, key = sibling index
+        self._waiters: deque[tuple[tuple[int, ...], Callable[[], None]]] = deque()
+        self._flush_scheduled = False
+        self._share_rr: dict[tuple[str, str], int] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self._all_up = asyncio.Event()
+        self.matched = 0  # siblings the last forward() found a matching subscription in
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # -- ownership (used by handle_connect) ---------------------------------------
+
+    def owner_of(self, client_id: str) -> int:
+        return owner_of(client_id, self.count)
+
+    def assign_client_id(self) -> str:
+        return assign_client_id(self.index, self.count)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Listen for siblings, connect to the lower-numbered ones, and wait (up to
+        ``timeout``) until every sibling is linked, so that clients are accepted
+        only once the node is whole (a sibling still down is caught up later)."""
+        self.loop = asyncio.get_running_loop()
+        path = os.path.join(self.run_dir, f"w{self.index}.mesh")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._server = await self.loop.create_unix_server(lambda: _Link(self), path)
+        for sibling in self._sibling_list:
+            if sibling.index < self.index:
+                self._tasks.append(self.loop.create_task(self._keep_connected(sibling)))
+        if not self._sibling_list:
+            return
+        try:
+            await asyncio.wait_for(self._all_up.wait(), timeout)
+        except TimeoutError:
+            missing = [s.index for s in self._sibling_list if s.link is None]
+            log.warning("Worker %d: siblings %s not linked after %.0f s; serving anyway.",
+                        self.index, missing, timeout)
+
+    async def _keep_connected(self, sibling: Sibling) -> None:
+        loop = self.loop
+        assert loop is not None
+        while not self._closed:
+            if sibling.link is None:
+                try:
+                    await loop.create_unix_connection(lambda: _Link(self), sibling.path)
+                except OSError:
+                    await asyncio.sleep(CONNECT_RETRY)
+                    continue
+            await asyncio.sleep(CONNECT_RETRY)
+
+    def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        self._flush()
+        for sibling in self._sibling_list:
+            if sibling.link is not None:
+                sibling.link.transport.close()
+
+    # -- link events -------------------------------------------------------------
+
+    def _link_up(self, sibling: Sibling, link: _Link) -> None:
+        old = sibling.link
+        if old is not None and old is not link:
+            old.sibling = None
+            old.transport.close()
+        sibling.link = link
+        sibling.recv_seq = 0  # a new connection: its sender may be a new process
+        log.info("Worker %d: linked to worker %d.", self.index, sibling.index)
+        # Our whole interest, then the frames it has not acknowledged, then a
+        # barrier whose acknowledgement covers every sequence number so far.
+        frames = [_SEQ_FRAME.pack(9, RESET, 0)]
+        for topic_filter, n in self.local_interest.items():
+            frames.append(_interest_frame(0, n, topic_filter))
+        frames.extend(frame for _seq, frame in sibling.resend)
+        sibling.sent_seq += 1
+        frames.append(_SEQ_FRAME.pack(9, SYNC, sibling.sent_seq))
+        sibling.out[:0] = frames
+        sibling.ever_up = True
+        self._schedule_flush()
+        if all(s.link is not None for s in self._sibling_list):
+            self._all_up.set()
+
+    def _link_down(self, sibling: Sibling) -> None:
+        sibling.link = None
+        # What was queued for it and not kept for resending is dropped (QoS 0).
+        sibling.out.clear()
+        if not self._closed:
+            log.warning("Worker %d: link to worker %d lost.", self.index, sibling.index)
+
+    # -- sending -------------------------------------------------------------------
+
+    def _send(self, sibling: Sibling, frame: bytes) -> None:
+        if sibling.link is None:
+            return
+        sibling.out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)  # type: ignore[union-attr]
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for sibling in self._sibling_list:
+            out = sibling.out
+            if out and sibling.link is not None:
+                sibling.link.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+
+    def _next_seq(self, sibling: Sibling) -> int:
+        sibling.sent_seq += 1
+        return sibling.sent_seq
+
+    # -- interest ------------------------------------------------------------------
+
+    def interest(self, topic_filter: str, delta: int) -> None:
+        """Our subscriptions on ``topic_filter`` changed by ``delta`` (router.py)."""
+        n = self.local_interest.get(topic_filter, 0) + delta
+        if n > 0:
+            self.local_interest[topic_filter] = n
+        else:
+            self.local_interest.pop(topic_filter, None)
+        for sibling in self._sibling_list:
+            seq = self._next_seq(sibling)
+            self._send(sibling, _interest_frame(seq, delta, topic_filter))
+
+    def sync(self) -> None:
+        """A barrier: acknowledgements given after this wait for every sibling."""
+        for sibling in self._sibling_list:
+            seq = self._next_seq(sibling)
+            self._send(sibling, _SEQ_FRAME.pack(9, SYNC, seq))
+
+    def _on_interest(self, sibling: Sibling, delta: int, topic_filter: str) -> None:
+        counts = sibling.counts
+        old = counts.get(topic_filter, 0)
+        n = old + delta
+        if n > 0:
+            counts[topic_filter] = n
+            if old <= 0:
+                self.remote.subscribe(topic_filter, sibling.index, n)
+            elif topic_filter.startswith("$share/"):
+                self.remote.subscribe(topic_filter, sibling.index, n)  # member count
+        else:
+            counts.pop(topic_filter, None)
+            if old > 0:
+                self.remote.unsubscribe(topic_filter, sibling.index)
+
+    def _on_reset(self, sibling: Sibling) -> None:
+        for topic_filter in sibling.counts:
+            self.remote.unsubscribe(topic_filter, sibling.index)
+        sibling.counts.clear()
+        sibling.known = True
+
+    # -- forwarding ------------------------------------------------------------------
+
+    def forward(self, message: Message, sender_id: str | None, local_shared: list) -> list:
+        """Send ``message`` to every sibling that needs it; return the shared
+        groups of ``local_shared`` this worker serves itself."""
+        targets: dict[int, list | None] = {}
+        shared_remote: list = ()  # type: ignore[assignment]
+        if len(self.remote):
+            normal_remote, shared_remote = self.remote.match(message.topic)
+            for index, _n, _filter in normal_remote:
+                targets[index] = None
+        # Siblings with a matching subscription (PUBACK 0x10 "no matching
+        # subscribers" looks at the whole node).
+        self.matched = len(targets) + len(shared_remote)
+        needs_ack = message.qos > 0 or message.retain
+        if needs_ack:
+            for sibling in self._sibling_list:
+                # Retained: every worker keeps them.  QoS 1/2: a sibling whose
+                # interest we do not know yet may hold a persistent session.
+                if message.retain or not sibling.known:
+                    targets.setdefault(sibling.index, None)
+        if shared_remote or (local_shared and len(self.remote)):
+            local_shared = self._assign_shared(local_shared, shared_remote, targets)
+        if not targets:
+            return local_shared
+        body = encode_message(message)
+        sender = sender_id.encode("utf-8", "surrogatepass") if sender_id else b""
+        siblings = self.siblings
+        for index, assigned in targets.items():
+            sibling = siblings[index]
+            assign = orjson.dumps(assigned) if assigned else b""
+            seq = self._next_seq(sibling) if needs_ack else 0
+            frame = b"".join((
+                _FWD_HEAD.pack(1 + 12 + len(sender) + len(assign) + len(body), FWD, seq,
+                               len(sender), len(assign)),
+                sender, assign, body))
+            if needs_ack:
+                sibling.resend.append((seq, frame))
+                if len(sibling.resend) > RESEND_LIMIT:
+                    log.error("Worker %d: %d messages wait for worker %d.", self.index,
+                              len(sibling.resend), index)
+            self._send(sibling, frame)
+        return local_shared
+
+    def _assign_shared(self, local_shared: list, shared_remote: list,
+                       targets: dict[int, list | None]) -> list:
+        """Pick, for each matching share group, the worker that serves it this
+        time: round-robin weighted by each worker's member count."""
+        groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        local: dict[tuple[str, str], Any] = {}
+        for entry in local_shared:
+            key = (entry[0], entry[1])
+            local[key] = entry
+            groups[key] = [(self.index, len(entry[2]))]
+        for group, topic_filter, members in shared_remote:
+            key = (group, topic_filter)
+            weights = groups.setdefault(key, [])
+            for index, n in members:
+                weights.append((index, n))
+        kept = []
+        rr = self._share_rr
+        for key, weights in groups.items():
+            if len(weights) == 1:
+                chosen = weights[0][0]
+            else:
+                weights.sort()
+                total = sum(n for _i, n in weights)
+                turn = rr.get(key, 0)
+                rr[key] = turn + 1
+                pick = turn % total
+                chosen = weights[-1][0]
+                for index, n in weights:
+                    if pick < n:
+                        chosen = index
+                        break
+                    pick -= n
+            if chosen == self.index:
+                kept.append(local[key])
+            else:
+                assigned = targets.get(chosen)
+                if assigned is None:
+                    targets[chosen] = [list(key)]
+                else:
+                    assigned.append(list(key))
+        return kept
+
+    def _on_forward(self, sender_id: str | None, assigned: list | None, message: Message) -> None:
+        broker = self.broker
+        groups = {(g, f) for g, f in assigned} if assigned else None
+        broker.router.route(message, sender_id, broker.pending_ops if message.qos else None,
+                            False, None, False, groups)
+
+    # -- acknowledgements and barriers ----------------------------------------------
+
+    def gating(self) -> bool:
+        """Whether an acknowledgement given now must wait for the siblings."""
+        if self._waiters:
+            return True
+        for sibling in self._sibling_list:
+            if sibling.acked < sibling.sent_seq:
+                return True
+        return False
+
+    def gated(self, action: Callable[[], None]) -> Callable[[], None]:
+        """``action`` made to wait, once called, for the siblings to acknowledge
+        every frame sent to them until now (order among gated actions kept)."""
+        token = tuple(s.sent_seq for s in self._sibling_list)
+
+        def run() -> None:
+            self.when_acked(token, action)
+
+        return run
+
+    def when_acked(self, token: tuple[int, ...], action: Callable[[], None]) -> None:
+        if not self._waiters and self._satisfied(token):
+            action()
+        else:
+            self._waiters.append((token, action))
+
+    def _satisfied(self, token: tuple[int, ...]) -> bool:
+        for sibling, seq in zip(self._sibling_list, token, strict=True):
+            if sibling.acked < seq:
+                return False
+        return True
+
+    def _on_ack(self, sibling: Sibling, seq: int) -> None:
+        if seq <= sibling.acked:
+            return
+        sibling.acked = seq
+        resend = sibling.resend
+        while resend and resend[0][0] <= seq:
+            resend.popleft()
+        waiters = self._waiters
+        while waiters and self._satisfied(waiters[0][0]):
+            _token, action = waiters.popleft()
+            try:
+                action()
+            except Exception:
+                log.exception("Error in an acknowledgement")
+        self.broker.flush_ops()
+
+    def _send_ack(self, sibling: Sibling, seq: int) -> None:
+        self._send(sibling, _SEQ_FRAME.pack(9, ACK, seq))
+
+    # -- $SYS totals ---------------------------------------------------------------
+
+    def send_stats(self) -> None:
+        broker = self.broker
+        stats = broker.stats
+        values = [getattr(stats, f) for f in STAT_FIELDS]
+        offline = sum(1 for s in broker.sessions.values() if s.conn is None)
+        values += [broker.connected_count, offline, broker.router.subscription_count]
+        frame_body = orjson.dumps(values)
+        frame = _LEN.pack(1 + len(frame_body)) + bytes((STATS,)) + frame_body
+        for sibling in self._sibling_list:
+            self._send(sibling, frame)
+
+    def sibling_totals(self) -> list[int]:
+        """Sum of the siblings' last STATS: STAT_FIELDS, then connected,
+        disconnected sessions, subscriptions."""
+        totals = [0] * (len(STAT_FIELDS) + 3)
+        for sibling in self._sibling_list:
+            for i, value in enumerate(sibling.stats):
+                totals[i] += value
+        return totals
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _on_frames(self, link: _Link, buf: bytearray) -> int:
+        """Handle every whole frame in ``buf``; return the bytes consumed."""
+        pos = 0
+        end = len(buf)
+        sibling = link.sibling
+        acked_before = sibling.recv_seq if sibling is not None else 0
+        broker = self.broker
+        broker._in_read = True
+        try:
+            while end - pos >= _HEADER:
+                (length,) = _LEN.unpack_from(buf, pos)
+                stop = pos + 4 + length
+                if stop > end:
+                    break
+                kind = buf[pos + 4]
+                p = pos + _HEADER
+                if sibling is None:
+                    if kind != HELLO:
+                        raise ValueError(f"frame {kind} before HELLO")
+                    index = int.from_bytes(buf[p:p + 2], "little")
+                    sibling = self.siblings.get(index)
+                    if sibling is None:
+                        raise ValueError(f"HELLO from unknown worker {index}")
+                    link.sibling = sibling
+                    self._link_up(sibling, link)
+                    acked_before = 0
+                elif kind == FWD:
+                    seq, slen, alen = _FWD_BODY.unpack_from(buf, p)
+                    p += 12
+                    sender = bytes(buf[p:p + slen]).decode("utf-8", "surrogatepass") if slen \
+                        else None
+                    p += slen
+                    assigned = orjson.loads(bytes(buf[p:p + alen])) if alen else None
+                    p += alen
+                    self._on_forward(sender, assigned, decode_message(buf[p:stop]))
+                    if seq:
+                        sibling.recv_seq = seq
+                elif kind == ACK:
+                    self._on_ack(sibling, _U64.unpack_from(buf, p)[0])
+                elif kind == INTEREST:
+                    seq, delta = _INTEREST_BODY.unpack_from(buf, p)
+                    self._on_interest(sibling, delta, bytes(buf[p + 12:stop]).decode())
+                    if seq:
+                        sibling.recv_seq = seq
+                elif kind == SYNC:
+                    sibling.recv_seq = _U64.unpack_from(buf, p)[0]
+                elif kind == RESET:
+                    self._on_reset(sibling)
+                elif kind == STATS:
+                    sibling.stats = tuple(orjson.loads(bytes(buf[p:stop])))
+                elif kind == HELLO:
+                    raise ValueError("second HELLO")
+                else:
+                    raise ValueError(f"unknown frame type {kind}")
+                pos = stop
+        finally:
+            broker.flush_ops()
+            broker.end_read()
+        if sibling is not None and sibling.recv_seq != acked_before:
+            seq = sibling.recv_seq
+            target = sibling
+            # After what these frames changed is committed (the store only: never
+            # behind our own barrier, or two workers could wait for each other).
+            broker.after_store(lambda: self._send_ack(target, seq))
+        return pos
+
+
+def _interest_frame(seq: int, delta: int, topic_filter: str) -> bytes:
+    raw = topic_filter.encode()
+    return _INTEREST_HEAD.pack(1 + 12 + len(raw), INTEREST, seq, delta) + raw
+
+
+class _Link(asyncio.Protocol):
+    """One connection between two workers (either end)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.sibling: Sibling | None = None
+        self.transport: Any = None
+        self.buf = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=64 * 1024 * 1024)
+        transport.write(_HELLO.pack(3, HELLO, self.mesh.index))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        try:
+            used = self.mesh._on_frames(self, buf)
+        except Exception:
+            log.exception("Worker %d: bad frame from a sibling; closing the link.",
+                          self.mesh.index)
+            self.transport.close()
+            return
+        if used:
+            del buf[:used]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        sibling = self.sibling
+        if sibling is not None and sibling.link is self:
+            self.mesh._link_down(sibling)
+        self.sibling = None

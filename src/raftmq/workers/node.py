@@ -1,0 +1,19 @@
+"""Make a Broker one worker of a multi-worker node (called by the supervisor's
+worker process before the broker starts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raftmq.workers.handoff import Handoff
+from raftmq.workers.mesh import Mesh
+
+
+def attach_worker(broker: Any, index: int, count: int, run_dir: str) -> None:
+    """Worker ``index`` (0-based) of ``count``: with siblings, link it to them
+    (mesh) and let it pass connections on (handoff)."""
+    broker.worker_id = index
+    broker.worker_count = count
+    if count > 1:
+        broker.mesh = Mesh(broker, index, count, run_dir)
+        broker.handoff = Handoff(broker, index, run_dir)
