@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -224,6 +225,28 @@ class Supervisor:
                 c.proc.join(5)
 
 
+def check_listeners(config: Any) -> str | None:
+    """An error message if a listener's address cannot be bound.
+
+    The workers bind with SO_REUSEPORT, which would let them silently share a
+    port with another process of the same user (a second node, say); binding
+    once here without it refuses a port that is already taken, as Mosquitto does."""
+    for listener in getattr(config, "listeners", ()):
+        try:
+            infos = socket.getaddrinfo(listener.host, listener.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            return f"Error: listener {listener.host}:{listener.port}: {exc}"
+        for family, kind, proto, _name, address in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    return f"Error: {exc.strerror} ({listener.host}:{listener.port})."
+    return None
+
+
 def worker_count(config: Any) -> int:
     """``workers`` from the config; 0 (the default) means one per CPU."""
     return getattr(config, "workers", 0) or os.cpu_count() or 1
@@ -263,6 +286,10 @@ def serve(config: Any) -> int:
     except Exception as exc:
         log.error("Error: %s", exc)
         return 2
+    problem = check_listeners(config)
+    if problem is not None:
+        log.error(problem)
+        return 1
     if settings.secret_file is not None:
         from raftmq.raft.transport import SecretFileError, read_secret_file
 
