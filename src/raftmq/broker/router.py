@@ -473,4 +473,19 @@ class Router:
                     if member is not None:
                         self.deliver(self.sessions[member[0]], out.message, member[1], False,
                                      None, None)
+                    elif self.broker.mesh is not None:
+                        self.broker.mesh.forward_shared(out.message, group, topic_filter)
                 break
+
+    def deliver_shared(self, message: Message, groups: set) -> None:
+        """A message for one member of each share group in ``groups`` (a sibling
+        worker's member left without acknowledging it), to a member here."""
+        _normal, shared = self.trie.match(message.topic)
+        shared = [g for g in shared if (g[0], g[1]) in groups]
+        if shared and self.broker.acl_enabled:
+            shared = self._shared_receive_allowed(message, shared, None)
+        ops = self.broker.pending_ops
+        for group, topic_filter, members in shared:
+            member = self._pick_member(group, topic_filter, members, online_only=False)
+            if member is not None:
+                self.deliver(self.sessions[member[0]], message, member[1], False, None, ops)

@@ -18,6 +18,8 @@ connects to the lower; both directions use it).  On it flow frames::
 - ACK(seq): every frame of the receiver's up to ``seq`` was processed and
   what it changed in the store is committed.
 - STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
+- FWD_SHARED: as FWD, for the listed share groups only: a message that a
+  member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
 
 Why forwarding by interest: a worker forwards a message only to siblings
 that subscribed to a matching filter, so in the common case of a publisher
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS = range(1, 8)
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED = range(1, 9)
 
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<IBH")
@@ -317,20 +319,38 @@ class Mesh:
         sender = sender_id.encode("utf-8", "surrogatepass") if sender_id else b""
         siblings = self.siblings
         for index, assigned in targets.items():
-            sibling = siblings[index]
-            assign = orjson.dumps(assigned) if assigned else b""
-            seq = self._next_seq(sibling) if needs_ack else 0
-            frame = b"".join((
-                _FWD_HEAD.pack(1 + 12 + len(sender) + len(assign) + len(body), FWD, seq,
-                               len(sender), len(assign)),
-                sender, assign, body))
-            if needs_ack:
-                sibling.resend.append((seq, frame))
-                if len(sibling.resend) > RESEND_LIMIT:
-                    log.error("Worker %d: %d messages wait for worker %d.", self.index,
-                              len(sibling.resend), index)
-            self._send(sibling, frame)
+            self._send_forward(siblings[index], FWD, sender, assigned, body, needs_ack)
         return local_shared
+
+    def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
+                      body: bytes, needs_ack: bool) -> None:
+        assign = orjson.dumps(assigned) if assigned else b""
+        seq = self._next_seq(sibling) if needs_ack else 0
+        frame = b"".join((
+            _FWD_HEAD.pack(1 + 12 + len(sender) + len(assign) + len(body), kind, seq,
+                           len(sender), len(assign)),
+            sender, assign, body))
+        if needs_ack:
+            sibling.resend.append((seq, frame))
+            if len(sibling.resend) > RESEND_LIMIT:
+                log.error("Worker %d: %d messages wait for worker %d.", self.index,
+                          len(sibling.resend), sibling.index)
+        self._send(sibling, frame)
+
+    def forward_shared(self, message: Message, group: str, topic_filter: str) -> bool:
+        """Give ``message`` to a member of share group ``group`` on
+        ``topic_filter`` in a sibling worker; False if no sibling has one."""
+        key = f"$share/{group}/{topic_filter}"
+        candidates = [s for s in self._sibling_list if s.counts.get(key, 0) > 0]
+        if not candidates:
+            return False
+        rr_key = (group, topic_filter)
+        turn = self._share_rr.get(rr_key, 0)
+        self._share_rr[rr_key] = turn + 1
+        sibling = candidates[turn % len(candidates)]
+        self._send_forward(sibling, FWD_SHARED, b"", [[group, topic_filter]],
+                           encode_message(message), message.qos > 0)
+        return True
 
     def _assign_shared(self, local_shared: list, shared_remote: list,
                        targets: dict[int, list | None]) -> list:
@@ -374,11 +394,15 @@ class Mesh:
                     assigned.append(list(key))
         return kept
 
-    def _on_forward(self, sender_id: str | None, assigned: list | None, message: Message) -> None:
+    def _on_forward(self, kind: int, sender_id: str | None, assigned: list | None,
+                    message: Message) -> None:
         broker = self.broker
         groups = {(g, f) for g, f in assigned} if assigned else None
-        broker.router.route(message, sender_id, broker.pending_ops if message.qos else None,
-                            False, None, False, groups)
+        if kind == FWD:
+            broker.router.route(message, sender_id, broker.pending_ops if message.qos else None,
+                                False, None, False, groups)
+        elif groups:
+            broker.router.deliver_shared(message, groups)
 
     # -- acknowledgements and barriers ----------------------------------------------
 
@@ -482,7 +506,7 @@ class Mesh:
                     link.sibling = sibling
                     self._link_up(sibling, link)
                     acked_before = 0
-                elif kind == FWD:
+                elif kind == FWD or kind == FWD_SHARED:
                     seq, slen, alen = _FWD_BODY.unpack_from(buf, p)
                     p += 12
                     sender = bytes(buf[p:p + slen]).decode("utf-8", "surrogatepass") if slen \
@@ -490,7 +514,7 @@ class Mesh:
                     p += slen
                     assigned = orjson.loads(bytes(buf[p:p + alen])) if alen else None
                     p += alen
-                    self._on_forward(sender, assigned, decode_message(buf[p:stop]))
+                    self._on_forward(kind, sender, assigned, decode_message(buf[p:stop]))
                     if seq:
                         sibling.recv_seq = seq
                 elif kind == ACK:
