@@ -89,8 +89,10 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
     if qos:
         if qos == 2 and packet_id in session.qos2_in:
             # Duplicate of a QoS 2 message already routed: acknowledge only
-            # (must not be delivered onwards twice, MQTT 5 §4.3.3).
-            conn.write(ack_bytes(0x50, packet_id))
+            # (must not be delivered onwards twice, MQTT 5 §4.3.3) -- and not
+            # before the first one's PUBREC, which may wait for the store.
+            pubrec = ack_bytes(0x50, packet_id)
+            broker.after_commit(lambda: conn.write(pubrec))
             return
         # Receive Maximum of the broker [MQTT-3.3.4-9]: too many unacknowledged QoS>0.
         if v5 and len(session.qos2_in) + conn.qos1_in_pending >= broker.receive_maximum:
@@ -196,7 +198,9 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
         session.qos2_add(packet_id)
         if session.durable:
             ops.append(Qos2InAdd(conn.client_id, packet_id))
-    if ops:
+    # With sibling workers, the ack also waits until they processed what this
+    # message was forwarded to them for (a persistent session there queued it).
+    if ops or (broker.mesh is not None and broker.mesh.gating()):
         if qos == 1:
             conn.qos1_in_pending += 1
 
