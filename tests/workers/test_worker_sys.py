@@ -58,3 +58,55 @@ def test_clients_connected_counts_every_worker(raftmq_factory):
             c.close()
         for c in watchers.values():
             c.close()
+
+
+def _latest(watcher: RawClient, topics: set[str], want: dict[str, bytes],
+            timeout: float = 8.0) -> dict[str, bytes]:
+    """The latest value of each of ``topics`` until they equal ``want`` (or timeout)."""
+    values: dict[str, bytes] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in watcher.collect(0.3):
+            if p.topic in topics:
+                values[p.topic] = p.payload
+        if all(values.get(t) == v for t, v in want.items()):
+            break
+    return values
+
+
+def test_subscription_publish_session_and_retained_totals(raftmq_factory):
+    node = raftmq_factory(workers=2, sys_interval=1)
+    base = "xw/systotals"
+    want = {
+        # 4 subscriptions of the watcher + 2 on worker 0 + 3 on worker 1
+        "$SYS/broker/subscriptions/count": b"9",
+        # 4 PUBLISH from worker 0's client, 6 from worker 1's
+        "$SYS/broker/publish/messages/received": b"10",
+        # one offline persistent session owned by each worker
+        "$SYS/broker/clients/disconnected": b"2",
+    }
+    retained = "$SYS/broker/retained messages/count"
+    watcher = connected(node, owned_id(1, 2, "systot"))
+    watcher.subscribe(1, [(t, 0) for t in (*want, retained)])
+    try:
+        # The $SYS topics are retained messages too: the count before ours.
+        seen: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(seen) < 2:
+            seen += [p.payload for p in watcher.collect(0.5) if p.topic == retained]
+        before = int(seen[-1])
+        # Every worker keeps every retained message: 3 more, not 6.
+        want[retained] = b"%d" % (before + 3)
+        for w, subs in ((0, 2), (1, 3)):
+            with connected(node, owned_id(w, 2, "sysoff"), clean=False) as c:
+                c.subscribe(1, [(f"{base}/{w}/{i}", 1) for i in range(subs)])
+                c.disconnect()
+        for w, count in ((0, 4), (1, 6)):
+            with connected(node, owned_id(w, 2, "syspub")) as c:
+                for i in range(count):
+                    c.publish(f"{base}/p/{w}/{i}", b"x", 0, retain=(w == 0 and i < 3))
+                c.no_publish_pending(0)
+        got = _latest(watcher, set(want), want)
+        assert got == want
+    finally:
+        watcher.close()
