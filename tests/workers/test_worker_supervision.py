@@ -21,6 +21,7 @@ from nodeprobe import assert_placed, owned_id, placements, wait_log, worker_pids
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from raftmq.workers.ownership import owner_of
 from support.brokers import BrokerProcess
 from support.helpers import Paho, connected, unique, wait_for
 
@@ -186,3 +187,46 @@ def test_sigterm_stops_two_workers_cleanly_and_keeps_acknowledged(raftmq_factory
             assert_placed(again, sid, 0)
     finally:
         assert again.stop() == 0
+
+
+def test_persistent_sessions_survive_a_change_of_worker_count(raftmq_factory):
+    """Ownership is a hash modulo the worker count: a node restarted with 4
+    workers (then 1) must find every persistent session, queue and retained
+    message under its new owner."""
+    node = raftmq_factory(workers=2)
+    topic = unique("xw/count/")
+    ids = [owned_id(w % 2, 2, f"cnt{w}") for w in range(8)]
+    for cid in ids:
+        with connected(node, cid, version=4, clean=False) as c:
+            c.subscribe(1, [(f"{topic}/{cid}", 1)])
+            c.disconnect()
+    with Paho(node, owned_id(1, 2, "cntpub"), 4) as pub:
+        pub.publish(f"{topic}/retained", b"kept", 1, retain=True)
+        for i in range(3):
+            for cid in ids:
+                pub.publish(f"{topic}/{cid}", b"%d" % i, 1)
+    assert node.stop() == 0
+    workdir = node.workdir
+    rounds = 0
+    for workers, expect in ((4, [b"0", b"1", b"2"]), (1, [b"3"])):
+        rounds += 1
+        (workdir / "raftmq.log").rename(workdir / f"run{rounds}.log")
+        again = BrokerProcess("raftmq", workdir, {"workers": workers}).start()
+        try:
+            if workers == 1:
+                with Paho(again, "cntpub2", 4) as pub:
+                    for cid in ids:
+                        pub.publish(f"{topic}/{cid}", b"3", 1)
+            for cid in ids:
+                with connected(again, cid, version=4, clean=False) as c:
+                    got = [c.recv_publish(5).payload for _ in expect]
+                    assert got == expect, (workers, cid, got)
+                    assert c.no_publish_pending(0.1)
+                    c.disconnect()
+                if workers > 1:
+                    assert_placed(again, cid, owner_of(cid, workers))
+            with connected(again, owned_id(0, workers, "cntret")) as c:
+                c.subscribe(1, [(f"{topic}/retained", 1)])
+                assert c.recv_publish(5).payload == b"kept"
+        finally:
+            assert again.stop() == 0
