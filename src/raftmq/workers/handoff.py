@@ -9,8 +9,9 @@ bytes as if it had read them: to the client it is one uninterrupted TCP
 connection.  Each worker binds ``w<index>.handoff`` in the node's private
 run directory (mode 0700, made by the supervisor).
 
-If the owner is not running (it is being restarted) the hand-off fails and
-the client is refused with "server unavailable" (5.0 CONNACK 0x88, 3.1.1
+Hand-offs are sent without blocking: when the owner's queue is full they wait
+(reading paused) until it has room, in order.  If the owner is not running
+(it is being restarted) the hand-off fails and the client is refused with "server unavailable" (5.0 CONNACK 0x88, 3.1.1
 return code 3): it retries, and its session is found once the owner is back.
 """
 
@@ -21,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from raftmq.broker.protocol import Connection
@@ -34,7 +36,9 @@ log = logging.getLogger("raftmq.workers")
 # datagram; a client that pipelines more than this before its CONNACK is refused.
 MAX_HANDOFF_BYTES = 256 * 1024
 _SOCKET_BUFFER = 4 * 1024 * 1024
-SEND_TIMEOUT = 1.0
+# Connections waiting for a sibling whose hand-off queue is full, before new
+# ones are refused with "server unavailable".
+MAX_PENDING = 10_000
 
 
 class AdoptedConnection(Connection):
@@ -53,6 +57,37 @@ class AdoptedConnection(Connection):
             self.data_received(data)
 
 
+class _Route:
+    """The way to one sibling's hand-off socket: a connected datagram socket
+    (so that a full receive queue shows as not writable) and what waits for it."""
+
+    __slots__ = ("path", "sock", "pending", "writer")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.pending: deque[tuple[Connection, int, bytes]] = deque()
+        self.writer = False
+
+    def connect(self) -> socket.socket:
+        if self.sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class Handoff:
     def __init__(self, broker: Broker, index: int, run_dir: str) -> None:
         self.broker = broker
@@ -60,7 +95,7 @@ class Handoff:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, f"w{index}.handoff")
         self.sock: socket.socket | None = None
-        self.sender: socket.socket | None = None
+        self.routes: dict[int, _Route] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handed = 0
         self.adopted = 0
@@ -76,10 +111,6 @@ class Handoff:
         sock.bind(self.path)
         sock.setblocking(False)
         self.sock = sock
-        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        sender.settimeout(SEND_TIMEOUT)
-        self.sender = sender
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     def close(self) -> None:
@@ -87,35 +118,96 @@ class Handoff:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
-        if self.sender is not None:
-            self.sender.close()
-            self.sender = None
+        for owner, route in self.routes.items():
+            while route.pending:
+                conn, fd, _raw = route.pending.popleft()
+                os.close(fd)
+                self._drop(conn, owner, "shutting down")
+            if route.writer and route.sock is not None and self.loop is not None:
+                self.loop.remove_writer(route.sock.fileno())
+            route.close()
 
     def hand_off(self, conn: Connection, owner: int, raw: bytes) -> bool:
-        """Send ``conn``'s socket and the bytes read so far to worker ``owner``;
-        False if that worker cannot take it (the caller refuses the client)."""
-        if self.sender is None or len(raw) > MAX_HANDOFF_BYTES:
+        """Take ``conn`` (whose CONNECT was just read) to worker ``owner``: its
+        socket and the bytes read so far go there, now or -- if that worker's
+        queue is full -- as soon as it has room.  False if it cannot take it
+        (the caller refuses the client); True: the connection is no longer ours."""
+        if len(raw) > MAX_HANDOFF_BYTES:
             return False
         transport = conn.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is None:
             return False
+        route = self.routes.get(owner)
+        if route is None:
+            route = self.routes[owner] = _Route(os.path.join(self.run_dir, f"w{owner}.handoff"))
+        if len(route.pending) >= MAX_PENDING:
+            return False
         transport.pause_reading()
         fd = os.dup(sock.fileno())
-        try:
-            # (socket.send_fds ignores its address argument in 3.11.)
-            self.sender.sendmsg([raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                         array.array("i", [fd]))], 0,
-                               os.path.join(self.run_dir, f"w{owner}.handoff"))
-        except OSError as exc:
-            log.warning("Worker %d: cannot hand client %s to worker %d (%s).", self.index,
-                        conn.label(), owner, exc.strerror or exc)
-            transport.resume_reading()
-            return False
-        finally:
+        if route.pending:
+            route.pending.append((conn, fd, raw))  # keep the order of arrival
+            return True
+        outcome = self._send(route, fd, raw)
+        if outcome is None:
+            route.pending.append((conn, fd, raw))
+            self._wait_writable(route, owner)
+            return True
+        os.close(fd)
+        if outcome:
+            self._done(conn)
+            return True
+        transport.resume_reading()
+        return False
+
+    def _send(self, route: _Route, fd: int, raw: bytes) -> bool | None:
+        """True: sent; None: the owner's queue is full; False: it is not there."""
+        for attempt in (0, 1):
+            try:
+                route.connect().sendmsg([raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array.array("i", [fd]))])
+                return True
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                # The owner restarted (a new socket at the path) or is down.
+                route.close()
+                if attempt:
+                    log.warning("Worker %d: cannot hand a client to %s (%s).", self.index,
+                                route.path, exc.strerror or exc)
+        return False
+
+    def _wait_writable(self, route: _Route, owner: int) -> None:
+        if not route.writer and route.sock is not None and self.loop is not None:
+            route.writer = True
+            self.loop.add_writer(route.sock.fileno(), self._drain, route, owner)
+
+    def _drain(self, route: _Route, owner: int) -> None:
+        while route.pending:
+            conn, fd, raw = route.pending[0]
+            outcome = self._send(route, fd, raw)
+            if outcome is None:
+                return  # still full: wait for the next writable event
+            route.pending.popleft()
             os.close(fd)
+            if outcome:
+                self._done(conn)
+            else:
+                self._drop(conn, owner, "worker unavailable")
+        if route.writer and self.loop is not None:
+            route.writer = False
+            if route.sock is not None:
+                self.loop.remove_writer(route.sock.fileno())
+
+    def _done(self, conn: Connection) -> None:
+        """Sent: close our descriptor only; the owner's keeps the connection."""
         self.handed += 1
-        return True
+        conn.transport.abort()
+
+    def _drop(self, conn: Connection, owner: int, why: str) -> None:
+        log.info("Client %s:%d closed: cannot hand it to worker %d (%s).", conn.peer[0],
+                 conn.peer[1], owner, why)
+        conn.transport.close()
 
     def _on_readable(self) -> None:
         sock = self.sock

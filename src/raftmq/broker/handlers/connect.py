@@ -91,7 +91,6 @@ def _hand_off(broker: Broker, conn: Connection, owner: int, raw: bytes) -> None:
     stats.bytes_received -= len(raw)
     stats.messages_received -= 1
     conn.state = 2  # CLOSING: nothing more is read, handled or written here
-    conn.transport.abort()  # our descriptor only: the owner's keeps the connection
 
 
 def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
