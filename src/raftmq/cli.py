@@ -8,9 +8,7 @@ way.
 Exit statuses: 0 success, 1 runtime failure, 2 usage or configuration error
 (argparse's convention).
 
-Logs go to stderr, one line per event, prefixed like Mosquitto's with the Unix
-time in seconds ("1732550000: New client connected from ..."), so log-reading
-habits and scripts carry over.  ``-v`` switches to debug level.
+Logs: see raftmq.logsetup.  ``-v`` switches to debug level.
 """
 
 from __future__ import annotations
@@ -25,35 +23,7 @@ from raftmq.config import Config, ConfigError, load_config
 
 log = logging.getLogger("raftmq.cli")
 
-LOG_FORMAT = "%(created).0f: %(message)s"
-DEBUG_LOG_FORMAT = "%(created).3f: %(name)s %(levelname)s: %(message)s"
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "notice": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-}
-
-
-def setup_logging(level: str) -> None:
-    """Configure the ``raftmq`` loggers once, for the whole process."""
-    root = logging.getLogger()
-    if getattr(setup_logging, "_done", False):
-        root.setLevel(_LEVELS[level])
-        return
-    # The broker logs one line per client event: skip the frame walk and the
-    # thread/process lookups the stdlib does for every record.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT if level == "debug" else LOG_FORMAT))
-    root.addHandler(handler)
-    root.setLevel(_LEVELS[level])
-    setup_logging._done = True  # type: ignore[attr-defined]
-
+from raftmq.logsetup import setup_logging  # noqa: E402  (re-exported for callers)
 
 # ---------------------------------------------------------------------------
 # serve

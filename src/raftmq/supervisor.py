@@ -71,13 +71,10 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _setup_child_logging(level: str) -> None:
-    level = level.upper()
-    logging.basicConfig(
-        level=getattr(logging, "INFO" if level == "NOTICE" else level, logging.INFO),
-        format="%(created).0f: %(message)s" if level != "DEBUG" else "%(created).3f: %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_child_logging(level: str, batched: bool = False) -> None:
+    from raftmq.logsetup import setup_logging
+
+    setup_logging(level.lower(), batched)
 
 
 def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durability: str, level: str) -> None:
@@ -90,7 +87,7 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
 
 def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str) -> None:
     _die_with_parent(parent_pid)
-    _setup_child_logging(config.log_level)
+    _setup_child_logging(config.log_level, batched=True)
     import functools
 
     from raftmq.broker.server import run
