@@ -138,5 +138,11 @@ class SysTopics:
         p("$SYS/broker/publish/messages/dropped", str(stats["publish_dropped"]))
         p("$SYS/broker/subscriptions/count", str(stats["subscriptions"]))
         p("$SYS/broker/retained messages/count", str(broker.retained.count))
+        mesh = broker.mesh
+        if mesh is not None:
+            # How the node's clients spread over its worker processes.
+            per_worker = mesh.connected_per_worker()
+            for index, n in sorted(per_worker.items()):
+                p(f"$SYS/broker/workers/{index}/clients/connected", str(n))
         for key, value in self.loads.items():
             p(f"$SYS/broker/load/{key}", f"{value:.2f}")

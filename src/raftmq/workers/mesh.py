@@ -478,6 +478,15 @@ class Mesh:
                 totals[i] += value
         return totals
 
+    def connected_per_worker(self) -> dict[int, int]:
+        """Connected clients by worker index (siblings as of their last STATS)."""
+        connected = len(STAT_FIELDS)
+        counts = {self.index: self.broker.connected_count}
+        for sibling in self._sibling_list:
+            if sibling.stats:
+                counts[sibling.index] = sibling.stats[connected]
+        return counts
+
     # -- receiving -------------------------------------------------------------------
 
     def _on_frames(self, link: _Link, buf: bytearray) -> int:
