@@ -30,9 +30,16 @@ test-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients; \
 	fi
 
-## test: everything the tests need, then the whole suite
+## test: everything the tests need, then the whole suite -- and the broker suite
+## again with 2 and 4 worker processes per node (issue 4)
 test: test-deps install
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@if [ -z "$(PYTEST_ARGS)" ]; then \
+		for n in 2 4; do \
+			echo "== tests/broker with $$n workers"; \
+			RAFTMQ_TEST_WORKERS=$$n $(PY) -m pytest tests/broker -q -k "not mosquitto" || exit 1; \
+		done; \
+	fi
 
 ## bench: raftmq and Mosquitto side by side, ratios printed
 bench: test-deps install

@@ -45,7 +45,7 @@ def test_defaults_like_mosquitto_without_config():
         True, 20, 1000)
     assert (c.max_packet_size, c.max_keepalive, c.retain_available) == (0, 65535, True)
     assert (c.message_size_limit, c.persistent_client_expiration, c.sys_interval) == (0, 0, 10)
-    assert (c.mode, c.durability, c.workers) == ("standalone", "sync", 1)
+    assert (c.mode, c.durability, c.workers) == ("standalone", "sync", 0)  # 0: one per CPU
 
 
 def test_listener_in_config_turns_anonymous_off(tmp_path):
@@ -109,7 +109,7 @@ def test_durations(text, seconds):
     ({"listener": [{"host": "x"}]}, "listener"),
     ({"listener": [{"port": 1, "tls": True}]}, "listener.tls"),
     ({"cluster": {"nonsense": 1}}, "cluster.nonsense"),
-    ({"workers": 0}, "workers"),
+    ({"workers": -1}, "workers"),
 ])
 def test_bad_config_names_the_key(data, key):
     with pytest.raises(ConfigError) as err:
