@@ -56,8 +56,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from raftmq._mesh import fwd_frame, split_frames
 from raftmq._trie import TopicTrie
-from raftmq.state.entries import Message, decode_message, encode_message
+from raftmq.state.entries import Message
 from raftmq.workers.ownership import assign_client_id, owner_of
 
 if TYPE_CHECKING:
@@ -70,12 +71,9 @@ HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED = range(1, 9)
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<IBH")
 _SEQ_FRAME = struct.Struct("<IBQ")  # RESET / SYNC / ACK
-_FWD_HEAD = struct.Struct("<IBQHH")  # seq, sender length, assignment length
-_FWD_BODY = struct.Struct("<QHH")
 _INTEREST_HEAD = struct.Struct("<IBQi")
 _INTEREST_BODY = struct.Struct("<Qi")
 _U64 = struct.Struct("<Q")
-_HEADER = 5  # u32 length + u8 type
 
 CONNECT_RETRY = 0.05
 START_TIMEOUT = 10.0
@@ -315,21 +313,20 @@ class Mesh:
             local_shared = self._assign_shared(local_shared, shared_remote, targets)
         if not targets:
             return local_shared
-        body = encode_message(message)
         sender = sender_id.encode("utf-8", "surrogatepass") if sender_id else b""
+        topic = message.topic.encode()
+        props = _props_blob(message.properties)
         siblings = self.siblings
         for index, assigned in targets.items():
-            self._send_forward(siblings[index], FWD, sender, assigned, body, needs_ack)
+            self._send_forward(siblings[index], FWD, sender, assigned, message, topic, props,
+                               needs_ack)
         return local_shared
 
     def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
-                      body: bytes, needs_ack: bool) -> None:
-        assign = orjson.dumps(assigned) if assigned else b""
+                      message: Message, topic: bytes, props: bytes, needs_ack: bool) -> None:
         seq = self._next_seq(sibling) if needs_ack else 0
-        frame = b"".join((
-            _FWD_HEAD.pack(1 + 12 + len(sender) + len(assign) + len(body), kind, seq,
-                           len(sender), len(assign)),
-            sender, assign, body))
+        frame = fwd_frame(kind, seq, sender, orjson.dumps(assigned) if assigned else b"", topic,
+                          message.payload, message.qos, message.retain, props, message.expiry_at)
         if needs_ack:
             sibling.resend.append((seq, frame))
             if len(sibling.resend) > RESEND_LIMIT:
@@ -348,8 +345,9 @@ class Mesh:
         turn = self._share_rr.get(rr_key, 0)
         self._share_rr[rr_key] = turn + 1
         sibling = candidates[turn % len(candidates)]
-        self._send_forward(sibling, FWD_SHARED, b"", [[group, topic_filter]],
-                           encode_message(message), message.qos > 0)
+        self._send_forward(sibling, FWD_SHARED, b"", [[group, topic_filter]], message,
+                           message.topic.encode(), _props_blob(message.properties),
+                           message.qos > 0)
         return True
 
     def _assign_shared(self, local_shared: list, shared_remote: list,
@@ -393,16 +391,6 @@ class Mesh:
                 else:
                     assigned.append(list(key))
         return kept
-
-    def _on_forward(self, kind: int, sender_id: str | None, assigned: list | None,
-                    message: Message) -> None:
-        broker = self.broker
-        groups = {(g, f) for g, f in assigned} if assigned else None
-        if kind == FWD:
-            broker.router.route(message, sender_id, broker.pending_ops if message.qos else None,
-                                False, None, False, groups)
-        elif groups:
-            broker.router.deliver_shared(message, groups)
 
     # -- acknowledgements and barriers ----------------------------------------------
 
@@ -491,59 +479,66 @@ class Mesh:
 
     def _on_frames(self, link: _Link, buf: bytearray) -> int:
         """Handle every whole frame in ``buf``; return the bytes consumed."""
-        pos = 0
-        end = len(buf)
+        frames, used = split_frames(buf, FWD, FWD_SHARED)
+        if not frames:
+            return 0
         sibling = link.sibling
         acked_before = sibling.recv_seq if sibling is not None else 0
         broker = self.broker
+        router = broker.router
         broker._in_read = True
         try:
-            while end - pos >= _HEADER:
-                (length,) = _LEN.unpack_from(buf, pos)
-                stop = pos + 4 + length
-                if stop > end:
-                    break
-                kind = buf[pos + 4]
-                p = pos + _HEADER
+            for frame in frames:
+                kind = frame[0]
                 if sibling is None:
                     if kind != HELLO:
                         raise ValueError(f"frame {kind} before HELLO")
-                    index = int.from_bytes(buf[p:p + 2], "little")
+                    index = int.from_bytes(frame[1][:2], "little")
                     sibling = self.siblings.get(index)
                     if sibling is None:
                         raise ValueError(f"HELLO from unknown worker {index}")
                     link.sibling = sibling
                     self._link_up(sibling, link)
                     acked_before = 0
-                elif kind == FWD or kind == FWD_SHARED:
-                    seq, slen, alen = _FWD_BODY.unpack_from(buf, p)
-                    p += 12
-                    sender = bytes(buf[p:p + slen]).decode("utf-8", "surrogatepass") if slen \
-                        else None
-                    p += slen
-                    assigned = orjson.loads(bytes(buf[p:p + alen])) if alen else None
-                    p += alen
-                    self._on_forward(kind, sender, assigned, decode_message(buf[p:stop]))
+                elif kind == FWD:
+                    _k, seq, sender, assign, topic, payload, qos, retain, props, expiry = frame
+                    message = Message(topic, payload, qos, retain,
+                                      _props_from_blob(props) if props is not None else None,
+                                      expiry)
+                    if assign is None:
+                        router.route(message, sender, broker.pending_ops if qos else None, False,
+                                     None, False, None)
+                    else:
+                        router.route(message, sender, broker.pending_ops if qos else None, False,
+                                     None, False, {(g, f) for g, f in orjson.loads(assign)})
+                    if seq:
+                        sibling.recv_seq = seq
+                elif kind == FWD_SHARED:
+                    _k, seq, _sender, assign, topic, payload, qos, retain, props, expiry = frame
+                    message = Message(topic, payload, qos, retain,
+                                      _props_from_blob(props) if props is not None else None,
+                                      expiry)
+                    if assign is not None:
+                        router.deliver_shared(message, {(g, f) for g, f in orjson.loads(assign)})
                     if seq:
                         sibling.recv_seq = seq
                 elif kind == ACK:
-                    self._on_ack(sibling, _U64.unpack_from(buf, p)[0])
+                    self._on_ack(sibling, _U64.unpack_from(frame[1])[0])
                 elif kind == INTEREST:
-                    seq, delta = _INTEREST_BODY.unpack_from(buf, p)
-                    self._on_interest(sibling, delta, bytes(buf[p + 12:stop]).decode())
+                    seq, delta = _INTEREST_BODY.unpack_from(frame[1])
+                    self._on_interest(sibling, delta, frame[1][12:].decode())
                     if seq:
                         sibling.recv_seq = seq
                 elif kind == SYNC:
-                    sibling.recv_seq = _U64.unpack_from(buf, p)[0]
+                    sibling.recv_seq = _U64.unpack_from(frame[1])[0]
                 elif kind == RESET:
                     self._on_reset(sibling)
                 elif kind == STATS:
-                    sibling.stats = tuple(orjson.loads(bytes(buf[p:stop])))
+                    sibling.stats = tuple(orjson.loads(frame[1]))
                 elif kind == HELLO:
                     raise ValueError("second HELLO")
                 else:
                     raise ValueError(f"unknown frame type {kind}")
-                pos = stop
         finally:
             broker.flush_ops()
             broker.end_read()
@@ -553,7 +548,26 @@ class Mesh:
             # After what these frames changed is committed (the store only: never
             # behind our own barrier, or two workers could wait for each other).
             broker.after_store(lambda: self._send_ack(target, seq))
-        return pos
+        return used
+
+
+def _props_blob(props: dict | None) -> bytes:
+    """MQTT 5 properties as in raftmq.state.entries.encode_message."""
+    if not props:
+        return b""
+    if "correlation_data" in props:
+        props = dict(props)
+        props["correlation_data"] = props["correlation_data"].decode("latin-1")
+    return orjson.dumps(props)
+
+
+def _props_from_blob(blob: bytes) -> dict:
+    props = orjson.loads(blob)
+    if "correlation_data" in props:
+        props["correlation_data"] = props["correlation_data"].encode("latin-1")
+    if "user_property" in props:
+        props["user_property"] = [tuple(kv) for kv in props["user_property"]]
+    return props
 
 
 def _interest_frame(seq: int, delta: int, topic_filter: str) -> bytes:
