@@ -105,8 +105,10 @@ class Router:
         if mesh is not None:
             if forward:
                 shared = mesh.forward(message, sender_id, shared)
+            elif assigned is not None:
+                shared = mesh.assigned_shared(message, shared, assigned)
             elif shared:
-                shared = [g for g in shared if (g[0], g[1]) in assigned] if assigned else []
+                shared = []  # the sending worker served those groups
         if not normal and not shared:
             return 0
         sessions = self.sessions

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-# Bytes read before the CONNECT was handled travel with the socket in one
-# datagram; a client that pipelines more than this before its CONNACK is refused.
-MAX_HANDOFF_BYTES = 256 * 1024
+# Bytes read before the CONNECT was handled travel with the socket, in
+# datagrams of at most CHUNK bytes (a CONNECT with a large will takes several).
+CHUNK = 64 * 1024
+FIRST, LAST = 1, 2
+_DGRAM_HEAD = struct.Struct("<HBI")  # sender worker, FIRST | LAST, total bytes
 _SOCKET_BUFFER = 4 * 1024 * 1024
 # Connections waiting for a sibling whose hand-off queue is full, before new
 # ones are refused with "server unavailable".
@@ -66,7 +69,8 @@ class _Route:
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock: socket.socket | None = None
-        self.pending: deque[tuple[Connection, int, bytes]] = deque()
+        # (connection, descriptor or -1, datagram, FIRST | LAST)
+        self.pending: deque[tuple[Connection, int, bytes, int]] = deque()
         self.writer = False
 
     def connect(self) -> socket.socket:
@@ -99,6 +103,8 @@ class Handoff:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handed = 0
         self.adopted = 0
+        # sender worker -> (descriptor, total bytes, chunks so far)
+        self.assembling: dict[int, tuple[int, int, list[bytes]]] = {}
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -120,9 +126,11 @@ class Handoff:
             self.sock = None
         for owner, route in self.routes.items():
             while route.pending:
-                conn, fd, _raw = route.pending.popleft()
-                os.close(fd)
-                self._drop(conn, owner, "shutting down")
+                conn, fd, _data, flags = route.pending.popleft()
+                if fd >= 0:
+                    os.close(fd)
+                if flags & LAST:
+                    self._drop(conn, owner, "shutting down")
             if route.writer and route.sock is not None and self.loop is not None:
                 self.loop.remove_writer(route.sock.fileno())
             route.close()
@@ -132,8 +140,6 @@ class Handoff:
         socket and the bytes read so far go there, now or -- if that worker's
         queue is full -- as soon as it has room.  False if it cannot take it
         (the caller refuses the client); True: the connection is no longer ours."""
-        if len(raw) > MAX_HANDOFF_BYTES:
-            return False
         transport = conn.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is None:
@@ -145,27 +151,31 @@ class Handoff:
             return False
         transport.pause_reading()
         fd = os.dup(sock.fileno())
+        # Datagrams of at most CHUNK bytes: the first carries the descriptor.
+        count = max(1, -(-len(raw) // CHUNK))
+        datagrams = []
+        for i in range(count):
+            flags = (FIRST if i == 0 else 0) | (LAST if i == count - 1 else 0)
+            datagrams.append((conn, fd if i == 0 else -1,
+                              _DGRAM_HEAD.pack(self.index, flags, len(raw))
+                              + raw[i * CHUNK:(i + 1) * CHUNK], flags))
         if route.pending:
-            route.pending.append((conn, fd, raw))  # keep the order of arrival
+            route.pending.extend(datagrams)  # keep the order of arrival
             return True
-        outcome = self._send(route, fd, raw)
-        if outcome is None:
-            route.pending.append((conn, fd, raw))
-            self._wait_writable(route, owner)
-            return True
-        os.close(fd)
-        if outcome:
-            self._done(conn)
-            return True
-        transport.resume_reading()
-        return False
+        route.pending.extend(datagrams)
+        if not self._drain(route, owner, first_try=True):
+            route.pending.clear()
+            transport.resume_reading()
+            return False
+        return True
 
-    def _send(self, route: _Route, fd: int, raw: bytes) -> bool | None:
+    def _send(self, route: _Route, fd: int, data: bytes) -> bool | None:
         """True: sent; None: the owner's queue is full; False: it is not there."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] \
+            if fd >= 0 else []
         for attempt in (0, 1):
             try:
-                route.connect().sendmsg([raw], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array.array("i", [fd]))])
+                route.connect().sendmsg([data], ancillary)
                 return True
             except (BlockingIOError, InterruptedError):
                 return None
@@ -177,27 +187,46 @@ class Handoff:
                                 route.path, exc.strerror or exc)
         return False
 
-    def _wait_writable(self, route: _Route, owner: int) -> None:
-        if not route.writer and route.sock is not None and self.loop is not None:
-            route.writer = True
-            self.loop.add_writer(route.sock.fileno(), self._drain, route, owner)
-
-    def _drain(self, route: _Route, owner: int) -> None:
+    def _drain(self, route: _Route, owner: int, first_try: bool = False) -> bool:
+        """Send what waits for ``owner``, in order, while it has room.  With
+        ``first_try`` (nothing was waiting): False if the owner is not there
+        and nothing was sent (the caller refuses the client)."""
         while route.pending:
-            conn, fd, raw = route.pending[0]
-            outcome = self._send(route, fd, raw)
+            conn, fd, data, flags = route.pending[0]
+            outcome = self._send(route, fd, data)
             if outcome is None:
-                return  # still full: wait for the next writable event
+                self._wait_writable(route, owner)
+                return True
+            if not outcome:
+                if first_try and flags & FIRST:
+                    os.close(fd)
+                    return False
+                self._fail_connection(route, owner, conn)
+                continue
             route.pending.popleft()
-            os.close(fd)
-            if outcome:
+            first_try = False
+            if fd >= 0:
+                os.close(fd)
+            if flags & LAST:
                 self._done(conn)
-            else:
-                self._drop(conn, owner, "worker unavailable")
         if route.writer and self.loop is not None:
             route.writer = False
             if route.sock is not None:
                 self.loop.remove_writer(route.sock.fileno())
+        return True
+
+    def _fail_connection(self, route: _Route, owner: int, conn: Connection) -> None:
+        """The owner went away mid-way: drop every datagram of ``conn``."""
+        while route.pending and route.pending[0][0] is conn:
+            _c, fd, _data, _flags = route.pending.popleft()
+            if fd >= 0:
+                os.close(fd)
+        self._drop(conn, owner, "worker unavailable")
+
+    def _wait_writable(self, route: _Route, owner: int) -> None:
+        if not route.writer and route.sock is not None and self.loop is not None:
+            route.writer = True
+            self.loop.add_writer(route.sock.fileno(), self._drain, route, owner)
 
     def _done(self, conn: Connection) -> None:
         """Sent: close our descriptor only; the owner's keeps the connection."""
@@ -215,27 +244,49 @@ class Handoff:
             return
         while True:
             try:
-                data, fds, flags, _addr = socket.recv_fds(sock, MAX_HANDOFF_BYTES + 1024, 4)
+                data, fds, flags, _addr = socket.recv_fds(sock, CHUNK + 64, 4)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.error("Worker %d: hand-off socket failed: %s.", self.index, exc)
                 return
-            if not fds:
-                continue
             for extra in fds[1:]:
                 os.close(extra)
-            if flags & socket.MSG_TRUNC:
-                os.close(fds[0])
+            if flags & socket.MSG_TRUNC or len(data) < _DGRAM_HEAD.size:
+                for fd in fds[:1]:
+                    os.close(fd)
                 continue
-            client = socket.socket(fileno=fds[0])
-            client.setblocking(False)
-            try:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-            self.adopted += 1
-            self.loop.create_task(self._adopt(client, data))  # type: ignore[union-attr]
+            sender, dflags, total = _DGRAM_HEAD.unpack_from(data)
+            chunk = data[_DGRAM_HEAD.size:]
+            if dflags & FIRST:
+                stale = self.assembling.pop(sender, None)
+                if stale is not None:
+                    os.close(stale[0])
+                if not fds:
+                    continue
+                self.assembling[sender] = (fds[0], total, [chunk])
+            else:
+                for fd in fds[:1]:
+                    os.close(fd)
+                if sender not in self.assembling:
+                    continue
+                self.assembling[sender][2].append(chunk)
+            if dflags & LAST:
+                fd, total, parts = self.assembling.pop(sender)
+                raw = b"".join(parts)
+                if len(raw) != total:
+                    log.error("Worker %d: a hand-off from worker %d lost bytes; closing it.",
+                              self.index, sender)
+                    os.close(fd)
+                    continue
+                client = socket.socket(fileno=fd)
+                client.setblocking(False)
+                try:
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+                self.adopted += 1
+                self.loop.create_task(self._adopt(client, raw))  # type: ignore[union-attr]
 
     async def _adopt(self, client: socket.socket, data: bytes) -> None:
         broker = self.broker

@@ -216,6 +216,12 @@ class Mesh:
 
     def _link_down(self, sibling: Sibling) -> None:
         sibling.link = None
+        # Its share-group members went with it (persistent ones come back with
+        # its next RESET): meanwhile the groups are served by the others.  Its
+        # other filters stay: a persistent session there still wants QoS 1/2.
+        for topic_filter in [f for f in sibling.counts if f.startswith("$share/")]:
+            del sibling.counts[topic_filter]
+            self.remote.unsubscribe(topic_filter, sibling.index)
         # What was queued for it and not kept for resending is dropped (QoS 0).
         sibling.out.clear()
         if not self._closed:
@@ -333,6 +339,19 @@ class Mesh:
                 log.error("Worker %d: %d messages wait for worker %d.", self.index,
                           len(sibling.resend), sibling.index)
         self._send(sibling, frame)
+
+    def assigned_shared(self, message: Message, shared: list, assigned: set) -> list:
+        """A forwarded message: the share groups of ``shared`` (local matches) it
+        was assigned to here.  A group assigned here that has no member here any
+        more (it left, or this worker restarted) goes on to a sibling that has one."""
+        kept = [g for g in shared if (g[0], g[1]) in assigned]
+        if len(kept) < len(assigned):
+            here = {(g[0], g[1]) for g in kept}
+            for group, topic_filter in assigned - here:
+                if not self.forward_shared(message, group, topic_filter):
+                    log.info("Worker %d: no member left in share group %s for %s; dropped.",
+                             self.index, group, message.topic)
+        return kept
 
     def forward_shared(self, message: Message, group: str, topic_filter: str) -> bool:
         """Give ``message`` to a member of share group ``group`` on
