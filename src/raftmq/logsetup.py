@@ -4,9 +4,11 @@ connected from ..."), so log-reading habits and scripts carry over.
 
 A broker logs a line per client connect and disconnect, so in the workers a
 record must be cheap: no frame walk or thread/process lookups per record, and
-lines are written in batches (``BatchingHandler``) -- at most ``FLUSH_INTERVAL``
-late, at once for warnings and errors, and at exit -- instead of one write
-system call per line.  A connect storm otherwise spends a third of a worker's
+lines are written in batches (``BatchingHandler``) -- by the broker once per
+event-loop turn before it writes to its clients (``flush_logs``: a client that
+got its CONNACK finds the "New client connected" line already in the log), at
+once for warnings and errors, at most ``FLUSH_INTERVAL`` late otherwise, and
+at exit -- instead of one write system call per line.  A connect storm otherwise spends a third of a worker's
 time in logging.
 """
 
@@ -82,6 +84,16 @@ class BatchingHandler(logging.Handler):
         super().close()
 
 
+_batching: BatchingHandler | None = None
+
+
+def flush_logs() -> None:
+    """Write the lines batched so far (cheap when there are none)."""
+    handler = _batching
+    if handler is not None and handler.pending:
+        handler.flush()
+
+
 def setup_logging(level: str, batched: bool = False) -> None:
     """Configure the root logger once for this process (later calls only set the level)."""
     root = logging.getLogger()
@@ -93,8 +105,12 @@ def setup_logging(level: str, batched: bool = False) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler: logging.Handler = BatchingHandler(sys.stderr) if batched \
-        else logging.StreamHandler(sys.stderr)
+    global _batching
+    handler: logging.Handler
+    if batched:
+        handler = _batching = BatchingHandler(sys.stderr)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT if level == "debug" else LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level, logging.INFO))

@@ -63,6 +63,7 @@ from raftmq.broker.router import Router
 from raftmq.broker.session import EXPIRY_NEVER, Outgoing, Session, Subscription
 from raftmq.broker.sys_topics import Stats, SysTopics
 from raftmq.broker.will import Wills, will_to_publish
+from raftmq.logsetup import flush_logs
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
     SENT,
@@ -250,6 +251,7 @@ class Broker:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        flush_logs()  # this turn's log lines before what they tell the clients
         if self._per_turn and self._reads:
             self._sample_reads += self._reads
             self._reads = 0
