@@ -18,6 +18,7 @@ import atexit
 import logging
 import sys
 import threading
+import time
 from typing import TextIO
 
 LOG_FORMAT = "%(created).0f: %(message)s"
@@ -85,6 +86,21 @@ class BatchingHandler(logging.Handler):
 
 
 _batching: BatchingHandler | None = None
+_fast: BatchingHandler | None = None  # set when info lines may skip the logging module
+
+
+def info(logger: logging.Logger, fmt: str, *args: object) -> None:
+    """``logger.info(fmt, *args)``, for the lines logged per client (connect,
+    disconnect): straight into the batch, same text, without a LogRecord, when
+    the process logs at info level in batches."""
+    handler = _fast
+    if handler is None or not logger.isEnabledFor(logging.INFO):
+        logger.info(fmt, *args)
+        return
+    line = f"{time.time():.0f}: {fmt % args}\n"
+    with handler._lock:
+        handler.pending.append(line)
+        handler.size += len(line)
 
 
 def flush_logs() -> None:
@@ -105,10 +121,12 @@ def setup_logging(level: str, batched: bool = False) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    global _batching
+    global _batching, _fast
     handler: logging.Handler
     if batched:
         handler = _batching = BatchingHandler(sys.stderr)
+        if level != "debug":  # debug lines carry the logger name and level: the slow path
+            _fast = _batching
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT if level == "debug" else LOG_FORMAT))

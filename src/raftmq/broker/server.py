@@ -64,6 +64,7 @@ from raftmq.broker.session import EXPIRY_NEVER, Outgoing, Session, Subscription
 from raftmq.broker.sys_topics import Stats, SysTopics
 from raftmq.broker.will import Wills, will_to_publish
 from raftmq.logsetup import flush_logs
+from raftmq.logsetup import info as log_info
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
     SENT,
@@ -417,7 +418,7 @@ class Broker:
         session.conn = None
         self.connected_count -= 1
         if not conn.graceful:
-            log.info("Client %s closed its connection.", conn.client_id)
+            log_info(log, "Client %s closed its connection.", conn.client_id)
         will = None if conn.graceful else conn.will
         ops: list = []
         if conn.graceful and conn.will is not None and session.durable:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from raftmq._codec import Connack, MQTTError
 from raftmq._trie import valid_topic_name
 from raftmq.broker.session import EXPIRY_NEVER
+from raftmq.logsetup import info as log_info
 from raftmq.state.entries import Message, SessionPut, WillDelete, WillSet
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
             cprops["server_keep_alive"] = server_keepalive
     connack = Connack(present, 0, cprops or None).encode(version)
 
-    log.info("New client connected from %s:%d as %s (p%d, c%d, k%d%s)%s.", conn.peer[0],
+    log_info(log, "New client connected from %s:%d as %s (p%d, c%d, k%d%s)%s.", conn.peer[0],
              conn.peer[1], client_id, {3: 1, 4: 2, 5: 5}.get(version, version),
              1 if p.clean_start else 0, keepalive,
              f", u'{username}'" if username is not None else "",

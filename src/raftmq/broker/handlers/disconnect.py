@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from raftmq._codec import MQTTError
+from raftmq.logsetup import info as log_info
 from raftmq.state.entries import SessionExpiry
 
 if TYPE_CHECKING:
@@ -37,5 +38,5 @@ def handle_disconnect(broker: Broker, conn: Connection, p: Disconnect) -> None:
     # client closing "without first sending a DISCONNECT with Reason Code 0x00"
     # gets its will published (MQTT 5 §3.1.2.5).
     conn.graceful = reason == RC_NORMAL
-    log.info("Client %s disconnected.", conn.client_id)
+    log_info(log, "Client %s disconnected.", conn.client_id)
     conn.close()
