@@ -127,8 +127,6 @@ def test_large_payload_across_workers(node2, size, qos):
         assert (len(msg.payload), msg.payload == payload, msg.qos) == (size, True, qos)
 
 
-@pytest.mark.xfail(strict=True, reason="handoff.py refuses a CONNECT read in more than "
-                   "MAX_HANDOFF_BYTES (256 KB) with 0x88 'worker 0 is not available'")
 def test_connect_with_a_large_will_through_the_other_worker(node2):
     """One CONNECT bigger than the hand-off datagram limit (256 KB): a will with
     300 KB of MQTT 5 user properties, accepted by the worker that does not own
@@ -301,8 +299,6 @@ def test_sys_connected_after_a_worker_dies(raftmq_factory):
             c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="mesh keeps a dead sibling's share-group member counts "
-                   "until it relinks; the message assigned to it is dropped by the new worker")
 def test_shared_group_member_worker_dies(raftmq_factory):
     """A share group with members on both workers: worker 0 dies (its members
     with it); QoS 1 messages published meanwhile all reach the member left."""

@@ -40,6 +40,7 @@ class Durable:
         self.client.reconnect_delay_set(0.1, 0.5)
         self.lock = threading.Lock()
         self.received: list[bytes] = []
+        self.trace: list[tuple[bytes, int, bool, int]] = []  # payload, mid, dup, connect #
         self.acked_mids: set[int] = set()
         self.connects = 0
         self.refusals = 0
@@ -67,6 +68,7 @@ class Durable:
     def _on_message(self, client, userdata, msg) -> None:
         with self.lock:
             self.received.append(msg.payload)
+            self.trace.append((msg.payload, msg.mid, bool(msg.dup), self.connects))
 
     def _on_publish(self, client, userdata, mid, rc, props) -> None:
         if not rc.is_failure:
@@ -82,12 +84,12 @@ class Durable:
         self.client.loop_stop()
 
 
-def _load(node: BrokerProcess, kill_worker: int, version: int) -> None:
+def _load(node: BrokerProcess, kill_worker: int, version: int, qos: int = 1) -> None:
     pids = worker_pids(node, 2)
     topic = unique("xw/kill/")
     sid, pid = owned_id(0, 2, "ksub"), owned_id(1, 2, "kpub")
     sub = Durable(node, sid, version)
-    sub.client.subscribe(topic, 1)
+    sub.client.subscribe(topic, qos)
     assert wait_for(lambda: bool(placements(node).get(sid)), 5)
     pub = Durable(node, pid, version)
     assert_placed(node, sid, 0)
@@ -101,8 +103,14 @@ def _load(node: BrokerProcess, kill_worker: int, version: int) -> None:
         for i in range(n):
             if stop.is_set():
                 return
+            if not pub.online.is_set():
+                # paho 2.2 resends its in-flight messages after the CONNACK; a
+                # publish() from this thread meanwhile makes it exceed the
+                # broker's Receive Maximum (0x93, disconnected, again and again).
+                pub.online.wait(30)
+                time.sleep(0.5)
             payload = b"%d" % i
-            info = pub.client.publish(topic, payload, qos=1)
+            info = pub.client.publish(topic, payload, qos=qos)
             with pub.lock:
                 sent[info.mid] = payload
             time.sleep(0.002)
@@ -129,6 +137,15 @@ def _load(node: BrokerProcess, kill_worker: int, version: int) -> None:
         assert wait_for(lambda: acked <= sub.got(), 40), (
             f"{len(acked - sub.got())} acknowledged messages lost, e.g. "
             f"{sorted(acked - sub.got(), key=int)[:10]}:\n{node.log_tail(30)}")
+        if qos == 2:
+            with sub.lock:
+                counts: dict[bytes, int] = {}
+                for payload in sub.received:
+                    counts[payload] = counts.get(payload, 0) + 1
+            twice = sorted((p for p, n in counts.items() if n > 1), key=int)
+            assert not twice, ("QoS 2 delivered more than once (payload, packet id, dup, "
+                               "connection #): "
+                               f"{[t for t in sub.trace if t[0] in twice[:5]]}")
         # The clients of the dead worker came back to it (the owner).
         moved = sid if kill_worker == 0 else pid
         assert len(placements(node)[moved]) >= 2, placements(node)[moved]
@@ -149,6 +166,26 @@ def test_kill9_subscribers_worker_under_qos1_load(raftmq_factory, version):
 @pytest.mark.parametrize("version", [4, 5])
 def test_kill9_publishers_worker_under_qos1_load(raftmq_factory, version):
     _load(raftmq_factory(workers=2), 1, version)
+
+
+_QOS2_DUP = {
+    0: "restarted subscriber's worker: the session restored from the store resends its "
+       "in-flight QoS 2 with DUP, and the publisher's worker replays its unacknowledged "
+       "mesh frames on relink: the same messages again under new packet ids",
+    1: "restarted publisher's worker: the publisher resends a QoS 2 PUBLISH (same packet "
+       "id) the old worker had already forwarded and the subscriber had got: "
+       "delivered a second time under a new packet id",
+}
+
+
+# Not strict: a duplicate needs the kill to fall inside a window (a commit not
+# yet acknowledged over the mesh, a forward not yet committed) -- most runs, not all.
+@pytest.mark.parametrize("kill_worker", [
+    pytest.param(w, marks=pytest.mark.xfail(strict=False, reason=_QOS2_DUP[w])) for w in (0, 1)])
+def test_kill9_under_qos2_load_exactly_once(raftmq_factory, kill_worker):
+    """QoS 2 (MQTT 3.1.1 paho, which keeps its incoming QoS 2 state across
+    reconnects of a persistent session): every PUBCOMPed message arrives, none twice."""
+    _load(raftmq_factory(workers=2), kill_worker, 4, qos=2)
 
 
 def test_sigterm_stops_two_workers_cleanly_and_keeps_acknowledged(raftmq_factory):
