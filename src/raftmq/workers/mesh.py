@@ -490,8 +490,9 @@ class Mesh:
         connected = len(STAT_FIELDS)
         counts = {self.index: self.broker.connected_count}
         for sibling in self._sibling_list:
-            if sibling.stats:
-                counts[sibling.index] = sibling.stats[connected]
+            # Every worker from the first interval on (0 until it reports), so
+            # the set of $SYS topics -- and the retained count -- stays put.
+            counts[sibling.index] = sibling.stats[connected] if sibling.stats else 0
         return counts
 
     # -- receiving -------------------------------------------------------------------
