@@ -112,6 +112,7 @@ class Broker:
         self.router = Router(self)
         self.wills = Wills(self)
         self.sys: SysTopics | None = None
+        self.metrics: Any = None  # ops/metrics.py WorkerMetrics, set by run() when exported
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: list[int] = []
@@ -499,6 +500,8 @@ class Broker:
             self.sys.publish()
         self.pending_ops.extend(ops)
         self.flush_ops()
+        if self.metrics is not None:
+            self.metrics.update()
 
     # -- start-up from the store ------------------------------------------------
 
@@ -586,6 +589,9 @@ def run(config: Any, store: Any, auth: Any = None) -> int:
 
             plugin = install(broker, config)
         await broker.start()
+        from raftmq.ops.metrics import worker_metrics
+
+        broker.metrics = worker_metrics(broker, getattr(store, "worker_id", 1))
         if plugin is not None:
             plugin.start()
         # The hot path allocates many short-lived, acyclic objects: collect
