@@ -588,10 +588,10 @@ def run(config: Any, store: Any, auth: Any = None) -> int:
             from raftmq.dynsec.plugin import install
 
             plugin = install(broker, config)
-        await broker.start()
         from raftmq.ops.metrics import worker_metrics
 
         broker.metrics = worker_metrics(broker, getattr(store, "worker_id", 1))
+        await broker.start()
         if plugin is not None:
             plugin.start()
         # The hot path allocates many short-lived, acyclic objects: collect

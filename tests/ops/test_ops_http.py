@@ -1,0 +1,242 @@
+"""The node's HTTP endpoint against a real raftmq: /metrics scraped while paho
+clients publish, /health and /health/leader, the metrics directory, and the
+``http_listener`` key (off by default, checked at start)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.brokers import HOST, BrokerProcess, free_port
+from support.helpers import Paho, unique, wait_for
+
+Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def http_get(port: int, path: str, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) of one request; 4xx/5xx are answers, not errors."""
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+def scrape(port: int) -> Sample:
+    status, ctype, body = http_get(port, "/metrics")
+    assert status == 200, body
+    assert ctype.startswith("text/plain"), ctype
+    out: Sample = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: Sample, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+W1 = {"worker": "1"}
+
+
+@pytest.fixture
+def node(raftmq_factory: Callable[..., BrokerProcess]) -> Iterator[tuple[BrokerProcess, int]]:
+    """A raftmq with its HTTP endpoint on a free loopback port and no $SYS
+    (its retained topics and messages would blur the exact counts)."""
+    port = free_port()
+    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0)
+    yield broker, port
+
+
+def wait_metric(port: int, name: str, expected: float, timeout: float = 5.0, **labels: str) -> Sample:
+    """Scrape until ``name`` shows ``expected`` (workers copy their stats every 0.5 s)."""
+    last: list[Sample] = [{}]
+
+    def ok() -> bool:
+        last[0] = scrape(port)
+        return value(last[0], name, **labels) == expected
+
+    wait_for(ok, timeout, interval=0.1)
+    assert value(last[0], name, **labels) == expected, (name, labels, value(last[0], name, **labels))
+    return last[0]
+
+
+def test_metrics_count_publishes_bytes_and_clients(node: tuple[BrokerProcess, int]) -> None:
+    broker, port = node
+    topic = unique("ops/")
+    payload = b"x" * 50
+    n = 40
+    # A QoS 0 PUBLISH of 3.1.1 with a short topic: fixed header (2) + topic length (2) + topic + payload.
+    size = 2 + 2 + len(topic) + len(payload)
+    with Paho(broker) as sub, Paho(broker) as pub:
+        sub.subscribe(topic, 0)
+        before = wait_metric(port, "raftmq_subscriptions", 1, **W1)
+        assert value(before, "raftmq_clients_connected", **W1) == 2
+        assert value(before, "raftmq_sessions", **W1) == 2
+        # + 1: BrokerProcess.start's probe that the port listens.
+        assert value(before, "raftmq_connections_total", **W1) == 3
+        for _ in range(n):
+            pub.publish(topic, payload, 0)
+        for _ in range(n):
+            assert sub.get().payload == payload
+        after = wait_metric(port, "raftmq_publish_messages_sent_total", n, **W1)
+
+        def delta(name: str) -> float:
+            return (value(after, name, **W1) or 0.0) - (value(before, name, **W1) or 0.0)
+
+        assert value(after, "raftmq_publish_messages_received_total", **W1) == n
+        assert delta("raftmq_received_bytes_total") == n * size
+        assert delta("raftmq_sent_bytes_total") == n * size
+        assert delta("raftmq_packets_received_total") == n
+        assert delta("raftmq_packets_sent_total") == n
+        assert value(after, "raftmq_publish_messages_dropped_total", **W1) == 0
+        assert value(after, "raftmq_clients_maximum", **W1) == 2
+    wait_metric(port, "raftmq_clients_connected", 0, **W1)
+
+
+def test_metrics_retained_queued_and_dropped(raftmq_factory: Callable[..., BrokerProcess]) -> None:
+    port = free_port()
+    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0, max_queued_messages=2)
+    base = unique("ops/")
+    with Paho(broker) as pub:
+        for i in range(3):
+            pub.publish(f"{base}/retained/{i}", b"r", 1, retain=True)
+        wait_metric(port, "raftmq_retained_messages", 3, **W1)
+        # An offline persistent subscriber can queue 2 messages; 3 of 5 are dropped.
+        sub = Paho(broker, unique("persist"), clean=False)
+        sub.subscribe(f"{base}/q", 1)
+        sub.close()
+        wait_metric(port, "raftmq_clients_connected", 1, **W1)
+        for _ in range(5):
+            pub.publish(f"{base}/q", b"q", 1)
+        samples = wait_metric(port, "raftmq_publish_messages_dropped_total", 3, **W1)
+        assert value(samples, "raftmq_queued_messages", **W1) == 2
+        assert value(samples, "raftmq_inflight_messages", **W1) == 0
+        assert value(samples, "raftmq_sessions", **W1) == 2  # the offline one is kept
+
+
+def test_metric_families_have_types_help_and_worker_label(node: tuple[BrokerProcess, int]) -> None:
+    _broker, port = node
+    _status, _ctype, body = http_get(port, "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    counters = ["raftmq_publish_messages_received", "raftmq_publish_messages_sent",
+                "raftmq_publish_messages_dropped", "raftmq_received_bytes", "raftmq_sent_bytes",
+                "raftmq_packets_received", "raftmq_packets_sent", "raftmq_connections",
+                "raftmq_clients_expired"]
+    gauges = ["raftmq_clients_connected", "raftmq_clients_maximum", "raftmq_sessions",
+              "raftmq_subscriptions", "raftmq_retained_messages", "raftmq_inflight_messages",
+              "raftmq_queued_messages"]
+    for name in counters + gauges:
+        assert name in families, (name, sorted(families))
+        family = families[name]
+        assert family.type == ("counter" if name in counters else "gauge"), name
+        assert family.documentation, name
+        assert [s.labels for s in family.samples] == [W1], (name, family.samples)
+    assert f"\n{counters[0]}_total{{worker=\"1\"}}" in body
+
+
+def test_health_and_leader_in_standalone(node: tuple[BrokerProcess, int]) -> None:
+    _broker, port = node
+    status, ctype, body = http_get(port, "/health")
+    assert (status, ctype) == (200, "application/json")
+    assert '"status":"ok"' in body
+    status, _ctype, body = http_get(port, "/health/leader")
+    assert status == 200
+    assert '"role":"leader"' in body
+    assert http_get(port, "/health", method="HEAD")[0] == 200
+    assert http_get(port, "/nothing-here")[0] == 404
+
+
+def test_metrics_dir_is_fresh_and_written(tmp_path: Path) -> None:
+    """<data_dir>/metrics is emptied at start (an old run's files would add to the
+    new totals) and the worker writes its files there."""
+    port = free_port()
+    broker = BrokerProcess("raftmq", tmp_path / "node", {"http_listener": f"{HOST}:{port}"})
+    metrics_dir = tmp_path / "node" / "data" / "metrics"
+    metrics_dir.mkdir(parents=True)
+    stale = metrics_dir / "counter_999999999.db"
+    stale.write_bytes(b"\0" * 16)
+    try:
+        broker.start()
+        assert wait_for(lambda: any(metrics_dir.glob("counter_*.db")), 5.0)
+        assert not stale.exists()
+        assert any(metrics_dir.glob("gauge_livesum_*.db"))
+        status, _ctype, body = http_get(port, "/metrics")
+        assert status == 200 and "raftmq_clients_connected" in body
+    finally:
+        broker.stop()
+
+
+def test_http_listener_is_off_by_default(raftmq: BrokerProcess) -> None:
+    with Paho(raftmq) as c:
+        c.publish(unique("ops/"), b"x", 1)
+    time.sleep(0.7)  # an upkeep tick: a worker with metrics on would have written files
+    assert not (raftmq.workdir / "data" / "metrics").exists()
+    assert raftmq.alive()
+
+
+def _worker_pid(metrics_dir: Path) -> int:
+    pids = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("gauge_livesum_*.db")}
+    assert len(pids) == 1, pids
+    return pids.pop()
+
+
+def test_worker_crash_drops_its_gauges_and_keeps_counting(node: tuple[BrokerProcess, int]) -> None:
+    """kill -9 of the worker: the supervisor marks it dead (its live gauges go),
+    the restarted worker reports again, and the counters never go back."""
+    broker, port = node
+    metrics_dir = broker.workdir / "data" / "metrics"
+    topic = unique("ops/")
+    with Paho(broker) as pub:
+        for _ in range(5):
+            pub.publish(topic, b"m", 0)
+        wait_metric(port, "raftmq_publish_messages_received_total", 5, **W1)
+    old = _worker_pid(metrics_dir)
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: not (metrics_dir / f"gauge_livesum_{old}.db").exists(), 10.0)
+    assert wait_for(lambda: any(metrics_dir.glob("gauge_livesum_*.db")), 15.0)
+    new = _worker_pid(metrics_dir)
+    assert new != old
+    assert wait_for(lambda: http_get(port, "/health")[0] == 200, 10.0)
+
+    def publish_one() -> bool:
+        try:
+            with Paho(broker) as pub:
+                pub.publish(topic, b"m", 0)
+            return True
+        except Exception:
+            return False
+
+    assert wait_for(publish_one, 10.0, interval=0.2)
+    # 5 counted by the dead worker (its counter file stays) + 1 by the new one.
+    samples = wait_metric(port, "raftmq_publish_messages_received_total", 6, **W1)
+    assert value(samples, "raftmq_clients_connected", **W1) == 0
+
+
+@pytest.mark.parametrize("bad", ["localhost", "127.0.0.1:http", "127.0.0.1:70000", ":9883", "1"])
+def test_bad_http_listener_stops_the_start(raftmq_factory: Callable[..., BrokerProcess], bad: str) -> None:
+    with pytest.raises(RuntimeError) as err:
+        raftmq_factory(http_listener=bad)
+    assert "http_listener" in str(err.value), str(err.value)
+
+
+def test_http_listener_in_use_stops_the_start(raftmq_factory: Callable[..., BrokerProcess]) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError) as err:
+            raftmq_factory(http_listener=f"{HOST}:{port}")
+    message = str(err.value)
+    assert "http_listener" in message and str(port) in message, message
