@@ -186,6 +186,23 @@ def test_http_listener_is_off_by_default(raftmq: BrokerProcess) -> None:
     assert raftmq.alive()
 
 
+def test_stray_multiproc_env_is_ignored_when_off(
+        raftmq_factory: Callable[..., BrokerProcess], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With http_listener off, a PROMETHEUS_MULTIPROC_DIR inherited from the shell
+    must not reach the workers (they would write, or fail on, a directory nobody
+    reads)."""
+    stray = tmp_path / "not-there"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(stray))
+    broker = raftmq_factory()
+    with Paho(broker) as c:
+        c.publish(unique("ops/"), b"x", 1)
+    time.sleep(0.7)  # an upkeep tick
+    assert broker.alive()
+    assert not stray.exists()
+    assert "exited with" not in broker.log_tail(200)
+
+
 def _worker_pid(metrics_dir: Path) -> int:
     pids = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("gauge_livesum_*.db")}
     assert len(pids) == 1, pids

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -71,8 +72,7 @@ class OpsServer:
     def start(self) -> None:
         """Bind (raises OSError) and serve in a daemon thread; ``port`` is then the bound one."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        server_class = type("_Server", (ThreadingHTTPServer,), {"address_family": family,
-                                                               "daemon_threads": True})
+        server_class = type("_Server", (_Server,), {"address_family": family})
         handler = type("_Handler", (_Handler,), {"ops": self})
         self._server = server_class((self.host, self.port), handler)
         self.port = self._server.server_address[1]
@@ -105,6 +105,17 @@ class OpsServer:
         MultiProcessCollector(registry, path=self.metrics_dir)
         encoder, content_type = choose_encoder(accept)
         return encoder(registry), content_type
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN (a reverse DNS lookup
+        # that can hang for seconds in a container without DNS); nothing here
+        # needs it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -224,9 +235,16 @@ def start_ops(config: Any, healthy: Callable[[], bool]) -> OpsServer | None:
     """
     listener = getattr(config, "http_listener", None)
     if listener is None:
+        # Off means off: a PROMETHEUS_MULTIPROC_DIR left in the environment
+        # would make the children write files nobody reads or cleans.
+        os.environ.pop(MULTIPROC_ENV, None)
         return None
     host, port = listener
-    metrics_dir = prepare_metrics_dir(config.data_dir)
+    try:
+        metrics_dir = prepare_metrics_dir(config.data_dir)
+    except OSError as exc:
+        raise OpsError(f"http_listener: cannot prepare the metrics directory in "
+                       f"{config.data_dir}: {exc}") from exc
     server = OpsServer(host, port, metrics_dir, healthy, node_role(config))
     try:
         server.start()
