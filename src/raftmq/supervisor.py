@@ -192,7 +192,7 @@ class Supervisor:
             log.warning("Child %s (pid %s) exited with %s; restarting in %.1f s.",
                         c.name, c.proc.pid if c.proc else "?", _exit_text(code), c.restart_delay)
             if self.ops is not None:
-                self.ops.child_died(c.proc.pid if c.proc else None)
+                self.ops.child_died(c.proc.pid if c.proc else None, c.name)
         if now >= c.restart_at:
             c.restart_at = 0.0
             c.start(self.ctx)

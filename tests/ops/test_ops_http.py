@@ -154,6 +154,7 @@ def test_health_and_leader_in_standalone(node: tuple[BrokerProcess, int]) -> Non
     status, _ctype, body = http_get(port, "/health/leader")
     assert status == 200
     assert '"role":"leader"' in body
+    assert value(scrape(port), "raftmq_node_up") == 1
     assert http_get(port, "/health", method="HEAD")[0] == 200
     assert http_get(port, "/nothing-here")[0] == 404
 
@@ -239,6 +240,9 @@ def test_worker_crash_drops_its_gauges_and_keeps_counting(node: tuple[BrokerProc
     # 5 counted by the dead worker (its counter file stays) + 1 by the new one.
     samples = wait_metric(port, "raftmq_publish_messages_received_total", 6, **W1)
     assert value(samples, "raftmq_clients_connected", **W1) == 0
+    assert value(samples, "raftmq_child_restarts_total", child="raftmq-worker-1") == 1
+    assert value(samples, "raftmq_child_restarts_total", child="raftmq-raft") is None
+    assert value(samples, "raftmq_node_up") == 1
 
 
 @pytest.mark.parametrize("bad", ["localhost", "127.0.0.1:http", "127.0.0.1:70000", ":9883", "1"])

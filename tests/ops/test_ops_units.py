@@ -100,6 +100,11 @@ def test_health_leader_follows_role_and_health(tmp_path: Path) -> None:
         assert _status(ops.port, "/health") == 503
         assert _status(ops.port, "/health/leader") == 503
         assert _status(ops.port, "/metrics") == 200  # an empty directory is no error
+        ops.child_died(None, "raftmq-worker-2")
+        ops.child_died(None, "raftmq-worker-2")
+        body = ops.metrics(None)[0].decode()
+        assert "raftmq_node_up 0.0" in body
+        assert 'raftmq_child_restarts_total{child="raftmq-worker-2"} 2.0' in body
     finally:
         ops.stop()
 

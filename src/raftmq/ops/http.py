@@ -32,7 +32,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -68,6 +68,8 @@ class OpsServer:
         self.role = role
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._restarts: dict[str, int] = {}  # child name -> exits seen by the supervisor
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Bind (raises OSError) and serve in a daemon thread; ``port`` is then the bound one."""
@@ -86,8 +88,12 @@ class OpsServer:
             self._server.server_close()
             self._server = None
 
-    def child_died(self, pid: int | None) -> None:
-        """A child process exited: drop its live gauges (its counters stay, see metrics.py)."""
+    def child_died(self, pid: int | None, name: str | None = None) -> None:
+        """A child process exited (the supervisor restarts it): count it, and drop
+        its live gauges (its counters stay, see metrics.py)."""
+        if name:
+            with self._lock:
+                self._restarts[name] = self._restarts.get(name, 0) + 1
         if pid:
             from prometheus_client import multiprocess
 
@@ -103,8 +109,31 @@ class OpsServer:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.metrics_dir)
+        registry.register(_SupervisorCollector(self))
         encoder, content_type = choose_encoder(accept)
         return encoder(registry), content_type
+
+
+class _SupervisorCollector:
+    """What only the supervisor knows: whether the node is up, and restarts."""
+
+    def __init__(self, ops: OpsServer) -> None:
+        self.ops = ops
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield GaugeMetricFamily("raftmq_node_up", "1 while every process of the node runs "
+                                "(GET /health answers 200), else 0.",
+                                value=1 if self.ops.healthy() else 0)
+        restarts = CounterMetricFamily("raftmq_child_restarts", "Child processes (workers, raft "
+                                       "process) that exited and were restarted by the supervisor.",
+                                       labels=("child",))
+        with self.ops._lock:
+            counts = sorted(self.ops._restarts.items())
+        for name, count in counts:
+            restarts.add_metric((name,), count)
+        yield restarts
 
 
 class _Server(ThreadingHTTPServer):
