@@ -162,7 +162,8 @@ class Supervisor:
         from raftmq.ops.http import OpsError, start_ops
 
         try:  # before the children: they inherit PROMETHEUS_MULTIPROC_DIR
-            self.ops = start_ops(self.config, lambda: all(c.alive() for c in children))
+            self.ops = start_ops(self.config, lambda: all(c.alive() for c in children),
+                                 [c.name for c in children])
         except OpsError as exc:
             log.error("Error: %s", exc)
             return 1

@@ -154,7 +154,11 @@ def test_health_and_leader_in_standalone(node: tuple[BrokerProcess, int]) -> Non
     status, _ctype, body = http_get(port, "/health/leader")
     assert status == 200
     assert '"role":"leader"' in body
-    assert value(scrape(port), "raftmq_node_up") == 1
+    samples = scrape(port)
+    assert value(samples, "raftmq_node_up") == 1
+    # Every child from 0: increase() then counts the first restart too.
+    assert value(samples, "raftmq_child_restarts_total", child="raftmq-worker-1") == 0
+    assert value(samples, "raftmq_child_restarts_total", child="raftmq-raft") == 0
     assert http_get(port, "/health", method="HEAD")[0] == 200
     assert http_get(port, "/nothing-here")[0] == 404
 
@@ -241,7 +245,7 @@ def test_worker_crash_drops_its_gauges_and_keeps_counting(node: tuple[BrokerProc
     samples = wait_metric(port, "raftmq_publish_messages_received_total", 6, **W1)
     assert value(samples, "raftmq_clients_connected", **W1) == 0
     assert value(samples, "raftmq_child_restarts_total", child="raftmq-worker-1") == 1
-    assert value(samples, "raftmq_child_restarts_total", child="raftmq-raft") is None
+    assert value(samples, "raftmq_child_restarts_total", child="raftmq-raft") == 0
     assert value(samples, "raftmq_node_up") == 1
 
 

@@ -17,9 +17,9 @@ The supervisor's main loop only sleeps and watches its children, so the server
 is the stdlib's threaded HTTP server in a daemon thread: a slow scraper costs a
 thread, never the supervisor's loop, and the hot path is in other processes.
 
-The supervisor hooks are three calls: ``start_ops(config, healthy)`` before it
+The supervisor hooks are three calls: ``start_ops(config, healthy, names)`` before it
 starts any child (it prepares a fresh ``<data_dir>/metrics`` and sets
-``PROMETHEUS_MULTIPROC_DIR`` for the children), ``ops.child_died(pid)`` when a
+``PROMETHEUS_MULTIPROC_DIR`` for the children), ``ops.child_died(pid, name)`` when a
 child exits, ``ops.stop()`` at shutdown.
 """
 
@@ -32,7 +32,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -60,7 +60,7 @@ class OpsServer:
     """
 
     def __init__(self, host: str, port: int, metrics_dir: str, healthy: Callable[[], bool],
-                 role: Callable[[], str]) -> None:
+                 role: Callable[[], str], children: Iterable[str] = ()) -> None:
         self.host = host
         self.port = port
         self.metrics_dir = metrics_dir
@@ -68,7 +68,9 @@ class OpsServer:
         self.role = role
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._restarts: dict[str, int] = {}  # child name -> exits seen by the supervisor
+        # child name -> exits seen by the supervisor; every child from 0, so that
+        # Prometheus' increase() counts the first restart too.
+        self._restarts: dict[str, int] = dict.fromkeys(children, 0)
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -256,8 +258,10 @@ def node_role(config: Any) -> Callable[[], str]:
     return RaftRole(config.data_dir)
 
 
-def start_ops(config: Any, healthy: Callable[[], bool]) -> OpsServer | None:
+def start_ops(config: Any, healthy: Callable[[], bool], children: Iterable[str] = ()
+              ) -> OpsServer | None:
     """Start the HTTP endpoint of ``config.http_listener`` (None when it is off).
+    ``healthy()``: whether all children run; ``children``: their names.
 
     Call before starting the children: it sets PROMETHEUS_MULTIPROC_DIR for them.
     Raises OpsError (naming the key) when the address cannot be bound.
@@ -274,7 +278,7 @@ def start_ops(config: Any, healthy: Callable[[], bool]) -> OpsServer | None:
     except OSError as exc:
         raise OpsError(f"http_listener: cannot prepare the metrics directory in "
                        f"{config.data_dir}: {exc}") from exc
-    server = OpsServer(host, port, metrics_dir, healthy, node_role(config))
+    server = OpsServer(host, port, metrics_dir, healthy, node_role(config), children)
     try:
         server.start()
     except OSError as exc:
