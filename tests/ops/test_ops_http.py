@@ -5,6 +5,7 @@ clients publish, /health and /health/leader, the metrics directory, and the
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -44,31 +45,43 @@ def scrape(port: int) -> Sample:
 
 
 def value(samples: Sample, name: str, **labels: str) -> float | None:
+    """The sample of ``name`` with exactly these labels (None if absent)."""
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
-W1 = {"worker": "1"}
+def total(samples: Sample, name: str) -> float | None:
+    """``name`` summed over its series (the workers of the node); None if absent."""
+    values = [v for (n, _labels), v in samples.items() if n == name]
+    return sum(values) if values else None
+
+
+def peak(samples: Sample, name: str) -> float | None:
+    """The largest series of ``name`` (retained messages: every worker holds them all)."""
+    values = [v for (n, _labels), v in samples.items() if n == name]
+    return max(values) if values else None
 
 
 @pytest.fixture
 def node(raftmq_factory: Callable[..., BrokerProcess]) -> Iterator[tuple[BrokerProcess, int]]:
-    """A raftmq with its HTTP endpoint on a free loopback port and no $SYS
-    (its retained topics and messages would blur the exact counts)."""
+    """A one-worker raftmq with its HTTP endpoint on a free loopback port and no
+    $SYS (its retained topics and messages would blur the exact counts)."""
     port = free_port()
-    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0)
+    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0, workers=1)
     yield broker, port
 
 
-def wait_metric(port: int, name: str, expected: float, timeout: float = 5.0, **labels: str) -> Sample:
-    """Scrape until ``name`` shows ``expected`` (workers copy their stats every 0.5 s)."""
+def wait_metric(port: int, name: str, expected: float, timeout: float = 5.0,
+                of: Callable[[Sample, str], float | None] = total) -> Sample:
+    """Scrape until ``of(samples, name)`` (the sum over workers by default) is
+    ``expected`` (workers copy their stats every 0.5 s)."""
     last: list[Sample] = [{}]
 
     def ok() -> bool:
         last[0] = scrape(port)
-        return value(last[0], name, **labels) == expected
+        return of(last[0], name) == expected
 
     wait_for(ok, timeout, interval=0.1)
-    assert value(last[0], name, **labels) == expected, (name, labels, value(last[0], name, **labels))
+    assert of(last[0], name) == expected, (name, of(last[0], name))
     return last[0]
 
 
@@ -81,49 +94,50 @@ def test_metrics_count_publishes_bytes_and_clients(node: tuple[BrokerProcess, in
     size = 2 + 2 + len(topic) + len(payload)
     with Paho(broker) as sub, Paho(broker) as pub:
         sub.subscribe(topic, 0)
-        before = wait_metric(port, "raftmq_subscriptions", 1, **W1)
-        assert value(before, "raftmq_clients_connected", **W1) == 2
-        assert value(before, "raftmq_sessions", **W1) == 2
+        before = wait_metric(port, "raftmq_subscriptions", 1)
+        assert total(before, "raftmq_clients_connected") == 2
+        assert total(before, "raftmq_sessions") == 2
         # + 1: BrokerProcess.start's probe that the port listens.
-        assert value(before, "raftmq_connections_total", **W1) == 3
+        assert total(before, "raftmq_connections_total") == 3
         for _ in range(n):
             pub.publish(topic, payload, 0)
         for _ in range(n):
             assert sub.get().payload == payload
-        after = wait_metric(port, "raftmq_publish_messages_sent_total", n, **W1)
+        after = wait_metric(port, "raftmq_publish_messages_sent_total", n)
 
         def delta(name: str) -> float:
-            return (value(after, name, **W1) or 0.0) - (value(before, name, **W1) or 0.0)
+            return (total(after, name) or 0.0) - (total(before, name) or 0.0)
 
-        assert value(after, "raftmq_publish_messages_received_total", **W1) == n
+        assert total(after, "raftmq_publish_messages_received_total") == n
         assert delta("raftmq_received_bytes_total") == n * size
         assert delta("raftmq_sent_bytes_total") == n * size
         assert delta("raftmq_packets_received_total") == n
         assert delta("raftmq_packets_sent_total") == n
-        assert value(after, "raftmq_publish_messages_dropped_total", **W1) == 0
-        assert value(after, "raftmq_clients_maximum", **W1) == 2
-    wait_metric(port, "raftmq_clients_connected", 0, **W1)
+        assert total(after, "raftmq_publish_messages_dropped_total") == 0
+        assert total(after, "raftmq_clients_maximum") == 2
+    wait_metric(port, "raftmq_clients_connected", 0)
 
 
 def test_metrics_retained_queued_and_dropped(raftmq_factory: Callable[..., BrokerProcess]) -> None:
     port = free_port()
-    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0, max_queued_messages=2)
+    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0, max_queued_messages=2,
+                            workers=1)
     base = unique("ops/")
     with Paho(broker) as pub:
         for i in range(3):
             pub.publish(f"{base}/retained/{i}", b"r", 1, retain=True)
-        wait_metric(port, "raftmq_retained_messages", 3, **W1)
+        wait_metric(port, "raftmq_retained_messages", 3, of=peak)
         # An offline persistent subscriber can queue 2 messages; 3 of 5 are dropped.
         sub = Paho(broker, unique("persist"), clean=False)
         sub.subscribe(f"{base}/q", 1)
         sub.close()
-        wait_metric(port, "raftmq_clients_connected", 1, **W1)
+        wait_metric(port, "raftmq_clients_connected", 1)
         for _ in range(5):
             pub.publish(f"{base}/q", b"q", 1)
-        samples = wait_metric(port, "raftmq_publish_messages_dropped_total", 3, **W1)
-        assert value(samples, "raftmq_queued_messages", **W1) == 2
-        assert value(samples, "raftmq_inflight_messages", **W1) == 0
-        assert value(samples, "raftmq_sessions", **W1) == 2  # the offline one is kept
+        samples = wait_metric(port, "raftmq_publish_messages_dropped_total", 3)
+        assert total(samples, "raftmq_queued_messages") == 2
+        assert total(samples, "raftmq_inflight_messages") == 0
+        assert total(samples, "raftmq_sessions") == 2  # the offline one is kept
 
 
 def test_metric_families_have_types_help_and_worker_label(node: tuple[BrokerProcess, int]) -> None:
@@ -142,8 +156,11 @@ def test_metric_families_have_types_help_and_worker_label(node: tuple[BrokerProc
         family = families[name]
         assert family.type == ("counter" if name in counters else "gauge"), name
         assert family.documentation, name
-        assert [s.labels for s in family.samples] == [W1], (name, family.samples)
-    assert f"\n{counters[0]}_total{{worker=\"1\"}}" in body
+        assert family.samples, name
+        for sample in family.samples:
+            assert set(sample.labels) == {"worker"}, sample
+            assert sample.labels["worker"].isdigit(), sample
+    assert re.search(r'\nraftmq_publish_messages_received_total\{worker="\d+"\} ', body)
 
 
 def test_health_and_leader_in_standalone(node: tuple[BrokerProcess, int]) -> None:
@@ -155,10 +172,11 @@ def test_health_and_leader_in_standalone(node: tuple[BrokerProcess, int]) -> Non
     assert status == 200
     assert '"role":"leader"' in body
     samples = scrape(port)
-    assert value(samples, "raftmq_node_up") == 1
+    assert total(samples, "raftmq_node_up") == 1
     # Every child from 0: increase() then counts the first restart too.
-    assert value(samples, "raftmq_child_restarts_total", child="raftmq-worker-1") == 0
-    assert value(samples, "raftmq_child_restarts_total", child="raftmq-raft") == 0
+    counts = restarts(samples)
+    assert counts["raftmq-raft"] == 0
+    assert [v for k, v in counts.items() if k.startswith("raftmq-worker-")] == [0]
     assert http_get(port, "/health", method="HEAD")[0] == 200
     assert http_get(port, "/nothing-here")[0] == 404
 
@@ -208,10 +226,16 @@ def test_stray_multiproc_env_is_ignored_when_off(
     assert "exited with" not in broker.log_tail(200)
 
 
-def _worker_pid(metrics_dir: Path) -> int:
-    pids = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("gauge_livesum_*.db")}
-    assert len(pids) == 1, pids
-    return pids.pop()
+def restarts(samples: Sample) -> dict[str, float]:
+    """raftmq_child_restarts_total by child name."""
+    return {dict(labels)["child"]: v for (name, labels), v in samples.items()
+            if name == "raftmq_child_restarts_total"}
+
+
+def _worker_pids(metrics_dir: Path) -> set[int]:
+    """Processes whose counter file holds broker counters (the raft process's does not)."""
+    return {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("counter_*.db")
+            if b"raftmq_publish_messages_received" in p.read_bytes()}
 
 
 def test_worker_crash_drops_its_gauges_and_keeps_counting(node: tuple[BrokerProcess, int]) -> None:
@@ -223,13 +247,14 @@ def test_worker_crash_drops_its_gauges_and_keeps_counting(node: tuple[BrokerProc
     with Paho(broker) as pub:
         for _ in range(5):
             pub.publish(topic, b"m", 0)
-        wait_metric(port, "raftmq_publish_messages_received_total", 5, **W1)
-    old = _worker_pid(metrics_dir)
+        wait_metric(port, "raftmq_publish_messages_received_total", 5)
+    (old,) = _worker_pids(metrics_dir)
+    assert (metrics_dir / f"gauge_livesum_{old}.db").exists()
     os.kill(old, signal.SIGKILL)
     assert wait_for(lambda: not (metrics_dir / f"gauge_livesum_{old}.db").exists(), 10.0)
-    assert wait_for(lambda: any(metrics_dir.glob("gauge_livesum_*.db")), 15.0)
-    new = _worker_pid(metrics_dir)
-    assert new != old
+    assert wait_for(lambda: len(_worker_pids(metrics_dir)) == 2, 15.0)
+    (new,) = _worker_pids(metrics_dir) - {old}
+    assert (metrics_dir / f"gauge_livesum_{new}.db").exists()
     assert wait_for(lambda: http_get(port, "/health")[0] == 200, 10.0)
 
     def publish_one() -> bool:
@@ -242,11 +267,12 @@ def test_worker_crash_drops_its_gauges_and_keeps_counting(node: tuple[BrokerProc
 
     assert wait_for(publish_one, 10.0, interval=0.2)
     # 5 counted by the dead worker (its counter file stays) + 1 by the new one.
-    samples = wait_metric(port, "raftmq_publish_messages_received_total", 6, **W1)
-    assert value(samples, "raftmq_clients_connected", **W1) == 0
-    assert value(samples, "raftmq_child_restarts_total", child="raftmq-worker-1") == 1
-    assert value(samples, "raftmq_child_restarts_total", child="raftmq-raft") == 0
-    assert value(samples, "raftmq_node_up") == 1
+    samples = wait_metric(port, "raftmq_publish_messages_received_total", 6)
+    assert total(samples, "raftmq_clients_connected") == 0
+    counts = restarts(samples)
+    assert counts["raftmq-raft"] == 0
+    assert [v for k, v in counts.items() if k.startswith("raftmq-worker-")] == [1]
+    assert total(samples, "raftmq_node_up") == 1
 
 
 @pytest.mark.parametrize("bad", ["localhost", "127.0.0.1:http", "127.0.0.1:70000", ":9883", "1"])
@@ -278,9 +304,9 @@ def test_raft_metrics_of_a_standalone_node(node: tuple[BrokerProcess, int]) -> N
     samples = wait_metric(port, "raftmq_raft_is_leader", 1)
     assert value(samples, "raftmq_raft_role", role="leader") == 1
     assert value(samples, "raftmq_raft_role", role="follower") == 0
-    assert (value(samples, "raftmq_raft_term") or 0) >= 1
-    commit = value(samples, "raftmq_raft_commit_index") or 0
+    assert (total(samples, "raftmq_raft_term") or 0) >= 1
+    commit = total(samples, "raftmq_raft_commit_index") or 0
     assert commit >= 2  # the leader's empty entry + the retained message
-    assert value(samples, "raftmq_raft_applied_index") == commit
-    assert (value(samples, "raftmq_raft_proposals_total") or 0) >= 1
-    assert (value(samples, "raftmq_raft_fsync_duration_seconds_count") or 0) >= 1
+    assert total(samples, "raftmq_raft_applied_index") == commit
+    assert (total(samples, "raftmq_raft_proposals_total") or 0) >= 1
+    assert (total(samples, "raftmq_raft_fsync_duration_seconds_count") or 0) >= 1

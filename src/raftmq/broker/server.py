@@ -590,7 +590,7 @@ def run(config: Any, store: Any, auth: Any = None) -> int:
             plugin = install(broker, config)
         from raftmq.ops.metrics import worker_metrics
 
-        broker.metrics = worker_metrics(broker, getattr(store, "worker_id", 1))
+        broker.metrics = worker_metrics(broker)
         await broker.start()
         if plugin is not None:
             plugin.start()

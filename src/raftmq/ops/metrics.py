@@ -23,7 +23,8 @@ How the files merge (``multiprocess_mode``):
   ``rate()`` sees no reset (the last half second of the dead one is lost).
 - Gauges are "live": the supervisor calls ``mark_process_dead(pid)`` when a
   child dies, which deletes that child's gauge files; a restarted child's values
-  replace them.  Every worker series carries a ``worker`` label (1..N): sum
+  replace them.  Every worker series carries a ``worker`` label (its index in
+  the node, 0..N-1, as in ``$SYS/broker/workers/K``): sum
   clients, sessions and subscriptions over it; every worker holds all retained
   messages, so take the max of ``raftmq_retained_messages``.
 
@@ -153,9 +154,16 @@ class WorkerMetrics:
         self._updates += 1
 
 
-def worker_metrics(broker: Any, worker_id: int) -> WorkerMetrics | None:
-    """The worker's metrics when the node exports them, else None (no cost)."""
-    return WorkerMetrics(broker, worker_id) if enabled() else None
+def worker_metrics(broker: Any, worker_id: int | None = None) -> WorkerMetrics | None:
+    """The worker's metrics when the node exports them, else None (no cost).
+
+    ``worker_id`` defaults to ``broker.worker_id`` (the worker's index in its
+    node, as in the child's name and ``$SYS/broker/workers/K``), else 0."""
+    if not enabled():
+        return None
+    if worker_id is None:
+        worker_id = getattr(broker, "worker_id", 0)
+    return WorkerMetrics(broker, worker_id)
 
 
 class RaftMetrics:
