@@ -310,3 +310,29 @@ def test_raft_metrics_of_a_standalone_node(node: tuple[BrokerProcess, int]) -> N
     assert total(samples, "raftmq_raft_applied_index") == commit
     assert (total(samples, "raftmq_raft_proposals_total") or 0) >= 1
     assert (total(samples, "raftmq_raft_fsync_duration_seconds_count") or 0) >= 1
+
+
+def test_workers_each_report_under_their_label(raftmq_factory: Callable[..., BrokerProcess]) -> None:
+    """Two workers: two `worker` series per metric, and the sums are the node's."""
+    pytest.importorskip("raftmq.workers", reason="this branch serves one worker per node")
+    port = free_port()
+    broker = raftmq_factory(http_listener=f"{HOST}:{port}", sys_interval=0, workers=2)
+    topic = unique("ops/")
+    clients = [Paho(broker) for _ in range(6)]
+    try:
+        clients[0].subscribe(topic, 0)
+        for _ in range(10):
+            clients[1].publish(topic, b"w", 0)
+        for _ in range(10):
+            clients[0].get()
+        samples = wait_metric(port, "raftmq_publish_messages_sent_total", 10)
+        assert total(samples, "raftmq_publish_messages_received_total") == 10
+        assert total(samples, "raftmq_clients_connected") == 6
+        assert total(samples, "raftmq_subscriptions") == 1
+        workers = {dict(labels)["worker"] for (name, labels) in samples
+                   if name == "raftmq_clients_connected"}
+        assert workers == {"0", "1"}
+        assert len(restarts(samples)) == 3  # raft process + 2 workers
+    finally:
+        for c in clients:
+            c.close()
