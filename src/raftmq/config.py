@@ -6,6 +6,7 @@ operator moving from Mosquitto finds them where they expect::
     allow_anonymous = false
     max_inflight_messages = 20
     persistent_client_expiration = "2w"
+    http_listener = "127.0.0.1:9883"   # /metrics, /health (off by default)
 
     [[listener]]
     host = "0.0.0.0"
@@ -78,6 +79,9 @@ class Config:
     log_level: str = "info"
     dynsec_enabled: bool = False  # TOML `dynsec = true`: Mosquitto's Dynamic Security
     dynsec_substitute: bool = False  # %c / %u in ACL topics (off, as Mosquitto 2.0.22)
+    # The node's HTTP endpoint (/metrics, /health, /health/leader), (host, port);
+    # None = off (the default: see _http_listener).
+    http_listener: tuple[str, int] | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str = "<defaults>"  # the file it came from, for messages
 
@@ -170,6 +174,21 @@ def _listeners(value: Any, key: str, where: str) -> tuple[Listener, ...]:
     return tuple(result)
 
 
+def _http_listener(value: Any, key: str, where: str) -> tuple[str, int] | None:
+    # Off unless asked for, like every listener but the MQTT one: several nodes
+    # (or test brokers) on one host would otherwise fight over one default port,
+    # and a node opens no port its operator did not name.  "" or "off" = off.
+    if not isinstance(value, str):
+        raise _error(key, where, f'expected "HOST:PORT" or "off", got {value!r}')
+    if value.strip().lower() in ("", "off"):
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")  # "[::1]:9883"
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _error(key, where, f'expected "HOST:PORT" (port 0..65535) or "off", got {value!r}')
+    return host, int(port)
+
+
 _MAX_REMAINING_LENGTH = 268_435_455  # MQTT's largest Remaining Length (4-byte varint)
 
 # key -> (Config field, checker)
@@ -192,6 +211,7 @@ _TOP_KEYS: dict[str, tuple[str, Checker]] = {
     "log_level": ("log_level", _choice(LOG_LEVELS)),
     "dynsec": ("dynsec_enabled", _bool),
     "dynsec_substitute": ("dynsec_substitute", _bool),
+    "http_listener": ("http_listener", _http_listener),
 }
 
 # section name -> builder of its settings (raises ClusterConfigError naming the key)

@@ -145,6 +145,7 @@ class Supervisor:
         self.settings = settings
         self.ctx = multiprocessing.get_context("spawn")
         self._stop_signal: int | None = None
+        self.ops: Any = None  # ops/http.py OpsServer while http_listener is on
         me = os.getpid()
         self.raft: _Child | None = None
         if config.durability != "none":
@@ -168,6 +169,15 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         children = ([self.raft] if self.raft else []) + self.workers
+        from raftmq.ops.http import OpsError, start_ops
+
+        try:  # before the children: they inherit PROMETHEUS_MULTIPROC_DIR
+            self.ops = start_ops(self.config, lambda: all(c.alive() for c in children),
+                                 [c.name for c in children])
+        except OpsError as exc:
+            log.error("Error: %s", exc)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 1
         for c in children:
             c.start(self.ctx)
         log.info(
@@ -193,6 +203,8 @@ class Supervisor:
             c.restart_at = now + c.restart_delay
             log.warning("Child %s (pid %s) exited with %s; restarting in %.1f s.",
                         c.name, c.proc.pid if c.proc else "?", _exit_text(code), c.restart_delay)
+            if self.ops is not None:
+                self.ops.child_died(c.proc.pid if c.proc else None, c.name)
         if now >= c.restart_at:
             c.restart_at = 0.0
             c.start(self.ctx)
@@ -204,6 +216,8 @@ class Supervisor:
         if self.raft is not None:
             self._stop([self.raft])
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.ops is not None:
+            self.ops.stop()
         log.info("Supervisor stopped.")
         return 0
 

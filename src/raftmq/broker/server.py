@@ -121,6 +121,7 @@ class Broker:
         self.router = Router(self)
         self.wills = Wills(self)
         self.sys: SysTopics | None = None
+        self.metrics: Any = None  # ops/metrics.py WorkerMetrics, set by run() when exported
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: list[int] = []
@@ -524,6 +525,8 @@ class Broker:
             self.sys.publish()
         self.pending_ops.extend(ops)
         self.flush_ops()
+        if self.metrics is not None:
+            self.metrics.update()
 
     # -- start-up from the store ------------------------------------------------
 
@@ -627,6 +630,9 @@ def run(config: Any, store: Any, auth: Any = None, node: Any = None) -> int:
             from raftmq.dynsec.plugin import install
 
             plugin = install(broker, config)
+        from raftmq.ops.metrics import worker_metrics
+
+        broker.metrics = worker_metrics(broker)
         await broker.start()
         if plugin is not None:
             plugin.start()
