@@ -5,10 +5,11 @@ connected from ..."), so log-reading habits and scripts carry over.
 A broker logs a line per client connect and disconnect, so in the workers a
 record must be cheap: no frame walk or thread/process lookups per record, and
 lines are written in batches (``BatchingHandler``) -- by the broker once per
-event-loop turn before it writes to its clients (``flush_logs``: a client that
-got its CONNACK finds the "New client connected" line already in the log), at
-once for warnings and errors, at most ``FLUSH_INTERVAL`` late otherwise, and
-at exit -- instead of one write system call per line.  A connect storm otherwise spends a third of a worker's
+event-loop turn before it writes to its clients and on its 0.5 s upkeep tick
+(``flush_logs``: a client that got its CONNACK finds the "New client
+connected" line already in the log), at once for warnings and errors, when
+``FLUSH_BYTES`` are waiting, and at exit -- instead of one write system call
+per line.  No thread: a flusher thread would take the GIL from the loop.  A connect storm otherwise spends a third of a worker's
 time in logging.
 """
 
@@ -30,7 +31,6 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-FLUSH_INTERVAL = 0.1  # seconds
 FLUSH_BYTES = 64 * 1024
 
 
@@ -42,10 +42,7 @@ class BatchingHandler(logging.Handler):
         self.stream = stream
         self.pending: list[str] = []
         self.size = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        threading.Thread(target=self._flusher, name="log-flusher", daemon=True).start()
+        self._lock = threading.Lock()  # logging from another thread stays safe
         atexit.register(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -74,13 +71,7 @@ class BatchingHandler(logging.Handler):
             except (OSError, ValueError):
                 pass
 
-    def _flusher(self) -> None:
-        while not self._closed:
-            self._wake.wait(FLUSH_INTERVAL)
-            self.flush()
-
     def close(self) -> None:
-        self._closed = True
         self.flush()
         super().close()
 

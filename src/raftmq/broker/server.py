@@ -517,6 +517,7 @@ class Broker:
                 self.stats.clients_expired += 1
                 self.end_session(session, ops)
         self.wills.tick(now)
+        flush_logs()  # lines logged outside a client turn (timeouts, expiries)
         if self.mesh is not None:
             self.mesh.send_stats()
         interval = self.config.sys_interval
