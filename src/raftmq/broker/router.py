@@ -41,12 +41,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.broker")
 
+MATCH_CACHE_LIMIT = 10_000
+
 
 class Router:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.sessions: dict[str, Session] = broker.sessions
         self.trie = TopicTrie()
+        # topic -> trie.match(topic), valid until the next subscription change:
+        # a publisher sends to the same topics again and again, and a dict hit
+        # costs a fraction of a trie walk.  Bounded (cleared when full).
+        self._matches: dict[str, tuple[list, list]] = {}
         self.subscription_count = 0
         self._rr: dict[tuple[str, str], int] = {}
         self.max_inflight = broker.config.max_inflight_messages or 65535
@@ -60,6 +66,7 @@ class Router:
         is_new = key not in session.subscriptions
         session.subscriptions[key] = sub
         self.trie.subscribe(sub.topic_filter, session.client_id, sub)
+        self._matches.clear()
         if is_new:
             self.subscription_count += 1
             if self.broker.mesh is not None:
@@ -71,6 +78,7 @@ class Router:
         if sub is None:
             return False
         self.trie.unsubscribe(topic_filter, session.client_id)
+        self._matches.clear()
         self.subscription_count -= 1
         if self.broker.mesh is not None:
             self.broker.mesh.interest(topic_filter, -1)
@@ -100,7 +108,12 @@ class Router:
         if message.retain:
             broker.retained.store(message, ops if ops is not None else broker.pending_ops,
                                   retain_durable)
-        normal, shared = self.trie.match(message.topic)
+        match = self._matches.get(message.topic)
+        if match is None:
+            if len(self._matches) >= MATCH_CACHE_LIMIT:
+                self._matches.clear()
+            match = self._matches[message.topic] = self.trie.match(message.topic)
+        normal, shared = match  # shared between calls: never modified in place
         mesh = broker.mesh
         if mesh is not None:
             if forward:

@@ -80,6 +80,7 @@ START_TIMEOUT = 10.0
 # Frames kept for a sibling that is down before new QoS 1/2 acknowledgements
 # wait (the publishers' PUBACKs are held by the barrier meanwhile anyway).
 RESEND_LIMIT = 1_000_000
+MATCH_CACHE_LIMIT = 10_000
 
 # The $SYS counters exchanged for node totals, in STATS order.
 STAT_FIELDS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
@@ -124,6 +125,8 @@ class Mesh:
         self._sibling_list = list(self.siblings.values())
         self.local_interest: dict[str, int] = {}  # filter -> our subscriptions on it
         self.remote = TopicTrie()  # siblings' filters, key = sibling index
+        # topic -> (sibling indexes with a match, shared groups): until self.remote changes
+        self._matches: dict[str, tuple[tuple[int, ...], list]] = {}
         self._waiters: deque[tuple[tuple[int, ...], Callable[[], None]]] = deque()
         self._flush_scheduled = False
         self._share_rr: dict[tuple[str, str], int] = {}
@@ -222,6 +225,7 @@ class Mesh:
         for topic_filter in [f for f in sibling.counts if f.startswith("$share/")]:
             del sibling.counts[topic_filter]
             self.remote.unsubscribe(topic_filter, sibling.index)
+        self._matches.clear()
         # What was queued for it and not kept for resending is dropped (QoS 0).
         sibling.out.clear()
         if not self._closed:
@@ -274,6 +278,7 @@ class Mesh:
             self._send(sibling, _SEQ_FRAME.pack(9, SYNC, seq))
 
     def _on_interest(self, sibling: Sibling, delta: int, topic_filter: str) -> None:
+        self._matches.clear()
         counts = sibling.counts
         old = counts.get(topic_filter, 0)
         n = old + delta
@@ -289,6 +294,7 @@ class Mesh:
                 self.remote.unsubscribe(topic_filter, sibling.index)
 
     def _on_reset(self, sibling: Sibling) -> None:
+        self._matches.clear()
         for topic_filter in sibling.counts:
             self.remote.unsubscribe(topic_filter, sibling.index)
         sibling.counts.clear()
@@ -302,8 +308,15 @@ class Mesh:
         targets: dict[int, list | None] = {}
         shared_remote: list = ()  # type: ignore[assignment]
         if len(self.remote):
-            normal_remote, shared_remote = self.remote.match(message.topic)
-            for index, _n, _filter in normal_remote:
+            match = self._matches.get(message.topic)
+            if match is None:
+                if len(self._matches) >= MATCH_CACHE_LIMIT:
+                    self._matches.clear()
+                normal_remote, shared_remote = self.remote.match(message.topic)
+                match = self._matches[message.topic] = (
+                    tuple(dict.fromkeys(index for index, _n, _f in normal_remote)), shared_remote)
+            indexes, shared_remote = match
+            for index in indexes:
                 targets[index] = None
         # Siblings with a matching subscription (PUBACK 0x10 "no matching
         # subscribers" looks at the whole node).
