@@ -254,6 +254,9 @@ class Broker:
     def _flush(self) -> None:
         self._flush_scheduled = False
         flush_logs()  # this turn's log lines before what they tell the clients
+        if self.mesh is not None:
+            # Siblings first: they deliver in parallel with our own writes below.
+            self.mesh.flush()
         if self._per_turn and self._reads:
             self._sample_reads += self._reads
             self._reads = 0

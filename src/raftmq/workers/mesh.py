@@ -246,6 +246,15 @@ class Mesh:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what waits for the siblings (the broker calls it before writing
+        to its clients; otherwise it runs once per loop turn)."""
+        for sibling in self._sibling_list:
+            out = sibling.out
+            if out and sibling.link is not None:
+                sibling.link.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                out.clear()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         for sibling in self._sibling_list:
