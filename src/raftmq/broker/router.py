@@ -63,15 +63,34 @@ class Router:
     def subscribe(self, session: Session, sub: Subscription) -> bool:
         """Add or replace a subscription; True when it is new [MQTT-3.8.4-3]."""
         key = sub.topic_filter
-        is_new = key not in session.subscriptions
+        old = session.subscriptions.get(key)
         session.subscriptions[key] = sub
         self.trie.subscribe(sub.topic_filter, session.client_id, sub)
         self._matches.clear()
-        if is_new:
+        if old is None:
             self.subscription_count += 1
-            if self.broker.mesh is not None:
-                self.broker.mesh.interest(key, 1)
-        return is_new
+        mesh = self.broker.mesh
+        if mesh is not None:
+            if old is None:
+                mesh.interest(key, 1)
+            self._note_durable(mesh, session, sub, old.durable if old is not None else False)
+        return old is None
+
+    @staticmethod
+    def _note_durable(mesh, session: Session, sub: Subscription, had: bool) -> None:
+        """Tell the siblings whether ``sub`` belongs to a persistent session: their
+        QoS 1/2 messages for it are acknowledged only once it has them queued."""
+        want = session.persistent
+        sub.durable = want
+        if want != had:
+            mesh.interest(sub.topic_filter, 1 if want else -1, durable=True)
+
+    def note_persistence(self, session: Session) -> None:
+        """A resumed session's expiry changed (persistent or not any more)."""
+        mesh = self.broker.mesh
+        if mesh is not None:
+            for sub in session.subscriptions.values():
+                self._note_durable(mesh, session, sub, sub.durable)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         sub = session.subscriptions.pop(topic_filter, None)
@@ -80,8 +99,11 @@ class Router:
         self.trie.unsubscribe(topic_filter, session.client_id)
         self._matches.clear()
         self.subscription_count -= 1
-        if self.broker.mesh is not None:
-            self.broker.mesh.interest(topic_filter, -1)
+        mesh = self.broker.mesh
+        if mesh is not None:
+            mesh.interest(topic_filter, -1)
+            if sub.durable:
+                mesh.interest(topic_filter, -1, durable=True)
         return True
 
     def unsubscribe_all(self, session: Session) -> None:

@@ -390,6 +390,7 @@ class Broker:
             session.username = username
             session.expire_at = 0.0
             present = True
+            self.router.note_persistence(session)
         else:
             session = Session(client_id, version, expiry, username)
             self.sessions[client_id] = session

@@ -35,7 +35,7 @@ class Subscription:
     """One subscription of one session, with its MQTT 5 options."""
 
     __slots__ = ("topic_filter", "qos", "no_local", "retain_as_published", "retain_handling",
-                 "sub_id", "share_group", "match_filter")
+                 "sub_id", "share_group", "match_filter", "durable")
 
     def __init__(self, topic_filter: str, qos: int, no_local: bool = False,
                  retain_as_published: bool = False, retain_handling: int = 0, sub_id: int = 0,
@@ -48,6 +48,8 @@ class Subscription:
         self.sub_id = sub_id
         self.share_group = share_group
         self.match_filter = match_filter if match_filter is not None else topic_filter
+        # Announced to sibling workers as a persistent session's (workers/mesh.py).
+        self.durable = False
 
 
 class Outgoing:

@@ -12,6 +12,9 @@ connects to the lower; both directions use it).  On it flow frames::
   group, the one worker whose member gets the message).
 - INTEREST(seq, delta, filter): the sender's count of subscriptions on a
   filter changed by ``delta`` (``$share/...`` filters count group members).
+  DURABLE(seq, delta, filter): the same for the subscriptions of persistent
+  sessions (those must have a QoS 1/2 message queued before its publisher is
+  acknowledged; an online clean session's copy may go as QoS 0 would).
   RESET(seq): forget every interest of the sender (sent, with the full set,
   when a connection starts).
 - SYNC(seq): nothing but a sequence number to acknowledge (a barrier).
@@ -33,6 +36,12 @@ siblings acknowledged the frames sent before it (``gated``).  The same
 barrier gives the durability promise across workers: a QoS 1/2 message is
 acknowledged to its publisher only once every sibling that may hold a
 matching persistent session has queued it durably.
+
+Only frames that need it carry a sequence number and hold acknowledgements:
+QoS 1/2 messages for a sibling with a matching persistent session (or not
+known yet), retained messages, shared-group assignments, interest changes and
+barriers.  A QoS 1/2 message for a sibling's clean sessions only is not
+waited for: if that sibling dies, those sessions die with it.
 
 Until a sibling has told its interest (it has not connected since this worker
 started) it is assumed to want every QoS 1/2 and retained message: those are
@@ -66,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED = range(1, 9)
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE = range(1, 10)
 
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<IBH")
@@ -92,7 +101,7 @@ class Sibling:
     """What this worker knows of one other worker."""
 
     __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
-                 "counts", "stats", "recv_seq", "ever_up")
+                 "counts", "durable", "stats", "recv_seq", "ever_up")
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
@@ -104,6 +113,7 @@ class Sibling:
         self.resend: deque[tuple[int, bytes]] = deque()  # FWD frames not yet acknowledged
         self.known = False  # it told us its interest at least once
         self.counts: dict[str, int] = {}  # its interest: filter -> subscriptions
+        self.durable: dict[str, int] = {}  # the same, of its persistent sessions
         self.stats: tuple = ()
         self.recv_seq = 0  # highest sequence number of its frames we processed
         self.ever_up = False
@@ -124,9 +134,12 @@ class Mesh:
         }
         self._sibling_list = list(self.siblings.values())
         self.local_interest: dict[str, int] = {}  # filter -> our subscriptions on it
+        self.local_durable: dict[str, int] = {}  # the same, of persistent sessions
         self.remote = TopicTrie()  # siblings' filters, key = sibling index
-        # topic -> (sibling indexes with a match, shared groups): until self.remote changes
-        self._matches: dict[str, tuple[tuple[int, ...], list]] = {}
+        self.remote_durable = TopicTrie()  # siblings' persistent sessions' filters
+        # topic -> (sibling indexes with a match, those with a persistent session's
+        # match, shared groups): until the siblings' interest changes
+        self._matches: dict[str, tuple[tuple[int, ...], frozenset, list]] = {}
         self._waiters: deque[tuple[tuple[int, ...], Callable[[], None]]] = deque()
         self._flush_scheduled = False
         self._share_rr: dict[tuple[str, str], int] = {}
@@ -208,6 +221,8 @@ class Mesh:
         frames = [_SEQ_FRAME.pack(9, RESET, 0)]
         for topic_filter, n in self.local_interest.items():
             frames.append(_interest_frame(0, n, topic_filter))
+        for topic_filter, n in self.local_durable.items():
+            frames.append(_interest_frame(0, n, topic_filter, DURABLE))
         frames.extend(frame for _seq, frame in sibling.resend)
         sibling.sent_seq += 1
         frames.append(_SEQ_FRAME.pack(9, SYNC, sibling.sent_seq))
@@ -269,16 +284,19 @@ class Mesh:
 
     # -- interest ------------------------------------------------------------------
 
-    def interest(self, topic_filter: str, delta: int) -> None:
-        """Our subscriptions on ``topic_filter`` changed by ``delta`` (router.py)."""
-        n = self.local_interest.get(topic_filter, 0) + delta
+    def interest(self, topic_filter: str, delta: int, durable: bool = False) -> None:
+        """Our subscriptions (``durable``: of persistent sessions) on
+        ``topic_filter`` changed by ``delta`` (router.py)."""
+        counts = self.local_durable if durable else self.local_interest
+        n = counts.get(topic_filter, 0) + delta
         if n > 0:
-            self.local_interest[topic_filter] = n
+            counts[topic_filter] = n
         else:
-            self.local_interest.pop(topic_filter, None)
+            counts.pop(topic_filter, None)
+        kind = DURABLE if durable else INTEREST
         for sibling in self._sibling_list:
             seq = self._next_seq(sibling)
-            self._send(sibling, _interest_frame(seq, delta, topic_filter))
+            self._send(sibling, _interest_frame(seq, delta, topic_filter, kind))
 
     def sync(self) -> None:
         """A barrier: acknowledgements given after this wait for every sibling."""
@@ -286,27 +304,30 @@ class Mesh:
             seq = self._next_seq(sibling)
             self._send(sibling, _SEQ_FRAME.pack(9, SYNC, seq))
 
-    def _on_interest(self, sibling: Sibling, delta: int, topic_filter: str) -> None:
+    def _on_interest(self, sibling: Sibling, delta: int, topic_filter: str,
+                     durable: bool = False) -> None:
         self._matches.clear()
-        counts = sibling.counts
+        counts = sibling.durable if durable else sibling.counts
+        trie = self.remote_durable if durable else self.remote
         old = counts.get(topic_filter, 0)
         n = old + delta
         if n > 0:
             counts[topic_filter] = n
-            if old <= 0:
-                self.remote.subscribe(topic_filter, sibling.index, n)
-            elif topic_filter.startswith("$share/"):
-                self.remote.subscribe(topic_filter, sibling.index, n)  # member count
+            if old <= 0 or topic_filter.startswith("$share/"):
+                trie.subscribe(topic_filter, sibling.index, n)  # (shared: member count)
         else:
             counts.pop(topic_filter, None)
             if old > 0:
-                self.remote.unsubscribe(topic_filter, sibling.index)
+                trie.unsubscribe(topic_filter, sibling.index)
 
     def _on_reset(self, sibling: Sibling) -> None:
         self._matches.clear()
         for topic_filter in sibling.counts:
             self.remote.unsubscribe(topic_filter, sibling.index)
         sibling.counts.clear()
+        for topic_filter in sibling.durable:
+            self.remote_durable.unsubscribe(topic_filter, sibling.index)
+        sibling.durable.clear()
         sibling.known = True
 
     # -- forwarding ------------------------------------------------------------------
@@ -316,26 +337,24 @@ class Mesh:
         groups of ``local_shared`` this worker serves itself."""
         targets: dict[int, list | None] = {}
         shared_remote: list = ()  # type: ignore[assignment]
+        durable: frozenset = frozenset()
         if len(self.remote):
             match = self._matches.get(message.topic)
             if match is None:
-                if len(self._matches) >= MATCH_CACHE_LIMIT:
-                    self._matches.clear()
-                normal_remote, shared_remote = self.remote.match(message.topic)
-                match = self._matches[message.topic] = (
-                    tuple(dict.fromkeys(index for index, _n, _f in normal_remote)), shared_remote)
-            indexes, shared_remote = match
+                match = self._match_remote(message.topic)
+            indexes, durable, shared_remote = match
             for index in indexes:
                 targets[index] = None
         # Siblings with a matching subscription (PUBACK 0x10 "no matching
         # subscribers" looks at the whole node).
         self.matched = len(targets) + len(shared_remote)
-        needs_ack = message.qos > 0 or message.retain
-        if needs_ack:
+        qos = message.qos
+        retain = message.retain
+        if qos or retain:
             for sibling in self._sibling_list:
                 # Retained: every worker keeps them.  QoS 1/2: a sibling whose
                 # interest we do not know yet may hold a persistent session.
-                if message.retain or not sibling.known:
+                if retain or not sibling.known:
                     targets.setdefault(sibling.index, None)
         if shared_remote or (local_shared and len(self.remote)):
             local_shared = self._assign_shared(local_shared, shared_remote, targets)
@@ -346,9 +365,25 @@ class Mesh:
         props = _props_blob(message.properties)
         siblings = self.siblings
         for index, assigned in targets.items():
-            self._send_forward(siblings[index], FWD, sender, assigned, message, topic, props,
+            sibling = siblings[index]
+            needs_ack = retain or (qos > 0 and (index in durable or not sibling.known
+                                                or assigned is not None))
+            self._send_forward(sibling, FWD, sender, assigned, message, topic, props,
                                needs_ack)
         return local_shared
+
+    def _match_remote(self, topic: str) -> tuple[tuple[int, ...], frozenset, list]:
+        if len(self._matches) >= MATCH_CACHE_LIMIT:
+            self._matches.clear()
+        normal, shared = self.remote.match(topic)
+        indexes = tuple(dict.fromkeys(index for index, _n, _f in normal))
+        durable: frozenset = frozenset()
+        if len(self.remote_durable):
+            d_normal, d_shared = self.remote_durable.match(topic)
+            durable = frozenset([i for i, _n, _f in d_normal]
+                                + [i for _g, _f, members in d_shared for i, _n in members])
+        match = self._matches[topic] = (indexes, durable, shared)
+        return match
 
     def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
                       message: Message, topic: bytes, props: bytes, needs_ack: bool) -> None:
@@ -566,9 +601,9 @@ class Mesh:
                         sibling.recv_seq = seq
                 elif kind == ACK:
                     self._on_ack(sibling, _U64.unpack_from(frame[1])[0])
-                elif kind == INTEREST:
+                elif kind == INTEREST or kind == DURABLE:
                     seq, delta = _INTEREST_BODY.unpack_from(frame[1])
-                    self._on_interest(sibling, delta, frame[1][12:].decode())
+                    self._on_interest(sibling, delta, frame[1][12:].decode(), kind == DURABLE)
                     if seq:
                         sibling.recv_seq = seq
                 elif kind == SYNC:
@@ -612,9 +647,9 @@ def _props_from_blob(blob: bytes) -> dict:
     return props
 
 
-def _interest_frame(seq: int, delta: int, topic_filter: str) -> bytes:
+def _interest_frame(seq: int, delta: int, topic_filter: str, kind: int = INTEREST) -> bytes:
     raw = topic_filter.encode()
-    return _INTEREST_HEAD.pack(1 + 12 + len(raw), INTEREST, seq, delta) + raw
+    return _INTEREST_HEAD.pack(1 + 12 + len(raw), kind, seq, delta) + raw
 
 
 class _Link(asyncio.Protocol):
