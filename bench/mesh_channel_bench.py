@@ -718,7 +718,8 @@ def run_pair(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     for role, handles in (("B", hb), ("A", ha)):
         parent_conn, child_conn = ctx.Pipe(duplex=False)
         others = [fd for fd in to_close if fd not in handles]
-        proc = ctx.Process(target=_child,
+        # daemon: a run that fails must not leave its peer waiting forever
+        proc = ctx.Process(target=_child, daemon=True,
                            args=(role, kind, args, handles, others, child_conn))
         proc.start()
         procs.append(proc)
