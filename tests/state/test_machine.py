@@ -29,6 +29,7 @@ from raftmq.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
+from raftmq.state import entries as entries_mod
 from raftmq.state import tables as T
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
@@ -64,7 +65,13 @@ from raftmq.state.machine import (
     default_apply_dynsec,
     load_state,
 )
-from raftmq.state.rawops import iter_raw_ops
+from raftmq.state.rawops import (
+    C_QUEUE_ADD,
+    C_QUEUE_REMOVE,
+    C_QUEUE_UPDATE,
+    iter_raw_ops,
+    plain_fields,
+)
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -144,11 +151,52 @@ def test_iter_raw_ops_matches_decode_ops() -> None:
     decoded = decode_ops(data)
     raw = list(iter_raw_ops(data))
     assert len(raw) == len(decoded) == len(ops)
+    assert {tag for tag, _, _ in raw} >= {C_QUEUE_ADD, C_QUEUE_UPDATE, C_QUEUE_REMOVE}
     for (tag, fields, msg), op in zip(raw, decoded, strict=True):
+        tag, fields = plain_fields(tag, fields)
         assert tag == op.TAG
         assert fields == [getattr(op, f) for f in op.__slots__ if f != "message"]
         m = getattr(op, "message", None)
         assert bytes(msg) == (encode_message(m) if m is not None else b"")
+
+
+def test_compact_queue_ops_carry_the_table_keys() -> None:
+    """Compact ops hold each key exactly as tables.seq_key builds it; a client id
+    too long to be kept verbatim in a key falls back to the JSON form."""
+    ops = [
+        QueueAdd([["é", 2**40, 65535, 2, [1, 2**28]], ["x" * 200, 1, 0, 1, []]], MSG),
+        QueueUpdate("é", 3, 9, PUBREC_RECEIVED),
+        QueueRemove("é", 4),
+        QueueRemove(LONG_ID, 5),
+        QueueAdd([["a", 1, 0, 1, []], [LONG_ID, 1, 0, 1, []]], MSG),
+    ]
+    raw = list(iter_raw_ops(encode_ops(ops)))
+    assert [t for t, _, _ in raw] == [C_QUEUE_ADD, C_QUEUE_UPDATE, C_QUEUE_REMOVE, 12, 10]
+    assert [k for k, *_ in raw[0][1][0]] == [
+        T.seq_key(T.client_key("é"), 2**40), T.seq_key(T.client_key("x" * 200), 1)
+    ]
+    assert raw[1][1] == (T.seq_key(T.client_key("é"), 3), T.QUEUE_STATE.pack(9, PUBREC_RECEIVED))
+    assert raw[2][1] == (T.seq_key(T.client_key("é"), 4),)
+    assert decode_ops(encode_ops(ops)) == ops
+
+
+def test_json_form_queue_ops_of_older_logs_apply_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries written before the compact form (JSON headers) still apply, to the same tables."""
+    es = batches(120, seed=3)
+    new = [Entry(e.term, e.index, encode_ops(decode_ops(e.data))) for e in es]
+    monkeypatch.setattr(entries_mod, "_compact", lambda op: None)
+    old = [Entry(e.term, e.index, encode_ops(decode_ops(e.data))) for e in es]
+    assert all(e.data[4] < 0x80 for e in old) and any(e.data[4] >= 0x80 for e in new)
+    snaps = []
+    for name, entries in (("old", old), ("new", new)):
+        for defer in (0, 50):
+            env = T.open_environment(str(tmp_path / f"{name}{defer}"), sync=False)
+            m = StateMachine(env, defer_queue_ops=defer)
+            m.apply(entries)
+            m.flush()
+            snaps.append(m.snapshot_data())
+            env.close()
+    assert len(set(snaps)) == 1
 
 
 # -- each op's effect on load() ------------------------------------------------------------
@@ -712,7 +760,7 @@ def test_deferred_queue_rows_give_the_same_tables(
         at_applied = StateMachine(env_c)  # replays up to m's META_APPLIED
         entries = [Entry(1, i + 1, encode_ops(ops)) for i, ops in enumerate(batches_)]
         bounds = sorted({c for c in cuts if c < len(entries)} | {0, len(entries)})
-        for lo, hi in zip(bounds, bounds[1:]):
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
             assert [i for i, _ in m.apply(entries[lo:hi])] == list(range(lo + 1, hi + 1))
             assert m.last_applied() == hi
             table_at = m.applied_index()

@@ -82,7 +82,15 @@ from raftmq.state.entries import (
     SessionRecord,
     decode_message,
 )
-from raftmq.state.rawops import MalformedBatch, iter_raw_ops, message_topic
+from raftmq.state.rawops import (
+    C_QUEUE_ADD,
+    C_QUEUE_REMOVE,
+    C_QUEUE_UPDATE,
+    COMPACT,
+    MalformedBatch,
+    iter_raw_ops,
+    message_topic,
+)
 
 log = logging.getLogger("raftmq.state")
 
@@ -134,7 +142,11 @@ def _find_apply_dynsec() -> DynsecApply:
     return apply_change
 
 
-_QUEUE_TAGS = frozenset((_QUEUE_ADD, _QUEUE_UPDATE, _QUEUE_REMOVE))
+# Queue op tags, JSON and compact form (state/entries.py), -> the op kind.
+_QUEUE_KIND = {
+    _QUEUE_ADD: _QUEUE_ADD, _QUEUE_UPDATE: _QUEUE_UPDATE, _QUEUE_REMOVE: _QUEUE_REMOVE,
+    C_QUEUE_ADD: _QUEUE_ADD, C_QUEUE_UPDATE: _QUEUE_UPDATE, C_QUEUE_REMOVE: _QUEUE_REMOVE,
+}
 # Deferred queue rows beyond this many are written at the end of the transaction.
 _MAX_DEFERRED_ROWS = 8192
 
@@ -386,6 +398,7 @@ class StateMachine:
         put, get, delete = txn.put, txn.get, txn.delete
         ck_of = T.client_key
         seq_key = T.seq_key
+        queue_row = T.queue_row
         db_queues = self.db_queues
         rows, fresh = self._rows, self._fresh
         defer = self._defer
@@ -394,46 +407,59 @@ class StateMachine:
             for tag, f, msg in iter_raw_ops(data):
                 if tag == _NOOP:
                     continue
-                if defer and tag in _QUEUE_TAGS:
-                    # Deferred: the row changes in memory; a delivery whose
-                    # add and remove both land here never touches the table.
-                    if tag == _QUEUE_ADD:
-                        state_of = (QUEUED, SENT)
-                        for cid, seq, packet_id, qos, sub_ids in f[0]:
-                            key = seq_key(ck_of(cid), seq)
-                            if key not in rows and get(key, db=db_queues) is None:
-                                fresh.add(key)
-                            rows[key] = T.queue_row(packet_id, state_of[packet_id != 0], qos, sub_ids, msg)
-                    elif tag == _QUEUE_REMOVE:
+                kind = _QUEUE_KIND.get(tag)
+                if kind is not None:
+                    # The queue ops of every durable delivery: first the table
+                    # keys (cut out of a compact op, built for the JSON form).
+                    if kind == _QUEUE_ADD:
+                        dels = f[0] if tag & COMPACT else [
+                            (seq_key(ck_of(cid), seq), packet_id, qos, sub_ids)
+                            for cid, seq, packet_id, qos, sub_ids in f[0]
+                        ]
+                    elif tag & COMPACT:
+                        key = f[0]
+                        prefix = f[1] if kind == _QUEUE_UPDATE else None
+                    else:
                         key = seq_key(ck_of(f[0]), f[1])
-                        if key in fresh:
-                            del rows[key]
-                            fresh.discard(key)
+                        prefix = T.QUEUE_STATE.pack(f[2], f[3]) if kind == _QUEUE_UPDATE else None
+                    if defer:
+                        # Deferred: the row changes in memory; a delivery whose
+                        # add and remove both land here never touches the table.
+                        if kind == _QUEUE_ADD:
+                            for key, packet_id, qos, sub_ids in dels:
+                                if key not in rows and get(key, db=db_queues) is None:
+                                    fresh.add(key)
+                                rows[key] = queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg)
+                        elif kind == _QUEUE_REMOVE:
+                            if key in fresh:
+                                del rows[key]
+                                fresh.discard(key)
+                            else:
+                                rows[key] = None
                         else:
-                            rows[key] = None
-                    else:  # _QUEUE_UPDATE
-                        key = seq_key(ck_of(f[0]), f[1])
-                        row = rows[key] if key in rows else get(key, db=db_queues)
+                            row = rows[key] if key in rows else get(key, db=db_queues)
+                            if row is not None:
+                                rows[key] = prefix + row[3:]
+                        continue
+                    if not direct:
+                        direct = True
+                        if rows:
+                            self._flush_rows(txn)
+                    if kind == _QUEUE_ADD:
+                        for key, packet_id, qos, sub_ids in dels:
+                            put(key, queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg), db=db_queues)
+                    elif kind == _QUEUE_REMOVE:
+                        delete(key, db=db_queues)
+                    else:
+                        row = get(key, db=db_queues)
                         if row is not None:
-                            rows[key] = T.QUEUE_STATE.pack(f[2], f[3]) + row[T.QUEUE_STATE.size :]
+                            put(key, prefix + row[3:], db=db_queues)
                     continue
                 if not direct:
                     direct = True
                     if rows:
                         self._flush_rows(txn)
-                if tag == _QUEUE_ADD:
-                    state_of = (QUEUED, SENT)
-                    for cid, seq, packet_id, qos, sub_ids in f[0]:
-                        row = T.queue_row(packet_id, state_of[packet_id != 0], qos, sub_ids, msg)
-                        put(seq_key(ck_of(cid), seq), row, db=db_queues)
-                elif tag == _QUEUE_REMOVE:
-                    delete(seq_key(ck_of(f[0]), f[1]), db=db_queues)
-                elif tag == _QUEUE_UPDATE:
-                    key = seq_key(ck_of(f[0]), f[1])
-                    row = get(key, db=db_queues)
-                    if row is not None:
-                        put(key, T.QUEUE_STATE.pack(f[2], f[3]) + row[T.QUEUE_STATE.size :], db=db_queues)
-                elif tag == _QOS2_IN_ADD:
+                if tag == _QOS2_IN_ADD:
                     put(T.qos2_key(ck_of(f[0]), f[1]), b"", db=self.db_qos2_in)
                 elif tag == _QOS2_IN_REMOVE:
                     delete(T.qos2_key(ck_of(f[0]), f[1]), db=self.db_qos2_in)
