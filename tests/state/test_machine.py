@@ -738,7 +738,7 @@ def test_random_ops_match_the_model(tmp_path_factory: pytest.TempPathFactory, ba
 # -- deferred queue rows (the raft process's setting) ------------------------------------
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batches_=gen.lists(gen.lists(OPS, min_size=1, max_size=6), min_size=1, max_size=16),
     cuts=gen.lists(gen.integers(1, 16), max_size=6),
@@ -779,6 +779,18 @@ def test_deferred_queue_rows_give_the_same_tables(
         env_a.close()
         env_b.close()
         env_c.close()
+
+
+def test_deferred_row_is_seen_by_a_later_direct_op_of_the_same_entry(tmp_path: Path) -> None:
+    env = T.open_environment(str(tmp_path / "db"), sync=False)
+    try:
+        m = StateMachine(env, defer_queue_ops=100)
+        Feeder(m)(SessionExpiry("a", 0), QueueAdd([["a", 1, 0, 1, []]], MSG), SessionDelete("a"))
+        with env.begin() as txn:
+            assert txn.stat(m.db_queues)["entries"] == 0
+        assert m.deferred == 0 and m.load() == LoadedState()
+    finally:
+        env.close()
 
 
 def test_deferred_add_then_remove_never_reaches_the_table(tmp_path: Path) -> None:

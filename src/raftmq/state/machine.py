@@ -441,10 +441,9 @@ class StateMachine:
                             if row is not None:
                                 rows[key] = prefix + row[3:]
                         continue
-                    if not direct:
-                        direct = True
-                        if rows:
-                            self._flush_rows(txn)
+                    direct = True
+                    if rows:
+                        self._flush_rows(txn)
                     if kind == _QUEUE_ADD:
                         for key, packet_id, qos, sub_ids in dels:
                             put(key, queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg), db=db_queues)
@@ -455,10 +454,11 @@ class StateMachine:
                         if row is not None:
                             put(key, prefix + row[3:], db=db_queues)
                     continue
-                if not direct:
-                    direct = True
-                    if rows:
-                        self._flush_rows(txn)
+                # A direct write sees the tables as of this op: the rows
+                # deferred before it (in this entry too) go in first.
+                direct = True
+                if rows:
+                    self._flush_rows(txn)
                 if tag == _QOS2_IN_ADD:
                     put(T.qos2_key(ck_of(f[0]), f[1]), b"", db=self.db_qos2_in)
                 elif tag == _QOS2_IN_REMOVE:
