@@ -193,6 +193,8 @@ class StateMachine:
         self._folded: tuple[int, int] | None = None  # last entry folded in, when ahead of the table
         self._table_applied: tuple[int, int] = (0, 0)  # what META_APPLIED says (valid while _folded)
         self._saved: Any = _NO_TXN  # the deferred state as the current write txn found it
+        # client key -> highest seq its queue rows may have in the table (see _absent)
+        self._top_seq: dict[bytes, int] = {}
         readonly = self.env.flags()["readonly"]
         if readonly:
             dbs = {name: self.env.open_db(name, create=False) for name in T.MACHINE_DBS}
@@ -369,17 +371,52 @@ class StateMachine:
         self._folded = (applied, applied_term) if rows else None
         return results
 
+    def _absent(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """Whether queue ``key`` is not in the table.  A session's seqs only grow,
+        so a seq above the highest one the table holds for that client needs no
+        lookup (the highest is read once per client and raised as rows are
+        written; deletes leave it high, which only costs a lookup)."""
+        ck = key[:-8]
+        top = self._top_seq.get(ck)
+        if top is None:
+            if len(self._top_seq) >= _MAX_DEFERRED_ROWS:
+                self._top_seq.clear()
+            top = self._top_seq[ck] = self._table_top_seq(txn, ck)
+        if int.from_bytes(key[-8:], "big") > top:
+            return True
+        return txn.get(key, db=self.db_queues) is None
+
+    def _table_top_seq(self, txn: lmdb.Transaction, ck: bytes) -> int:
+        """The highest seq the queue table holds for client key ``ck``, -1 if none."""
+        cur = txn.cursor(db=self.db_queues)
+        if cur.set_range(ck + b"\xff" * 8):
+            if cur.key()[:-8] == ck:
+                return T.key_seq(cur.key(), len(ck))
+            if not cur.prev():
+                return -1
+        elif not cur.last():
+            return -1
+        k = cur.key()
+        return T.key_seq(k, len(ck)) if len(k) == len(ck) + 8 and k[: len(ck)] == ck else -1
+
     def _flush_rows(self, txn: lmdb.Transaction) -> None:
         """Write the deferred queue rows into ``txn`` (in key order: neighbouring
         puts land on the same pages) and forget them."""
         rows = self._rows
         put, delete, db = txn.put, txn.delete, self.db_queues
+        top_seq = self._top_seq
         for key in sorted(rows):
             row = rows[key]
             if row is None:
                 delete(key, db=db)
             else:
                 put(key, row, db=db)
+                ck = key[:-8]
+                top = top_seq.get(ck)
+                if top is not None:
+                    seq = int.from_bytes(key[-8:], "big")
+                    if seq > top:
+                        top_seq[ck] = seq
         rows.clear()
         self._fresh.clear()
 
@@ -405,6 +442,30 @@ class StateMachine:
         direct = False
         try:
             for tag, f, msg in iter_raw_ops(data):
+                if defer and tag & COMPACT:
+                    # The ops of every durable delivery, deferred: the row
+                    # changes in memory; a delivery whose add and remove both
+                    # land here never touches the table.
+                    if tag == C_QUEUE_REMOVE:
+                        key = f[0]
+                        if key in fresh:
+                            del rows[key]
+                            fresh.discard(key)
+                        else:
+                            rows[key] = None
+                        continue
+                    if tag == C_QUEUE_ADD:
+                        for key, packet_id, qos, sub_ids in f[0]:
+                            if key not in rows and self._absent(txn, key):
+                                fresh.add(key)
+                            rows[key] = queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg)
+                        continue
+                    if tag == C_QUEUE_UPDATE:
+                        key = f[0]
+                        row = rows[key] if key in rows else get(key, db=db_queues)
+                        if row is not None:
+                            rows[key] = f[1] + row[3:]
+                        continue
                 if tag == _NOOP:
                     continue
                 kind = _QUEUE_KIND.get(tag)
@@ -427,7 +488,7 @@ class StateMachine:
                         # add and remove both land here never touches the table.
                         if kind == _QUEUE_ADD:
                             for key, packet_id, qos, sub_ids in dels:
-                                if key not in rows and get(key, db=db_queues) is None:
+                                if key not in rows and self._absent(txn, key):
                                     fresh.add(key)
                                 rows[key] = queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg)
                         elif kind == _QUEUE_REMOVE:
@@ -629,6 +690,7 @@ class StateMachine:
         # rows of earlier entries are superseded by its tables.
         self._begin_deferred()
         self._rows, self._fresh, self._folded = {}, set(), None
+        self._top_seq.clear()
         mv = memoryview(data)
         if len(mv) < len(_SNAP_MAGIC) + 8 or bytes(mv[: len(_SNAP_MAGIC)]) != _SNAP_MAGIC:
             raise SnapshotFormatError("not a raftmq state snapshot")

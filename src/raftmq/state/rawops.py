@@ -47,6 +47,7 @@ class MalformedBatch(ValueError):
 def iter_raw_ops(data: bytes | memoryview) -> Iterator[tuple[int, Any, memoryview]]:
     data = bytes(data)
     mv = memoryview(data)
+    empty = mv[0:0]
     end = len(data)
     be16 = _BE16.unpack_from
     try:
@@ -59,14 +60,14 @@ def iter_raw_ops(data: bytes | memoryview) -> Iterator[tuple[int, Any, memoryvie
                 kend = pos + 11 + _inline(be16(data, pos + 1)[0])
                 if kend > end:
                     raise MalformedBatch("op beyond the end of the batch")
-                yield tag, (data[pos + 1 : kend],), mv[0:0]
+                yield tag, (data[pos + 1 : kend],), empty
                 pos = kend
             elif tag == C_QUEUE_UPDATE:
                 # ... then u16 BE packet id, u8 state: a queue row's prefix
                 kend = pos + 11 + _inline(be16(data, pos + 1)[0])
                 if kend + 3 > end:
                     raise MalformedBatch("op beyond the end of the batch")
-                yield tag, (data[pos + 1 : kend], data[kend : kend + 3]), mv[0:0]
+                yield tag, (data[pos + 1 : kend], data[kend : kend + 3]), empty
                 pos = kend + 3
             elif tag == C_QUEUE_ADD:
                 # u8 tag, u16 count, per delivery: client key, u64 seq, u16
