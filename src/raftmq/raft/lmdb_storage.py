@@ -40,10 +40,9 @@ messages.
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import lmdb
@@ -145,18 +144,10 @@ class LmdbStorage:
     them visible.
     """
 
-    def __init__(
-        self, path: str, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True, metasync: bool = True
-    ) -> None:
+    def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True) -> None:
         self.path = path
-        self.env = open_environment(path, map_size, sync, metasync=metasync)
+        self.env = open_environment(path, map_size, sync)
         self._sync = sync
-        # With metasync=False a commit leaves its meta page in the page cache:
-        # the commit is durable only after sync_file() (or the next commit's
-        # data sync).  LMDB stays consistent either way (it never reuses pages
-        # the previous meta page needs); only that last commit may be undone.
-        self.metasync = metasync
-        self._data_fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
         with self.env.begin(write=True) as txn:
             self.db_log = self.env.open_db(DB_LOG, txn=txn)
             self.db_raft = self.env.open_db(DB_RAFT, txn=txn)
@@ -304,7 +295,6 @@ class LmdbStorage:
         entries: Sequence[Entry] = (),
         snapshot: Snapshot | None = None,
         committed: Sequence[Entry] = (),
-        before_commit: Callable[[], None] | None = None,
     ) -> list[Any]:
         """Persist one Ready in one write transaction and one fsync; see module doc.
 
@@ -315,13 +305,10 @@ class LmdbStorage:
         entries applied to the attached state machine (the ones it already
         applied are skipped, so replaying a Ready is harmless).
         Returns the state machine's results for ``committed`` (empty without).
-        ``before_commit`` runs once the transaction is written, just before its
-        commit (the raft process overlaps its wait for the previous commit's
-        meta sync with building this one).
         """
         if committed and self.machine is None:
             raise StorageError("committed entries given but no state machine is attached")
-        return self._grow_on_full(self._save_once, hard_state, entries, snapshot, committed, before_commit)
+        return self._grow_on_full(self._save_once, hard_state, entries, snapshot, committed)
 
     def _grow_on_full(self, fn: Any, *args: Any) -> Any:
         """Run a write; if the map is full, double it and run it again (the
@@ -338,13 +325,12 @@ class LmdbStorage:
         entries: Sequence[Entry],
         snapshot: Snapshot | None,
         committed: Sequence[Entry],
-        before_commit: Callable[[], None] | None = None,
     ) -> list[Any]:
         machine = self.machine
         if machine is None:
-            return self._save_txn(hard_state, entries, snapshot, committed, before_commit)
+            return self._save_txn(hard_state, entries, snapshot, committed)
         try:
-            results = self._save_txn(hard_state, entries, snapshot, committed, before_commit)
+            results = self._save_txn(hard_state, entries, snapshot, committed)
         except BaseException:
             machine.txn_aborted()  # its deferred rows follow the aborted tables
             raise
@@ -357,7 +343,6 @@ class LmdbStorage:
         entries: Sequence[Entry],
         snapshot: Snapshot | None,
         committed: Sequence[Entry],
-        before_commit: Callable[[], None] | None = None,
     ) -> list[Any]:
         snap_index, snap_term, last = self._snap_index, self._snap_term, self._last
         results: list[Any] = []
@@ -399,8 +384,6 @@ class LmdbStorage:
                 txn.put(KEY_HARD_STATE, _encode_hard_state(hard_state), db=self.db_raft)
             if committed:
                 results = self.machine.apply_in(txn, committed)  # type: ignore[union-attr]
-            if before_commit is not None:
-                before_commit()
         # Committed (and fsynced, with sync=True): now the caches may follow.
         if hard_state is not None:
             self._hard_state = HardState(hard_state.term, hard_state.vote, hard_state.commit)
@@ -506,19 +489,10 @@ class LmdbStorage:
         return self.env.reader_check()
 
     def sync(self) -> None:
-        """Force an fsync (needed with ``sync=False`` or ``metasync=False``)."""
+        """Force an fsync (needed only with ``sync=False``)."""
         self.env.sync(True)
 
-    def sync_file(self) -> None:
-        """fdatasync the data file through our own descriptor: callable from
-        another thread while this one runs a write transaction (it touches no
-        LMDB state); makes every commit before the call durable."""
-        os.fdatasync(self._data_fd)
-
     def close(self) -> None:
-        if self._data_fd >= 0:
-            os.close(self._data_fd)
-            self._data_fd = -1
         self.env.close()
 
     def __enter__(self) -> LmdbStorage:

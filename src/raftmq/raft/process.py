@@ -16,29 +16,12 @@ runs etcd raft's loop until the core has nothing more::
 
     rd = node.ready()
     notify proposers / fan out rd.committed_entries to the workers       # already stable
-    storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=...)   # 1 txn, data synced
-    sync the meta page (now, or in a thread: see below)
-    transport.send(rd.messages); transport.flush()                       # only after the sync
+    storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=...)   # 1 txn, 1 fsync
+    transport.send(rd.messages); transport.flush()                       # only after the fsync
     node.advance(rd)
 
 (The core hands out as committed only entries persisted by an earlier Ready,
 so the workers may answer their clients while this Ready's fsync runs.)
-
-Pipelined meta sync ("sync" durability): LMDB is opened with MDB_NOMETASYNC,
-so a commit syncs its data pages and only writes the meta page that makes
-them current; ``storage.sync_file()`` (fdatasync) makes the commit durable.
-(LMDB stays consistent meanwhile -- it never reuses pages the previous meta
-page refers to -- and every commit's own data sync also covers the meta page
-before it, so at most the last commit can be undone by a machine crash.)  When
-this node is the only voter and leader (standalone) and nothing leaves for a
-peer, that sync runs in a thread and the core is advanced at once: the next
-Ready is read and its transaction built (the apply of the entries just
-written, the next proposals) while the previous meta page syncs, and the
-proposers of those entries are told COMMITTED only after the sync, just before
-the next commit (``before_commit``).  So an entry is acknowledged only once on
-disk, applied only after commit, and two syncs per Ready become one on the
-loop's path.  In a cluster the sync runs before anything is sent (messages
-vouch for the disk) and before advance, as before.
 
 So every proposal that arrived while the previous fsync ran shares the next
 transaction and fsync and the next AppendEntries (group commit).  The state
@@ -89,7 +72,6 @@ import struct
 import sys
 import time
 import tomllib
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -142,13 +124,7 @@ class RaftProcess:
         self.secret: bytes | None = None
         if settings.secret_file is not None:
             self.secret = read_secret_file(settings.secret_file)  # raises SecretFileError
-        sync = durability != "async"
-        # "sync": each commit syncs its data pages (LMDB), and its meta page is
-        # synced by us (sync_file): in a thread, overlapping the next Ready,
-        # when nobody else must know first (see "Pipelined meta sync").
-        self.storage = LmdbStorage(os.path.join(data_dir, LMDB_DIR), sync=sync, metasync=not sync)
-        self._fsync_pool = ThreadPoolExecutor(1, thread_name_prefix="raft-fsync") if sync else None
-        self._meta_sync: Future[None] | None = None  # the sync of the last commit, in flight
+        self.storage = LmdbStorage(os.path.join(data_dir, LMDB_DIR), sync=durability != "async")
         self.machine = StateMachine(
             self.storage, on_conf_change=self._on_conf_change, defer_queue_ops=DEFER_QUEUE_ENTRIES
         )
@@ -258,12 +234,8 @@ class RaftProcess:
             syncer.cancel()
         while self.node.has_ready():  # persist whatever is in flight
             self._handle_ready(self.node.ready())
-        self._await_meta_sync()
         self._fail_all(ch.SHUTTING_DOWN)
         self.machine.flush()  # a restart then has nothing to apply again
-        if self._fsync_pool is not None:
-            self.storage.sync()
-            self._fsync_pool.shutdown()
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns.values()):
@@ -463,41 +435,21 @@ class RaftProcess:
                 messages = [m for m in messages if m.type not in _LEADER_EARLY]
         # Committed entries are already on this node's disk (the core hands out
         # only entries at or below its stable index, persisted by an earlier
-        # Ready -- once its meta sync, maybe still in flight, is done) and on
-        # a majority: the proposers may learn it now, before this Ready's
-        # fsync, so the workers answer their clients (and send the follow-up
-        # proposals) while we write -- instead of one fsync later.  Applying them still happens in this Ready's transaction; a
+        # Ready) and on a majority: the proposers may learn it now, before
+        # this Ready's fsync, so the workers answer their clients (and send
+        # the follow-up proposals) while we write -- instead of one fsync
+        # later.  Applying them still happens in this Ready's transaction; a
         # LOAD is answered only after it.  With a snapshot the fan-out must
         # follow the RELOAD frame: that (rare) Ready keeps the later order.
         installs_snapshot = rd.snapshot is not None and not rd.snapshot.is_empty()
         notified_early = False
-        before_commit = None
         if committed and not installs_snapshot:
+            self._notify_committed(committed)
+            for c in self._conns.values():
+                c.flush()
             notified_early = True
-            if self._meta_sync is None or self._meta_sync.done():
-                self._await_meta_sync()
-                self._notify_committed(committed)
-                for c in self._conns.values():
-                    c.flush()
-            else:
-                # Persisted by the previous Ready, whose meta sync is still
-                # running: build this transaction first, then wait and tell.
-                before_commit = self._notify_when_synced(committed)
-        elif self._meta_sync is not None:
-            before_commit = self._await_meta_sync
-        # 1. Persist (and apply) in one transaction: its data pages synced.
-        self.storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=stripped, before_commit=before_commit)
-        self._await_meta_sync()  # (already done by before_commit; harmless otherwise)
-        if self._fsync_pool is not None and (rd.entries or rd.hard_state is not None or installs_snapshot):
-            # 1b. ... and its meta page: only then does this Ready count as on disk.
-            if self.role == Role.LEADER and self.conf_state.voters == (self.id,) and not messages \
-                    and not installs_snapshot:
-                # Nobody else counts on it before our own next step: the core
-                # may advance now; COMMITTED for these entries waits for the
-                # sync (next Ready, before_commit).
-                self._meta_sync = self._fsync_pool.submit(self.storage.sync_file)
-            else:
-                self.storage.sync_file()
+        # 1. Persist (and apply) in one transaction, one fsync.
+        self.storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=stripped)
         if installs_snapshot:
             self.applied = rd.snapshot.meta.index
             self.conf_state = rd.snapshot.meta.conf_state
@@ -515,28 +467,6 @@ class RaftProcess:
                 self._notify_committed(committed)
             self._after_commit(committed)
         self.node.advance(rd)
-
-    def _await_meta_sync(self) -> None:
-        """Wait for the meta sync in flight (raises what fdatasync raised)."""
-        f, self._meta_sync = self._meta_sync, None
-        if f is not None:
-            f.result()
-
-    def _notify_when_synced(self, committed: list[Entry]) -> Any:
-        """A before_commit hook: wait for the previous commit's meta sync, then
-        tell the proposers (once, though a full map makes save run it again)."""
-        done = False
-
-        def hook() -> None:
-            nonlocal done
-            self._await_meta_sync()
-            if not done:
-                done = True
-                self._notify_committed(committed)
-                for c in self._conns.values():
-                    c.flush()
-
-        return hook
 
     def _send(self, messages: list[Message]) -> None:
         assert self.transport is not None

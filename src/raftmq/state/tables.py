@@ -39,17 +39,14 @@ DEFAULT_MAP_SIZE = 8 << 30  # virtual address space only; the file grows as need
 
 
 def open_environment(
-    path: str, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True, readonly: bool = False,
-    metasync: bool | None = None,
+    path: str, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True, readonly: bool = False
 ) -> lmdb.Environment:
     """Open (creating if needed: 0700 directory, 0600 files) a node's LMDB environment.
 
     The raft process opens it read-write (raft/lmdb_storage.py); broker workers
     open it ``readonly=True`` to load the tables, which LMDB allows from any
     number of processes while one writes.  Open an environment at most once per
-    process (an LMDB rule).  ``metasync=False`` (MDB_NOMETASYNC): a commit
-    syncs its data pages but not the meta page that makes them current; the
-    caller syncs that later (see LmdbStorage.sync_file).
+    process (an LMDB rule).
     """
     if not readonly:
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -61,7 +58,7 @@ def open_environment(
         readonly=readonly,
         create=not readonly,
         sync=sync,
-        metasync=sync if metasync is None else metasync,
+        metasync=sync,
         mode=0o600,
         readahead=False,
     )
