@@ -29,6 +29,7 @@ from raftmq.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
+from raftmq.state import entries as entries_mod
 from raftmq.state import tables as T
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
@@ -64,7 +65,13 @@ from raftmq.state.machine import (
     default_apply_dynsec,
     load_state,
 )
-from raftmq.state.rawops import iter_raw_ops
+from raftmq.state.rawops import (
+    C_QUEUE_ADD,
+    C_QUEUE_REMOVE,
+    C_QUEUE_UPDATE,
+    iter_raw_ops,
+    plain_fields,
+)
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -144,11 +151,52 @@ def test_iter_raw_ops_matches_decode_ops() -> None:
     decoded = decode_ops(data)
     raw = list(iter_raw_ops(data))
     assert len(raw) == len(decoded) == len(ops)
+    assert {tag for tag, _, _ in raw} >= {C_QUEUE_ADD, C_QUEUE_UPDATE, C_QUEUE_REMOVE}
     for (tag, fields, msg), op in zip(raw, decoded, strict=True):
+        tag, fields = plain_fields(tag, fields)
         assert tag == op.TAG
         assert fields == [getattr(op, f) for f in op.__slots__ if f != "message"]
         m = getattr(op, "message", None)
         assert bytes(msg) == (encode_message(m) if m is not None else b"")
+
+
+def test_compact_queue_ops_carry_the_table_keys() -> None:
+    """Compact ops hold each key exactly as tables.seq_key builds it; a client id
+    too long to be kept verbatim in a key falls back to the JSON form."""
+    ops = [
+        QueueAdd([["é", 2**40, 65535, 2, [1, 2**28]], ["x" * 200, 1, 0, 1, []]], MSG),
+        QueueUpdate("é", 3, 9, PUBREC_RECEIVED),
+        QueueRemove("é", 4),
+        QueueRemove(LONG_ID, 5),
+        QueueAdd([["a", 1, 0, 1, []], [LONG_ID, 1, 0, 1, []]], MSG),
+    ]
+    raw = list(iter_raw_ops(encode_ops(ops)))
+    assert [t for t, _, _ in raw] == [C_QUEUE_ADD, C_QUEUE_UPDATE, C_QUEUE_REMOVE, 12, 10]
+    assert [k for k, *_ in raw[0][1][0]] == [
+        T.seq_key(T.client_key("é"), 2**40), T.seq_key(T.client_key("x" * 200), 1)
+    ]
+    assert raw[1][1] == (T.seq_key(T.client_key("é"), 3), T.QUEUE_STATE.pack(9, PUBREC_RECEIVED))
+    assert raw[2][1] == (T.seq_key(T.client_key("é"), 4),)
+    assert decode_ops(encode_ops(ops)) == ops
+
+
+def test_json_form_queue_ops_of_older_logs_apply_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries written before the compact form (JSON headers) still apply, to the same tables."""
+    es = batches(120, seed=3)
+    new = [Entry(e.term, e.index, encode_ops(decode_ops(e.data))) for e in es]
+    monkeypatch.setattr(entries_mod, "_compact", lambda op: None)
+    old = [Entry(e.term, e.index, encode_ops(decode_ops(e.data))) for e in es]
+    assert all(e.data[4] < 0x80 for e in old) and any(e.data[4] >= 0x80 for e in new)
+    snaps = []
+    for name, entries in (("old", old), ("new", new)):
+        for defer in (0, 50):
+            env = T.open_environment(str(tmp_path / f"{name}{defer}"), sync=False)
+            m = StateMachine(env, defer_queue_ops=defer)
+            m.apply(entries)
+            m.flush()
+            snaps.append(m.snapshot_data())
+            env.close()
+    assert len(set(snaps)) == 1
 
 
 # -- each op's effect on load() ------------------------------------------------------------
@@ -683,5 +731,126 @@ def test_random_ops_match_the_model(tmp_path_factory: pytest.TempPathFactory, ba
         m.restore(data)
         assert m.load() == model.loaded()
         assert m.snapshot_data() == data
+    finally:
+        env.close()
+
+
+# -- deferred queue rows (the raft process's setting) ------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batches_=gen.lists(gen.lists(OPS, min_size=1, max_size=6), min_size=1, max_size=16),
+    cuts=gen.lists(gen.integers(1, 16), max_size=6),
+    defer=gen.sampled_from([1, 3, 1000]),
+)
+def test_deferred_queue_rows_give_the_same_tables(
+    tmp_path_factory: pytest.TempPathFactory, batches_: list, cuts: list, defer: int
+) -> None:
+    """However the entries are grouped into transactions, and whenever the rows are
+    written, a deferring machine ends with the tables of one that applies at once;
+    and at every point its META_APPLIED names a state it really holds."""
+    d = tmp_path_factory.mktemp("defer")
+    env_a = T.open_environment(str(d / "a"), sync=False)
+    env_b = T.open_environment(str(d / "b"), sync=False)
+    env_c = T.open_environment(str(d / "c"), sync=False)
+    try:
+        ref = StateMachine(env_a)
+        m = StateMachine(env_b, defer_queue_ops=defer)
+        at_applied = StateMachine(env_c)  # replays up to m's META_APPLIED
+        entries = [Entry(1, i + 1, encode_ops(ops)) for i, ops in enumerate(batches_)]
+        bounds = sorted({c for c in cuts if c < len(entries)} | {0, len(entries)})
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            assert [i for i, _ in m.apply(entries[lo:hi])] == list(range(lo + 1, hi + 1))
+            assert m.last_applied() == hi
+            table_at = m.applied_index()
+            assert table_at <= hi and hi - table_at <= max(defer, 1) + len(entries)
+            at_applied.apply(entries[:table_at])
+            assert at_applied.applied_index() == table_at
+            # What the tables say now is exactly the state at META_APPLIED.
+            with env_b.begin() as txn:
+                held = m._load_in(txn)
+            assert held == at_applied.load()
+        ref.apply(entries)
+        assert m.load() == ref.load()  # load() writes the deferred rows first
+        assert m.deferred == 0 and m.applied_index() == len(entries)
+        assert m.snapshot_data() == ref.snapshot_data()
+    finally:
+        env_a.close()
+        env_b.close()
+        env_c.close()
+
+
+def test_deferred_row_is_seen_by_a_later_direct_op_of_the_same_entry(tmp_path: Path) -> None:
+    env = T.open_environment(str(tmp_path / "db"), sync=False)
+    try:
+        m = StateMachine(env, defer_queue_ops=100)
+        Feeder(m)(SessionExpiry("a", 0), QueueAdd([["a", 1, 0, 1, []]], MSG), SessionDelete("a"))
+        with env.begin() as txn:
+            assert txn.stat(m.db_queues)["entries"] == 0
+        assert m.deferred == 0 and m.load() == LoadedState()
+    finally:
+        env.close()
+
+
+def test_deferred_add_then_remove_never_reaches_the_table(tmp_path: Path) -> None:
+    env = T.open_environment(str(tmp_path / "db"), sync=False)
+    try:
+        m = StateMachine(env, defer_queue_ops=100)
+        f = Feeder(m)
+        f(SessionPut("s", 4, 100, True))
+        f(QueueAdd([["s", 1, 0, 1, []], ["s", 2, 0, 1, []]], MSG))
+        f(QueueUpdate("s", 1, 7, SENT), QueueRemove("s", 2))
+        assert m.deferred == 1  # seq 2 came and went in memory
+        assert m.applied_index() == 1 and m.last_applied() == 3
+        with env.begin() as txn:
+            assert txn.stat(m.db_queues)["entries"] == 0
+        f(QueueRemove("s", 1))
+        assert m.deferred == 0 and m.applied_index() == 4  # nothing left: the tables are current
+        f(QueueAdd([["s", 3, 0, 1, []]], MSG))
+        f(SubAdd("s", "a/#", 1))  # a direct write takes the deferred rows with it
+        assert m.deferred == 0 and m.applied_index() == 6
+        assert [q.seq for q in m.load().sessions["s"].queue] == [3]
+    finally:
+        env.close()
+
+
+def test_deferred_rows_lost_in_a_crash_are_applied_again_from_the_log(tmp_path: Path) -> None:
+    path = str(tmp_path / "db")
+    es = [Entry(1, 1, encode_ops([SessionPut("s", 4, 100, True)]))] + [
+        Entry(1, i, encode_ops([QueueAdd([["s", i, 0, 1, []]], MSG)] + ([QueueRemove("s", i - 1)] if i > 2 else [])))
+        for i in range(2, 12)
+    ]
+    s = LmdbStorage(path)
+    m = StateMachine(s, defer_queue_ops=1000)
+    s.save(HardState(1, 1, 11), es, None, committed=es)
+    assert m.applied_index() == 1 and m.last_applied() == 11
+    s.close()  # the process dies: the deferred rows are gone, the log is not
+    s = LmdbStorage(path)
+    m = StateMachine(s, defer_queue_ops=1000)
+    assert m.applied_index() == 1
+    m.apply(s.entries(2, 12))
+    assert [q.seq for q in m.load().sessions["s"].queue] == [11]
+    s.close()
+
+
+def test_aborted_transaction_puts_the_deferred_rows_back(tmp_path: Path) -> None:
+    env = T.open_environment(str(tmp_path / "db"), sync=False)
+    try:
+        m = StateMachine(env, defer_queue_ops=100)
+        f = Feeder(m)
+        f(SessionPut("s", 4, 100, True))
+        f(QueueAdd([["s", 1, 0, 1, []]], MSG))
+        assert m.deferred == 1
+        bad = [Entry(1, 3, encode_ops([QueueRemove("s", 1), SubAdd("s", "x", 0)]))]
+        with pytest.raises(RuntimeError):
+            with env.begin(write=True) as txn:
+                m.apply_in(txn, bad)  # removes seq 1 in memory and flushes ...
+                raise RuntimeError("disk full")  # ... but the transaction never commits
+        m.txn_aborted()
+        assert m.deferred == 1 and m.last_applied() == 2 and m.applied_index() == 1
+        f.index = 3
+        f(QueueAdd([["s", 2, 0, 1, []]], MSG))
+        assert [q.seq for q in m.load().sessions["s"].queue] == [1, 2]
     finally:
         env.close()

@@ -326,6 +326,24 @@ class LmdbStorage:
         snapshot: Snapshot | None,
         committed: Sequence[Entry],
     ) -> list[Any]:
+        machine = self.machine
+        if machine is None:
+            return self._save_txn(hard_state, entries, snapshot, committed)
+        try:
+            results = self._save_txn(hard_state, entries, snapshot, committed)
+        except BaseException:
+            machine.txn_aborted()  # its deferred rows follow the aborted tables
+            raise
+        machine.txn_committed()
+        return results
+
+    def _save_txn(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+        committed: Sequence[Entry],
+    ) -> list[Any]:
         snap_index, snap_term, last = self._snap_index, self._snap_term, self._last
         results: list[Any] = []
         with self.env.begin(write=True) as txn:

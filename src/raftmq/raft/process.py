@@ -108,6 +108,10 @@ ASYNC_FSYNC_INTERVAL = 1.0
 _LEADER_EARLY = frozenset((MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP))
 # A learner is promoted once it is this close to the leader's last index.
 PROMOTE_LAG = 64
+# The state machine may keep queue rows in memory for this many entries
+# (state/machine.py "Deferred queue rows"): most durable deliveries are added
+# and removed within it and never written to the queue table.
+DEFER_QUEUE_ENTRIES = 512
 
 
 class RaftProcess:
@@ -121,7 +125,9 @@ class RaftProcess:
         if settings.secret_file is not None:
             self.secret = read_secret_file(settings.secret_file)  # raises SecretFileError
         self.storage = LmdbStorage(os.path.join(data_dir, LMDB_DIR), sync=durability != "async")
-        self.machine = StateMachine(self.storage, on_conf_change=self._on_conf_change)
+        self.machine = StateMachine(
+            self.storage, on_conf_change=self._on_conf_change, defer_queue_ops=DEFER_QUEUE_ENTRIES
+        )
         self._bootstrap()
         self.node = RawNode(
             CoreConfig(
@@ -229,6 +235,7 @@ class RaftProcess:
         while self.node.has_ready():  # persist whatever is in flight
             self._handle_ready(self.node.ready())
         self._fail_all(ch.SHUTTING_DOWN)
+        self.machine.flush()  # a restart then has nothing to apply again
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns.values()):
@@ -554,13 +561,15 @@ class RaftProcess:
             self._compact()
 
     def _compact_all(self) -> None:
+        self.machine.flush()
         if self.applied >= self.storage.first_index():
             self.storage.compact(self.applied)
             self._last_compact_check = self.applied
             log.info("Compacted the raft log up to index %d for a new member", self.applied)
 
     def _compact(self) -> None:
-        upto = self.applied - self.settings.snapshot_entries // 4
+        # Never beyond what the tables hold (deferred rows are not in them yet).
+        upto = min(self.applied - self.settings.snapshot_entries // 4, self.machine.applied_index())
         if upto < self.storage.first_index():
             return
         try:

@@ -23,6 +23,16 @@ bytes (0 when the op has no message).  A message: u16 topic length, topic
 (UTF-8), u8 flags (qos | retain << 2), u64 expiry_at_ms, u32 properties length,
 properties (orjson, only for MQTT 5 properties; ``correlation_data`` travels as a
 latin-1 string), payload (rest).
+
+Compact queue ops: QueueAdd, QueueUpdate and QueueRemove -- the ops of every
+durable delivery -- are written with tag | 0x80 and a fixed binary header
+instead (when every client id is at most 200 bytes of UTF-8): each delivery's
+client id as the queue table keys it (u16 BE length + UTF-8) followed by the
+big-endian u64 seq, so the state machine cuts the table key out of the entry
+instead of decoding and re-encoding it.  QueueRemove: u8 tag, key.  QueueUpdate:
+u8 tag, key, u16 BE packet id, u8 state.  QueueAdd: u8 tag, u16 BE count, per
+delivery key, u16 BE packet id, u8 qos, u16 BE n, n x u32 BE subscription ids;
+then u32 LE message length, message.  state/rawops.py reads both forms.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from operator import attrgetter
 from typing import Any
 
 import orjson
+
+from raftmq.state.rawops import iter_raw_ops, plain_fields
 
 # ---------------------------------------------------------------------------
 # The application message as it is stored (queues, retained, wills).
@@ -300,35 +312,87 @@ _HEADER_FIELDS: dict[int, Callable[[Any], list[Any]]] = {
 
 _U32 = struct.Struct("<I")
 _OP_HEAD = struct.Struct("<BI")
+_COMPACT = 0x80
+_INLINE_MAX = 200  # = tables._INLINE_MAX (tests/state checks the keys agree)
+_C_REMOVE = struct.Struct(">BH")  # tag, client id length; then id, u64 seq
+_C_SEQ = struct.Struct(">Q")
+_C_UPDATE_TAIL = struct.Struct(">QHB")  # seq, packet id, state
+_C_ADD_HEAD = struct.Struct(">BH")  # tag, number of deliveries
+_C_ADD_ONE = struct.Struct(">BHH")  # tag, 1 delivery, its client id length
+_BE16 = struct.Struct(">H")
+_C_ADD_TAIL = struct.Struct(">QHBH")  # seq, packet id, qos, number of subscription ids
+_QUEUE_REMOVE_TAG, _QUEUE_UPDATE_TAG, _QUEUE_ADD_TAG = QueueRemove.TAG, QueueUpdate.TAG, QueueAdd.TAG
+
+
+def _compact(op: Any) -> bytes | None:
+    """The compact form of a queue op, or None when it has none (a long
+    client id, a value out of the binary fields' range)."""
+    tag = op.TAG
+    try:
+        if tag == _QUEUE_REMOVE_TAG:
+            cid = op.client_id.encode()
+            if len(cid) > _INLINE_MAX:
+                return None
+            return _C_REMOVE.pack(tag | _COMPACT, len(cid)) + cid + _C_SEQ.pack(op.seq)
+        if tag == _QUEUE_UPDATE_TAG:
+            cid = op.client_id.encode()
+            if len(cid) > _INLINE_MAX:
+                return None
+            return b"".join((
+                _C_REMOVE.pack(tag | _COMPACT, len(cid)), cid,
+                _C_UPDATE_TAIL.pack(op.seq, op.packet_id, op.state),
+            ))
+        deliveries = op.deliveries
+        mb = encode_message(op.message) if op.message is not None else b""
+        if len(deliveries) == 1:  # the usual case: one persistent subscriber
+            cid_s, seq, packet_id, qos, sub_ids = deliveries[0]
+            cid = cid_s.encode()
+            if len(cid) > _INLINE_MAX:
+                return None
+            return b"".join((
+                _C_ADD_ONE.pack(tag | _COMPACT, 1, len(cid)), cid,
+                _C_ADD_TAIL.pack(seq, packet_id, qos, len(sub_ids)),
+                struct.pack(f">{len(sub_ids)}I", *sub_ids) if sub_ids else b"",
+                _U32.pack(len(mb)), mb,
+            ))
+        parts = [_C_ADD_HEAD.pack(tag | _COMPACT, len(deliveries))]
+        for cid_s, seq, packet_id, qos, sub_ids in deliveries:
+            cid = cid_s.encode()
+            if len(cid) > _INLINE_MAX:
+                return None
+            parts += (_BE16.pack(len(cid)), cid, _C_ADD_TAIL.pack(seq, packet_id, qos, len(sub_ids)))
+            if sub_ids:
+                parts.append(struct.pack(f">{len(sub_ids)}I", *sub_ids))
+        parts += (_U32.pack(len(mb)), mb)
+        return b"".join(parts)
+    except (struct.error, TypeError, ValueError):
+        return None
 
 
 def encode_ops(ops: list[Op]) -> bytes:
     parts = [_U32.pack(len(ops))]
     for op in ops:
-        head = orjson.dumps(_HEADER_FIELDS[op.TAG](op))
+        tag = op.TAG
+        if _QUEUE_ADD_TAG <= tag <= _QUEUE_REMOVE_TAG:
+            b = _compact(op)
+            if b is not None:
+                parts.append(b)
+                continue
+        head = orjson.dumps(_HEADER_FIELDS[tag](op))
         msg = getattr(op, "message", None)
         mb = encode_message(msg) if msg is not None else b""
-        parts += (_OP_HEAD.pack(op.TAG, len(head)), head, _U32.pack(len(mb)), mb)
+        parts += (_OP_HEAD.pack(tag, len(head)), head, _U32.pack(len(mb)), mb)
     return b"".join(parts)
 
 
 def decode_ops(b: bytes | memoryview) -> list[Op]:
-    b = bytes(b)
-    (n,) = _U32.unpack_from(b, 0)
-    pos = 4
     ops: list[Op] = []
-    for _ in range(n):
-        tag, hlen = _OP_HEAD.unpack_from(b, pos)
-        pos += _OP_HEAD.size
-        fields = orjson.loads(b[pos : pos + hlen])
-        pos += hlen
-        (mlen,) = _U32.unpack_from(b, pos)
-        pos += 4
-        cls = OP_TYPES[tag]
-        op = cls(*fields)
-        if mlen:
-            op.message = decode_message(b[pos : pos + mlen])
-        pos += mlen
+    for tag, fields, mv in iter_raw_ops(b):
+        if tag & _COMPACT:
+            tag, fields = plain_fields(tag, fields)
+        op = OP_TYPES[tag](*fields)
+        if len(mv):
+            op.message = decode_message(mv)
         ops.append(op)
     return ops
 

@@ -21,6 +21,23 @@ Hot path: op headers are read with ``rawops.iter_raw_ops`` and message bytes are
 stored as they are (no ``Message`` objects); ``load`` decodes them once at
 start-up for a broker worker.
 
+Deferred queue rows (``defer_queue_ops=N``, the raft process's setting): a
+durable QoS 1 delivery is QueueAdd, maybe QueueUpdate, then QueueRemove a few
+milliseconds later -- three B-tree writes (and their pages in the next fsync)
+for a row that lives only briefly.  With deferral the queue ops change an
+in-memory map ``key -> row | None (delete)`` instead, and a row added and
+removed while deferred never reaches the table.  Raft allows the tables to lag
+the log (the log holds every committed entry; after a crash the entries after
+the applied index are applied again), so the invariant stays simple:
+META_APPLIED names the entry the tables are at, and the map holds the net
+effect of the entries after it, all of which carried only queue ops.  The map
+is written (in key order) before any op that writes a table directly (so every
+applied index describes the tables), once the tables lag N entries or the map
+holds ``_MAX_DEFERRED_ROWS`` keys, by ``flush()``, and by ``load()``.  An
+aborted write transaction puts the map back as that transaction found it
+(``txn_aborted``).  The written tables are byte-identical to applying each
+entry at once (tests/state/test_machine.py checks it against the model).
+
 Op semantics (one paragraph each in state/entries.py):
 
 * SessionPut: put the session row; with ``clean`` first drop the client's
@@ -65,7 +82,15 @@ from raftmq.state.entries import (
     SessionRecord,
     decode_message,
 )
-from raftmq.state.rawops import MalformedBatch, iter_raw_ops, message_topic
+from raftmq.state.rawops import (
+    C_QUEUE_ADD,
+    C_QUEUE_REMOVE,
+    C_QUEUE_UPDATE,
+    COMPACT,
+    MalformedBatch,
+    iter_raw_ops,
+    message_topic,
+)
 
 log = logging.getLogger("raftmq.state")
 
@@ -117,7 +142,16 @@ def _find_apply_dynsec() -> DynsecApply:
     return apply_change
 
 
+# Queue op tags, JSON and compact form (state/entries.py), -> the op kind.
+_QUEUE_KIND = {
+    _QUEUE_ADD: _QUEUE_ADD, _QUEUE_UPDATE: _QUEUE_UPDATE, _QUEUE_REMOVE: _QUEUE_REMOVE,
+    C_QUEUE_ADD: _QUEUE_ADD, C_QUEUE_UPDATE: _QUEUE_UPDATE, C_QUEUE_REMOVE: _QUEUE_REMOVE,
+}
+# Deferred queue rows beyond this many are written at the end of the transaction.
+_MAX_DEFERRED_ROWS = 8192
+
 _UNLOADED = object()
+_NO_TXN = object()  # no write transaction has touched the deferred state
 _SNAP_MAGIC = b"RMQSNAP1"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -138,6 +172,7 @@ class StateMachine:
         *,
         apply_dynsec: DynsecApply | None = None,
         on_conf_change: Callable[[LogEntry], Any] | None = None,
+        defer_queue_ops: int = 0,
     ) -> None:
         if isinstance(backing, lmdb.Environment):
             self.env = backing
@@ -149,6 +184,17 @@ class StateMachine:
         self.on_conf_change = on_conf_change
         self._dynsec_doc: Any = _UNLOADED  # the document while apply_in runs
         self._dynsec_dirty = False
+        # Deferred queue ops (see "Deferred queue rows" in the module doc).
+        # ``_defer`` bounds how many entries the tables may lag behind the
+        # entries folded in (0: apply everything at once, the default).
+        self._defer = defer_queue_ops
+        self._rows: dict[bytes, bytes | None] = {}  # queue key -> row, None = delete
+        self._fresh: set[bytes] = set()  # keys of _rows known absent from the table
+        self._folded: tuple[int, int] | None = None  # last entry folded in, when ahead of the table
+        self._table_applied: tuple[int, int] = (0, 0)  # what META_APPLIED says (valid while _folded)
+        self._saved: Any = _NO_TXN  # the deferred state as the current write txn found it
+        # client key -> highest seq its queue rows may have in the table (see _absent)
+        self._top_seq: dict[bytes, int] = {}
         readonly = self.env.flags()["readonly"]
         if readonly:
             dbs = {name: self.env.open_db(name, create=False) for name in T.MACHINE_DBS}
@@ -207,12 +253,82 @@ class StateMachine:
         per-op error strings, or the new membership of a conf change.
         Raises ApplyGapError if an entry would skip some.
         """
-        with self.env.begin(write=True) as txn:
-            return self.apply_in(txn, entries)
+        return self._write(lambda txn: self.apply_in(txn, entries))
+
+    def flush(self) -> None:
+        """Write the deferred queue rows: afterwards the tables (and META_APPLIED)
+        are at the last entry applied.  A no-op when nothing is deferred."""
+        if self._folded is not None:
+            self._write(self.flush_in)
+
+    def flush_in(self, txn: lmdb.Transaction) -> None:
+        """``flush`` inside the caller's write transaction."""
+        if self._folded is None:
+            return
+        self._begin_deferred()
+        if self._rows:
+            self._flush_rows(txn)
+        txn.put(T.META_APPLIED, T.applied_row(*self._folded), db=self.db_meta)
+        self._table_applied, self._folded = self._folded, None
+
+    @property
+    def deferred(self) -> int:
+        """Queue rows waiting in memory (0 when the tables are current)."""
+        return len(self._rows)
+
+    def last_applied(self) -> int:
+        """The last entry applied, deferred rows included (``applied_index`` is
+        what the tables hold; they agree unless rows are deferred)."""
+        return self._folded[0] if self._folded is not None else self.applied_index()
+
+    def _write(self, fn: Callable[[lmdb.Transaction], Any]) -> Any:
+        try:
+            with self.env.begin(write=True) as txn:
+                out = fn(txn)
+        except BaseException:
+            self.txn_aborted()
+            raise
+        self.txn_committed()
+        return out
+
+    def _begin_deferred(self) -> None:
+        """Remember the deferred state as this write transaction finds it."""
+        if self._saved is not _NO_TXN:
+            return  # already remembered by an earlier call in the same transaction
+        self._saved = (dict(self._rows), set(self._fresh), self._folded, self._table_applied) \
+            if self._folded is not None else None
+
+    def txn_committed(self) -> None:
+        """The caller's write transaction (given to ``apply_in`` etc.) committed."""
+        self._saved = _NO_TXN
+
+    def txn_aborted(self) -> None:
+        """The caller's write transaction was aborted (LmdbStorage retries a full
+        map): the deferred rows go back to what that transaction found, as the
+        tables did."""
+        saved, self._saved = self._saved, _NO_TXN
+        if saved is _NO_TXN:
+            return
+        if saved is None:
+            self._rows, self._fresh, self._folded = {}, set(), None
+        else:
+            self._rows, self._fresh, self._folded, self._table_applied = saved
 
     def apply_in(self, txn: lmdb.Transaction, entries: Sequence[LogEntry]) -> list[tuple[int, Any]]:
-        """``apply`` inside the caller's write transaction (LmdbStorage.save)."""
-        applied, applied_term = T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
+        """``apply`` inside the caller's write transaction (LmdbStorage.save).
+
+        With deferral on, queue rows may stay in memory (see the module doc);
+        the caller must call ``txn_aborted`` if ``txn`` is not committed.
+        """
+        self._begin_deferred()
+        if self._folded is not None:
+            applied, applied_term = self._folded
+            table_applied = self._table_applied
+        else:
+            applied, applied_term = T.parse_applied_row(txn.get(T.META_APPLIED, db=self.db_meta))
+            table_applied = (applied, applied_term)
+        found = table_applied
+        rows = self._rows
         results: list[tuple[int, Any]] = []
         # The dynsec document is read at most once and written at most once per
         # call, however many Dynsec ops the entries carry (an import is many).
@@ -224,21 +340,85 @@ class StateMachine:
                 continue
             if index != applied + 1:
                 raise ApplyGapError(f"entry {index} offered after applied index {applied}")
+            direct = True
             if e.kind == KIND_CONF_CHANGE:
+                if rows:
+                    self._flush_rows(txn)
                 result = self._apply_conf_change(txn, e)
             elif e.data:
-                result = self._apply_batch(txn, index, e.data)
+                result, direct = self._apply_batch(txn, index, e.data)
             else:
-                result = None  # a new leader's empty entry (Raft §8)
+                result, direct = None, False  # a new leader's empty entry (Raft §8)
             results.append((index, result))
             applied, applied_term = index, e.term
+            if direct and rows:
+                # This entry changed tables directly: the deferred rows of the
+                # entries before it must be in the tables too, or no applied
+                # index would describe them.
+                self._flush_rows(txn)
+            if not rows:
+                table_applied = (index, e.term)
+        if rows and (applied - table_applied[0] >= self._defer or len(rows) >= _MAX_DEFERRED_ROWS):
+            self._flush_rows(txn)
+            table_applied = (applied, applied_term)
         if self._dynsec_dirty:
             doc = orjson.dumps(self._dynsec_doc, option=orjson.OPT_SORT_KEYS)
             txn.put(T.DYNSEC_DOCUMENT, doc, db=self.db_dynsec)
         self._dynsec_doc = _UNLOADED
-        if results:
-            txn.put(T.META_APPLIED, T.applied_row(applied, applied_term), db=self.db_meta)
+        if table_applied != found:
+            txn.put(T.META_APPLIED, T.applied_row(*table_applied), db=self.db_meta)
+        self._table_applied = table_applied
+        self._folded = (applied, applied_term) if rows else None
         return results
+
+    def _absent(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """Whether queue ``key`` is not in the table.  A session's seqs only grow,
+        so a seq above the highest one the table holds for that client needs no
+        lookup (the highest is read once per client and raised as rows are
+        written; deletes leave it high, which only costs a lookup)."""
+        ck = key[:-8]
+        top = self._top_seq.get(ck)
+        if top is None:
+            if len(self._top_seq) >= _MAX_DEFERRED_ROWS:
+                self._top_seq.clear()
+            top = self._top_seq[ck] = self._table_top_seq(txn, ck)
+        if int.from_bytes(key[-8:], "big") > top:
+            return True
+        return txn.get(key, db=self.db_queues) is None
+
+    def _table_top_seq(self, txn: lmdb.Transaction, ck: bytes) -> int:
+        """The highest seq the queue table holds for client key ``ck``, -1 if none."""
+        cur = txn.cursor(db=self.db_queues)
+        if cur.set_range(ck + b"\xff" * 8):
+            if cur.key()[:-8] == ck:
+                return T.key_seq(cur.key(), len(ck))
+            if not cur.prev():
+                return -1
+        elif not cur.last():
+            return -1
+        k = cur.key()
+        return T.key_seq(k, len(ck)) if len(k) == len(ck) + 8 and k[: len(ck)] == ck else -1
+
+    def _flush_rows(self, txn: lmdb.Transaction) -> None:
+        """Write the deferred queue rows into ``txn`` (in key order: neighbouring
+        puts land on the same pages) and forget them."""
+        rows = self._rows
+        put, delete, db = txn.put, txn.delete, self.db_queues
+        top_seq = self._top_seq
+        for key in sorted(rows):
+            row = rows[key]
+            if row is None:
+                delete(key, db=db)
+            else:
+                put(key, row, db=db)
+                ck = key[:-8]
+                top = top_seq.get(ck)
+                if top is not None:
+                    seq = int.from_bytes(key[-8:], "big")
+                    if seq > top:
+                        top_seq[ck] = seq
+        rows.clear()
+        self._fresh.clear()
 
     def _apply_conf_change(self, txn: lmdb.Transaction, e: LogEntry) -> Any:
         if self.on_conf_change is None:
@@ -249,25 +429,98 @@ class StateMachine:
         txn.put(T.META_CONF_STATE, T.conf_state_row(voters, learners), db=self.db_meta)
         return cs
 
-    def _apply_batch(self, txn: lmdb.Transaction, index: int, data: bytes) -> list[str] | None:
+    def _apply_batch(self, txn: lmdb.Transaction, index: int, data: bytes) -> tuple[list[str] | None, bool]:
+        """Apply one entry's ops; (errors, whether a table was written directly)."""
         errors: list[str] | None = None
         put, get, delete = txn.put, txn.get, txn.delete
         ck_of = T.client_key
+        seq_key = T.seq_key
+        queue_row = T.queue_row
+        db_queues = self.db_queues
+        rows, fresh = self._rows, self._fresh
+        defer = self._defer
+        direct = False
         try:
             for tag, f, msg in iter_raw_ops(data):
-                if tag == _QUEUE_ADD:
-                    state_of = (QUEUED, SENT)
-                    for cid, seq, packet_id, qos, sub_ids in f[0]:
-                        row = T.queue_row(packet_id, state_of[packet_id != 0], qos, sub_ids, msg)
-                        put(T.seq_key(ck_of(cid), seq), row, db=self.db_queues)
-                elif tag == _QUEUE_REMOVE:
-                    delete(T.seq_key(ck_of(f[0]), f[1]), db=self.db_queues)
-                elif tag == _QUEUE_UPDATE:
-                    key = T.seq_key(ck_of(f[0]), f[1])
-                    row = get(key, db=self.db_queues)
-                    if row is not None:
-                        put(key, T.QUEUE_STATE.pack(f[2], f[3]) + row[T.QUEUE_STATE.size :], db=self.db_queues)
-                elif tag == _QOS2_IN_ADD:
+                if defer and tag & COMPACT:
+                    # The ops of every durable delivery, deferred: the row
+                    # changes in memory; a delivery whose add and remove both
+                    # land here never touches the table.
+                    if tag == C_QUEUE_REMOVE:
+                        key = f[0]
+                        if key in fresh:
+                            del rows[key]
+                            fresh.discard(key)
+                        else:
+                            rows[key] = None
+                        continue
+                    if tag == C_QUEUE_ADD:
+                        for key, packet_id, qos, sub_ids in f[0]:
+                            if key not in rows and self._absent(txn, key):
+                                fresh.add(key)
+                            rows[key] = queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg)
+                        continue
+                    if tag == C_QUEUE_UPDATE:
+                        key = f[0]
+                        row = rows[key] if key in rows else get(key, db=db_queues)
+                        if row is not None:
+                            rows[key] = f[1] + row[3:]
+                        continue
+                if tag == _NOOP:
+                    continue
+                kind = _QUEUE_KIND.get(tag)
+                if kind is not None:
+                    # The queue ops of every durable delivery: first the table
+                    # keys (cut out of a compact op, built for the JSON form).
+                    if kind == _QUEUE_ADD:
+                        dels = f[0] if tag & COMPACT else [
+                            (seq_key(ck_of(cid), seq), packet_id, qos, sub_ids)
+                            for cid, seq, packet_id, qos, sub_ids in f[0]
+                        ]
+                    elif tag & COMPACT:
+                        key = f[0]
+                        prefix = f[1] if kind == _QUEUE_UPDATE else None
+                    else:
+                        key = seq_key(ck_of(f[0]), f[1])
+                        prefix = T.QUEUE_STATE.pack(f[2], f[3]) if kind == _QUEUE_UPDATE else None
+                    if defer:
+                        # Deferred: the row changes in memory; a delivery whose
+                        # add and remove both land here never touches the table.
+                        if kind == _QUEUE_ADD:
+                            for key, packet_id, qos, sub_ids in dels:
+                                if key not in rows and self._absent(txn, key):
+                                    fresh.add(key)
+                                rows[key] = queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg)
+                        elif kind == _QUEUE_REMOVE:
+                            if key in fresh:
+                                del rows[key]
+                                fresh.discard(key)
+                            else:
+                                rows[key] = None
+                        else:
+                            row = rows[key] if key in rows else get(key, db=db_queues)
+                            if row is not None:
+                                rows[key] = prefix + row[3:]
+                        continue
+                    direct = True
+                    if rows:
+                        self._flush_rows(txn)
+                    if kind == _QUEUE_ADD:
+                        for key, packet_id, qos, sub_ids in dels:
+                            put(key, queue_row(packet_id, SENT if packet_id else QUEUED, qos, sub_ids, msg), db=db_queues)
+                    elif kind == _QUEUE_REMOVE:
+                        delete(key, db=db_queues)
+                    else:
+                        row = get(key, db=db_queues)
+                        if row is not None:
+                            put(key, prefix + row[3:], db=db_queues)
+                    continue
+                # A direct write sees the tables as of this op: the rows
+                # deferred before it (in this entry too) go in first.
+                direct = True
+                if rows:
+                    self._flush_rows(txn)
+                if tag == _QOS2_IN_ADD:
                     put(T.qos2_key(ck_of(f[0]), f[1]), b"", db=self.db_qos2_in)
                 elif tag == _QOS2_IN_REMOVE:
                     delete(T.qos2_key(ck_of(f[0]), f[1]), db=self.db_qos2_in)
@@ -310,8 +563,6 @@ class StateMachine:
                     err = self._apply_dynsec(txn, f[0])
                     if err is not None:
                         errors = (errors or []) + [err]
-                elif tag == _NOOP:
-                    pass
                 else:
                     errors = (errors or []) + [f"unknown op tag {tag}"]
                     log.error("entry %d: unknown op tag %d ignored", index, tag)
@@ -321,7 +572,7 @@ class StateMachine:
             # of the log, not per op; a well-formed proposer never gets here).
             log.error("entry %d: malformed op batch: %s", index, exc)
             errors = (errors or []) + [f"malformed: {exc}"]
-        return errors
+        return errors, direct
 
     def _drop_client_rows(self, txn: lmdb.Transaction, ck: bytes) -> None:
         """Delete every subscription, queued message and QoS 2 state of a client, and its will."""
@@ -350,7 +601,9 @@ class StateMachine:
     # -- load --------------------------------------------------------------------------
 
     def load(self) -> LoadedState:
-        """Everything a broker worker rebuilds at start-up, from one read transaction."""
+        """Everything a broker worker rebuilds at start-up, from one read transaction
+        (deferred queue rows are written first)."""
+        self.flush()
         with self.env.begin() as txn:
             return self._load_in(txn)
 
@@ -429,11 +682,15 @@ class StateMachine:
 
     def restore(self, data: bytes) -> tuple[int, int]:
         """Replace all tables by a snapshot's, atomically; returns its (index, term)."""
-        with self.env.begin(write=True) as txn:
-            return self.restore_in(txn, data)
+        return self._write(lambda txn: self.restore_in(txn, data))
 
     def restore_in(self, txn: lmdb.Transaction, data: bytes) -> tuple[int, int]:
         """``restore`` inside the caller's write transaction (LmdbStorage.save)."""
+        # The snapshot is ahead of everything applied here (Raft §7): deferred
+        # rows of earlier entries are superseded by its tables.
+        self._begin_deferred()
+        self._rows, self._fresh, self._folded = {}, set(), None
+        self._top_seq.clear()
         mv = memoryview(data)
         if len(mv) < len(_SNAP_MAGIC) + 8 or bytes(mv[: len(_SNAP_MAGIC)]) != _SNAP_MAGIC:
             raise SnapshotFormatError("not a raftmq state snapshot")
