@@ -412,8 +412,14 @@ class Router:
             out.state = SENT
             session.inflight[out.packet_id] = out
             if session.durable:
-                # Written after the QueueAdd is committed [DESIGN §2].
-                broker.after_commit_write(conn, out)
+                # QoS 2: written after the QueueAdd is committed [DESIGN §2].
+                # QoS 1 goes out at once: the publisher's PUBACK still waits for
+                # the commit, so a crash before it costs at most a duplicate
+                # (allowed at QoS 1), never a loss -- unless an earlier message
+                # of the session still waits (order), or the message is too big
+                # for the client (its removal must follow the add).
+                if qos == 2 or session.unwritten or not conn.send_outgoing(out):
+                    broker.after_commit_write(conn, out)
             else:
                 conn.send_outgoing(out)
         else:
@@ -474,7 +480,12 @@ class Router:
             session.inflight[out.packet_id] = out
             if session.durable:
                 broker.pending_ops.append(QueueUpdate(session.client_id, out.seq, out.packet_id, SENT))
-                broker.after_commit_write(conn, out)
+                # QoS 1 need not wait for the QueueUpdate: were it lost in a
+                # crash, the message is sent again under a new packet id (a
+                # duplicate, allowed at QoS 1).  QoS 2 must keep its packet id;
+                # and nothing overtakes a message still waiting.
+                if out.qos == 2 or session.unwritten or not conn.send_outgoing(out):
+                    broker.after_commit_write(conn, out)
             else:
                 conn.send_outgoing(out)
 

@@ -318,8 +318,12 @@ class Broker:
         """Write an in-flight message of a durable session once its op is committed."""
         packet_id = out.packet_id
         session = conn.session
+        if session is not None:
+            session.unwritten += 1
 
         def write() -> None:
+            if session is not None:
+                session.unwritten -= 1
             if conn.state == CONNECTED and session is not None and \
                     session.inflight.get(packet_id) is out and out.state == SENT:
                 if not conn.send_outgoing(out):

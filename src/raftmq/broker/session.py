@@ -71,7 +71,7 @@ class Outgoing:
 class Session:
     __slots__ = ("client_id", "protocol_version", "expiry_interval", "username", "subscriptions",
                  "inflight", "queue", "qos2_in", "will", "conn", "expire_at", "next_seq",
-                 "_next_pid", "durable")
+                 "_next_pid", "durable", "unwritten")
 
     def __init__(self, client_id: str, protocol_version: int, expiry_interval: int,
                  username: str | None = None) -> None:
@@ -94,6 +94,9 @@ class Session:
         # Whether the store knows this session (a SessionPut was submitted and
         # no SessionDelete since): its changes must then be submitted too.
         self.durable = False
+        # In-flight messages waiting for a commit before they are written: a
+        # QoS 1 message may skip that wait only when none is (order).
+        self.unwritten = 0
 
     @property
     def persistent(self) -> bool:
