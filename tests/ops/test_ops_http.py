@@ -293,10 +293,6 @@ def test_http_listener_in_use_stops_the_start(raftmq_factory: Callable[..., Brok
     assert "http_listener" in message and str(port) in message, message
 
 
-# Remove the marker when PROPOSED-raft-metrics.diff (raft/process.py) is merged:
-# strict, so the merge that makes it pass turns this test red until then.
-@pytest.mark.xfail(reason="raft/process.py does not report RaftMetrics yet "
-                   "(PROPOSED-raft-metrics.diff)", strict=True)
 def test_raft_metrics_of_a_standalone_node(node: tuple[BrokerProcess, int]) -> None:
     broker, port = node
     with Paho(broker) as pub:

@@ -157,6 +157,10 @@ class RaftProcess:
         self._scheduled = False
         self._stopping = False
         self._last_compact_check = self.applied
+        # Plain values for the metrics (ops/metrics.py RaftMetrics, read every
+        # 0.5 s); _fsync_times stays None while the node exports no metrics.
+        self.proposals_total = 0
+        self._fsync_times: list[float] | None = None
         self.transport: PeerTransport | None = None
         self._server: asyncio.AbstractServer | None = None
         self.peer_addresses: dict[int, tuple[str, int]] = self._load_peer_addresses()
@@ -217,6 +221,10 @@ class RaftProcess:
         await self._start_channel()
         ticker = loop.create_task(self._ticker())
         syncer = loop.create_task(self._async_fsync()) if self.durability == "async" else None
+        from raftmq.ops.metrics import raft_metrics
+
+        metrics = raft_metrics()  # None unless the supervisor serves /metrics
+        reporter = loop.create_task(self._report_metrics(metrics)) if metrics is not None else None
         if self.conf_state.voters == (self.id,):
             # A one-member group (standalone) need not wait an election timeout.
             self.node.campaign()
@@ -232,6 +240,8 @@ class RaftProcess:
         ticker.cancel()
         if syncer is not None:
             syncer.cancel()
+        if reporter is not None:
+            reporter.cancel()
         while self.node.has_ready():  # persist whatever is in flight
             self._handle_ready(self.node.ready())
         self._fail_all(ch.SHUTTING_DOWN)
@@ -312,6 +322,16 @@ class RaftProcess:
             self.node.tick()
             self._check_admin_waits()
             self._schedule()
+
+    async def _report_metrics(self, metrics: Any) -> None:
+        """Every 0.5 s: plain values into the metrics, nothing on the Ready path
+        but one list append (ops/metrics.py)."""
+        self._fsync_times = []
+        while True:
+            await asyncio.sleep(0.5)
+            times, self._fsync_times = self._fsync_times, []
+            metrics.update(self._term, self.storage.hard_state.commit, self.applied, self.role,
+                           self.proposals_total, self.storage.last_index(), self.leader, times)
 
     async def _async_fsync(self) -> None:
         while True:
@@ -409,6 +429,7 @@ class RaftProcess:
         except ProposalDropped:  # e.g. a leadership transfer is in progress: not appended
             self._fail_requests(queued, ch.NOT_LEADER)
             return
+        self.proposals_total += len(queued)
         term = self.node.term  # the term of the entries just appended
         pending = self._pending
         for cid, rid, _ in queued:
@@ -449,7 +470,10 @@ class RaftProcess:
                 c.flush()
             notified_early = True
         # 1. Persist (and apply) in one transaction, one fsync.
+        started = time.perf_counter()
         self.storage.save(rd.hard_state, rd.entries, rd.snapshot, committed=stripped)
+        if self._fsync_times is not None:
+            self._fsync_times.append(time.perf_counter() - started)
         if installs_snapshot:
             self.applied = rd.snapshot.meta.index
             self.conf_state = rd.snapshot.meta.conf_state
