@@ -16,7 +16,6 @@ dynsec ACL check (cached per client).  Prints the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -62,31 +61,15 @@ class _AllowAll:
 
 
 def serve(port: int, data_dir: str, dynsec: bool, stub: bool = False) -> int:
-    import uvloop
-
-    from raftmq.broker.server import Broker
+    """The broker side: the production worker's ``run`` (uvloop, dynsec installed
+    from the config, the same gc settings) on an in-memory store."""
+    from raftmq.broker.server import run
     from raftmq.config import load_config
     from raftmq.state.store import MemoryStore
 
     config = load_config(None, {"host": "127.0.0.1", "port": port, "data_dir": data_dir,
-                                "allow_anonymous": True})
-
-    async def run() -> int:
-        broker = Broker(config, MemoryStore(), _AllowAll() if stub else None)
-        if dynsec:
-            from raftmq.dynsec.plugin import install
-
-            install(broker, config, environ={})
-        await broker.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await broker.stop()
-        return 0
-
-    return uvloop.run(run())
+                                "allow_anonymous": True, "dynsec_enabled": dynsec})
+    return run(config, MemoryStore(), _AllowAll() if stub else None)
 
 
 def _free_port() -> int:
