@@ -409,3 +409,25 @@ def test_pipelined_requests_answer_in_order_and_read_their_writes(start) -> None
          "correlationData": "2"},
         {"command": "deleteClient", "correlationData": "3"},
     ]
+
+
+def test_resumed_session_keeps_only_the_subscriptions_still_allowed(start) -> None:
+    """Spec §7: after a kick, a persistent session keeps its subscriptions only if
+    they are still allowed when the client comes back."""
+    broker = start()
+    session = {"session_expiry_interval": 600}
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    assert alice.connect("a1", clean=False, username="alice", password=b"alicepass1",
+                         props=session).reason == 0
+    assert alice.subscribe(1, [("sensors/#", 0), ("status/#", 0)]).codes == [0, 0]
+    broker.ctrl("removeClientRole", "alice", "sensor-writer")  # no more subscribe on sensors/#
+    assert alice.expect(DISCONNECT).reason == 0x98
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    connack = alice.connect("a1", clean=False, username="alice", password=b"alicepass1", props=session)
+    assert connack.reason == 0 and connack.session_present
+    dave = broker.logged_in("dave-01", "dave", "davepass4444")
+    dave.publish("sensors/t1", b"s", qos=1, pid=1)
+    dave.expect(PUBACK)
+    dave.publish("status/public", b"p", qos=1, pid=2)
+    dave.expect(PUBACK)
+    assert [p.topic for p in alice.drain_publishes(quiet=0.7)] == ["status/public"]

@@ -33,12 +33,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raftmq.dynsec.acl import Authorizer
+from raftmq.dynsec.acl import RC_SUCCESS, SUBSCRIBE, Authorizer
 from raftmq.dynsec.commands import REQUEST_TOPIC, RESPONSE_TOPIC, Outcome, apply, prepare_request
 from raftmq.dynsec.jsontext import dumps
 from raftmq.dynsec.kicks import REASON_ADMINISTRATIVE_ACTION, Kicks
 from raftmq.dynsec.model import DynsecState
-from raftmq.state.entries import Dynsec, Message, WillDelete
+from raftmq.state.entries import Dynsec, Message, SubRemove, WillDelete
 
 log = logging.getLogger("raftmq.dynsec")
 
@@ -88,7 +88,29 @@ class DynsecPlugin:
     def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
         if self.pending_seed is not None:
             self.start()
-        return self.authorizer.authenticate(client_id, username, password)
+        rc = self.authorizer.authenticate(client_id, username, password)
+        if rc == RC_SUCCESS and not getattr(self.broker, "rechecks_resumed_subscriptions", False):
+            self._drop_disallowed_subscriptions(client_id, username)
+        return rc
+
+    def _drop_disallowed_subscriptions(self, client_id: str, username: str | None) -> None:
+        """Spec §7: a resumed session keeps only the subscriptions its client may still
+        make (Mosquitto checks them when the client connects again, e.g. after a kick).
+        For a broker that does not do it itself: called at CONNECT, right before the
+        broker attaches the session (a clean start drops them all anyway)."""
+        broker = self.broker
+        sessions = getattr(broker, "sessions", None)
+        session = sessions.get(client_id) if sessions else None
+        if session is None or not session.subscriptions:
+            return
+        ops: list[Any] = []
+        for topic_filter in list(session.subscriptions):
+            if not self.authorizer.check(username, client_id, SUBSCRIBE, topic_filter):
+                broker.router.unsubscribe(session, topic_filter)
+                if session.durable:
+                    ops.append(SubRemove(client_id, topic_filter))
+        if ops:
+            broker.commit(ops, None)  # in packet handling: submitted with this read's batch
 
     def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
         # Hot path (every publish and every delivery): three dict lookups on a hit.
