@@ -21,7 +21,9 @@ pipelined ``createClient`` + ``getClient`` reads its own write.
 
 Changes committed elsewhere (another worker, another node in dynsec-sync)
 arrive through ``on_remote_ops`` and are applied the same way (without a
-response: the proposer answers).
+response: the proposer answers): each worker kicks its own connections and
+moves its own ACL generation.  Start-up seeding and staged imports are done
+once per node, by worker 0; the other workers receive them the same way.
 """
 
 from __future__ import annotations
@@ -243,15 +245,18 @@ def seed_change(loaded: dict[str, Any] | None, data_dir: str | os.PathLike[str] 
 def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) -> DynsecPlugin:
     """Hook dynamic security into ``broker`` (before ``broker.start()``).
 
-    Also registers ``on_remote_ops`` as the store's remote listener: a broker
-    that needs that listener for itself must forward the ops to the plugin.
+    Registers ``on_remote_ops`` in ``broker.remote_listeners`` (or, for a broker
+    without that list, as the store's remote listener).  With several workers on
+    one store, only ``broker.worker_id == 0`` seeds / imports at start-up.
     """
     loaded = broker.store.load().dynsec
     state = DynsecState.from_document(loaded)
     plugin = DynsecPlugin(broker, state, allow_anonymous=bool(getattr(config, "allow_anonymous", False)),
                           substitute=bool(getattr(config, "dynsec_substitute", False)))
     data_dir = getattr(config, "data_dir", None)
-    seed = seed_change(loaded, data_dir, environ)
+    # One node, several workers on one store: the first worker alone seeds and
+    # imports; the others get the committed result through on_remote_ops.
+    seed = seed_change(loaded, data_dir, environ) if getattr(broker, "worker_id", 0) == 0 else None
     if seed is not None:
         plugin.apply(seed)  # in force at once; committed as soon as the loop runs
         plugin.pending_seed = seed
@@ -266,6 +271,9 @@ def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) 
             plugin.start()
     broker.auth = plugin
     broker.control_handlers[REQUEST_TOPIC] = plugin.on_request
-    if hasattr(broker.store, "set_remote_listener"):
+    listeners = getattr(broker, "remote_listeners", None)
+    if listeners is not None:
+        listeners.append(plugin.on_remote_ops)  # next to the broker's own listeners
+    elif hasattr(broker.store, "set_remote_listener"):
         broker.store.set_remote_listener(plugin.on_remote_ops)
     return plugin
