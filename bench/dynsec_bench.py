@@ -155,6 +155,16 @@ def main() -> int:
     print(f"| QoS 0 pairs (10, window 100) | plain {plain:.0f} msg/s | {label} {dyn:.0f} msg/s "
           f"| ratio {dyn / plain:.2f} | broker CPU/msg plain {cpu_plain:.3f} us, {label} "
           f"{cpu_dyn:.3f} us: ratio {cpu_ratio:.2f} |")
+    # The two runs of a round are back to back: their ratio is the least exposed
+    # to the load of the (shared) machine drifting during the benchmark.
+    pairs = min(len(results[False]), len(results[True]))
+    if pairs:
+        rounds = [results[True][i] / results[False][i] for i in range(pairs)]
+        cpu_rounds = [cpu_per_msg[False][i] / cpu_per_msg[True][i] for i in range(pairs)
+                      if cpu_per_msg[True][i]]
+        print(f"per-round ratios: msg/s median {statistics.median(rounds):.2f} "
+              f"(min {min(rounds):.2f}, max {max(rounds):.2f}); CPU/msg median "
+              f"{statistics.median(cpu_rounds):.2f} (min {min(cpu_rounds):.2f}, max {max(cpu_rounds):.2f})")
     return 0
 
 
