@@ -52,32 +52,50 @@ class DynsecBroker:
     """raftmq with dynsec, or (``kind="mosquitto"``) Mosquitto 2.0 with its dynsec
     plugin on the same document: the same test must pass on both."""
 
-    def __init__(self, workdir: Path, document: dict, allow_anonymous: bool, kind: str = "raftmq") -> None:
+    def __init__(self, workdir: Path, document: dict, allow_anonymous: bool, kind: str = "raftmq",
+                 durable: bool = False) -> None:
+        """``durable``: state kept across ``restart()`` -- raftmq as ``raftmq serve``
+        (Raft log + LMDB in the data dir), Mosquitto with ``persistence true``."""
         self.kind = kind
         self.port = free_port()
+        self.workdir = workdir
         data = workdir / "data"
         data.mkdir(parents=True)
-        env = dict(os.environ)
-        env.pop("RAFTMQ_DYNSEC_PASSWORD", None)
+        self.env = dict(os.environ)
+        self.env.pop("RAFTMQ_DYNSEC_PASSWORD", None)
         if kind == "mosquitto":
             (data / "dynamic-security.json").write_text(json.dumps(document))
             conf = workdir / "mosquitto.conf"
+            persistence = f"persistence true\npersistence_location {data}/\n" if durable \
+                else "persistence false\n"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous {str(allow_anonymous).lower()}\n"
-                "per_listener_settings false\nuser root\npersistence false\nlog_dest stderr\n"
+                f"per_listener_settings false\nuser root\n{persistence}log_dest stderr\n"
                 f"plugin {MOSQUITTO_DYNSEC}\nplugin_opt_config_file {data / 'dynamic-security.json'}\n")
-            cmd = [MOSQUITTO, "-c", str(conf)]
+            self.cmd = [MOSQUITTO, "-c", str(conf)]
         else:
             (data / "dynsec-import.json").write_text(json.dumps(document))
-            env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-            cmd = [sys.executable, str(LAUNCHER), "--port", str(self.port), "--data-dir", str(data)]
-            if allow_anonymous:
-                cmd.append("--allow-anonymous")
-        self.log = open(workdir / "broker.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 15
+            self.env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + self.env.get("PYTHONPATH", "")
+            if durable:
+                conf = workdir / "raftmq.toml"
+                conf.write_text(f"dynsec = true\nallow_anonymous = {str(allow_anonymous).lower()}\n")
+                self.cmd = [sys.executable, "-m", "raftmq", "serve", "-c", str(conf), "--data-dir",
+                            str(data), "-p", str(self.port), "--host", "127.0.0.1", "-v"]
+            else:
+                self.cmd = [sys.executable, str(LAUNCHER), "--port", str(self.port), "--data-dir",
+                            str(data)]
+                if allow_anonymous:
+                    self.cmd.append("--allow-anonymous")
+        self.log = open(workdir / "broker.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._start()
+
+    def _start(self) -> None:
+        # Its own process group: ``raftmq serve`` has children (raft process, workers).
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + 20
         while True:
-            assert self.proc.poll() is None, (workdir / "broker.log").read_text()
+            assert self.proc.poll() is None, (self.workdir / "broker.log").read_text()
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return
@@ -85,14 +103,22 @@ class DynsecBroker:
                 assert time.monotonic() < deadline, "broker did not start"
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def restart(self) -> None:
+        """Stop (SIGTERM, a clean shutdown) and start again on the same data."""
+        self._terminate()
+        self._start()
+
+    def _terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(5)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+
+    def stop(self) -> None:
+        self._terminate()
         self.log.close()
 
     def client(self, client_id: str, username: str | None = None, password: str | None = None,
@@ -129,8 +155,10 @@ def kind(request: pytest.FixtureRequest) -> str:
 def start(tmp_path: Path, kind: str) -> Iterator:
     started: list[DynsecBroker] = []
 
-    def make(document: dict | None = None, allow_anonymous: bool = False) -> DynsecBroker:
-        b = DynsecBroker(tmp_path / f"b{len(started)}", document or example_document(), allow_anonymous, kind)
+    def make(document: dict | None = None, allow_anonymous: bool = False, durable: bool = False
+             ) -> DynsecBroker:
+        b = DynsecBroker(tmp_path / f"b{len(started)}", document or example_document(), allow_anonymous, kind,
+                         durable)
         started.append(b)
         return b
 
@@ -298,6 +326,41 @@ def test_kicked_client_will_is_not_published(start) -> None:
     assert [p.topic for p in admin.drain_publishes(quiet=1.0)] == ["sensors/will"]
 
 
+def test_kicked_durable_session_will_is_not_published_after_a_restart(start) -> None:
+    """A kick drops the Will for good: also the one a durable session keeps in the
+    store (raftmq: WillDelete), which a restart would otherwise publish.  Mosquitto
+    (with_will = false) clears it at the kick."""
+    broker = start(durable=True)
+    session = {"session_expiry_interval": 600}
+    admin = RawClient("127.0.0.1", broker.port, version=5)
+    assert admin.connect("adm", clean=False, username=ADMIN[0], password=ADMIN[1].encode(),
+                         props=session).reason == 0
+    assert admin.subscribe(1, [("sensors/#", 1)]).codes == [1]
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    will = Will("sensors/will", b"gone", 1, False)
+    assert alice.connect("a1", clean=False, username="alice", password=b"alicepass1", will=will,
+                         props=session).reason == 0
+    broker.ctrl("setClientPassword", "alice", "alicepass2")  # kicks alice, keeps her publish rights
+    assert alice.expect(DISCONNECT).reason == 0x98
+    assert admin.nothing_for(1.0)
+    admin.disconnect()
+    admin.close()
+    # Queued for the offline admin session: shows the restart keeps what it should.
+    sender = broker.logged_in("a2", "alice", "alicepass2")
+    sender.publish("sensors/t", b"queued", qos=1, pid=1)
+    assert sender.expect(PUBACK).reason == 0
+    sender.disconnect()
+    sender.close()
+
+    broker.restart()
+    admin = RawClient("127.0.0.1", broker.port, version=5)
+    connack = admin.connect("adm", clean=False, username=ADMIN[0], password=ADMIN[1].encode(),
+                            props=session)
+    assert connack.reason == 0
+    got = [(p.topic, p.payload) for p in admin.collect(2.0)]
+    assert got == [("sensors/t", b"queued")]
+
+
 def test_seeded_admin_from_environment(tmp_path: Path, kind: str) -> None:
     if kind != "raftmq":
         pytest.skip("RAFTMQ_DYNSEC_PASSWORD is raftmq's")
@@ -346,3 +409,25 @@ def test_pipelined_requests_answer_in_order_and_read_their_writes(start) -> None
          "correlationData": "2"},
         {"command": "deleteClient", "correlationData": "3"},
     ]
+
+
+def test_resumed_session_keeps_only_the_subscriptions_still_allowed(start) -> None:
+    """Spec §7: after a kick, a persistent session keeps its subscriptions only if
+    they are still allowed when the client comes back."""
+    broker = start()
+    session = {"session_expiry_interval": 600}
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    assert alice.connect("a1", clean=False, username="alice", password=b"alicepass1",
+                         props=session).reason == 0
+    assert alice.subscribe(1, [("sensors/#", 0), ("status/#", 0)]).codes == [0, 0]
+    broker.ctrl("removeClientRole", "alice", "sensor-writer")  # no more subscribe on sensors/#
+    assert alice.expect(DISCONNECT).reason == 0x98
+    alice = RawClient("127.0.0.1", broker.port, version=5)
+    connack = alice.connect("a1", clean=False, username="alice", password=b"alicepass1", props=session)
+    assert connack.reason == 0 and connack.session_present
+    dave = broker.logged_in("dave-01", "dave", "davepass4444")
+    dave.publish("sensors/t1", b"s", qos=1, pid=1)
+    dave.expect(PUBACK)
+    dave.publish("status/public", b"p", qos=1, pid=2)
+    dave.expect(PUBACK)
+    assert [p.topic for p in alice.drain_publishes(quiet=0.7)] == ["status/public"]

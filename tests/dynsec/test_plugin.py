@@ -73,7 +73,11 @@ class FakeBroker:
         ops, action = self.batches.pop(0)
         if ops:
             self.store.submit(ops)
-        action()
+        if action is not None:
+            action()
+
+    def flush_ops(self) -> None:
+        self.flushed = True
 
     def publish_message(self, message: Message) -> None:
         assert message.topic == "$CONTROL/dynamic-security/v1/response" and message.qos == 0
@@ -142,6 +146,45 @@ def test_kicks_use_reason_0x98_and_drop_the_will() -> None:
     broker.complete()
     assert sorted(broker.kicked, key=str) == sorted([("alice", 0x98), (None, 0x98)], key=str)
     assert alice.will is None and carol.will is not None
+
+
+def test_kick_deletes_the_stored_will_of_a_durable_session() -> None:
+    """A broker without ``with_will``: the plugin drops the Will itself and commits
+    WillDelete for a durable session (else a restart would publish it)."""
+    broker, _plugin = _installed()
+    durable = SimpleNamespace(username="alice", client_id="a1", will=(0, object()),
+                              session=SimpleNamespace(client_id="a1", durable=True))
+    transient = SimpleNamespace(username="alice", client_id="a2", will=(0, object()),
+                                session=SimpleNamespace(client_id="a2", durable=False))
+    no_will = SimpleNamespace(username="alice", client_id="a3", will=None,
+                              session=SimpleNamespace(client_id="a3", durable=True))
+    broker.connections = [durable, transient, no_will]
+    broker.request({"commands": [{"command": "disableClient", "username": "alice"}]})
+    broker.complete()
+    assert len(broker.kicked) == 3 and durable.will is None and transient.will is None
+    assert [[(type(op).__name__, op.client_id) for op in ops] for ops, _ in broker.batches] == \
+        [[("WillDelete", "a1")]]
+    assert broker.flushed
+
+
+class WithWillBroker(FakeBroker):
+    """A broker whose disconnect_clients takes ``with_will`` (PROPOSED-broker-kick.diff)."""
+
+    def disconnect_clients(self, predicate, reason_code, with_will=True) -> int:
+        hit = [c for c in self.connections if predicate(c)]
+        self.kicked += [(c.username, reason_code, with_will) for c in hit]
+        return len(hit)
+
+
+def test_kick_asks_a_broker_with_the_parameter_to_drop_the_will() -> None:
+    broker = WithWillBroker(FakeStore(example_document()))
+    install(broker, SimpleNamespace(allow_anonymous=False, data_dir=None), environ={})
+    alice = SimpleNamespace(username="alice", client_id="a", will=(0, object()))
+    broker.connections = [alice]
+    broker.request({"commands": [{"command": "disableClient", "username": "alice"}]})
+    broker.complete()
+    assert broker.kicked == [("alice", 0x98, False)]
+    assert broker.batches == []  # the broker drops it (and deletes a stored one) itself
 
 
 def test_remote_changes_are_applied_without_a_response() -> None:

@@ -21,23 +21,26 @@ pipelined ``createClient`` + ``getClient`` reads its own write.
 
 Changes committed elsewhere (another worker, another node in dynsec-sync)
 arrive through ``on_remote_ops`` and are applied the same way (without a
-response: the proposer answers).
+response: the proposer answers): each worker kicks its own connections and
+moves its own ACL generation.  Start-up seeding and staged imports are done
+once per node, by worker 0; the other workers receive them the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from raftmq.dynsec.acl import Authorizer
+from raftmq.dynsec.acl import RC_SUCCESS, SUBSCRIBE, Authorizer
 from raftmq.dynsec.commands import REQUEST_TOPIC, RESPONSE_TOPIC, Outcome, apply, prepare_request
 from raftmq.dynsec.jsontext import dumps
 from raftmq.dynsec.kicks import REASON_ADMINISTRATIVE_ACTION, Kicks
 from raftmq.dynsec.model import DynsecState
-from raftmq.state.entries import Dynsec, Message
+from raftmq.state.entries import Dynsec, Message, SubRemove, WillDelete
 
 log = logging.getLogger("raftmq.dynsec")
 
@@ -87,7 +90,29 @@ class DynsecPlugin:
     def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
         if self.pending_seed is not None:
             self.start()
-        return self.authorizer.authenticate(client_id, username, password)
+        rc = self.authorizer.authenticate(client_id, username, password)
+        if rc == RC_SUCCESS and not getattr(self.broker, "rechecks_resumed_subscriptions", False):
+            self._drop_disallowed_subscriptions(client_id, username)
+        return rc
+
+    def _drop_disallowed_subscriptions(self, client_id: str, username: str | None) -> None:
+        """Spec §7: a resumed session keeps only the subscriptions its client may still
+        make (Mosquitto checks them when the client connects again, e.g. after a kick).
+        For a broker that does not do it itself: called at CONNECT, right before the
+        broker attaches the session (a clean start drops them all anyway)."""
+        broker = self.broker
+        sessions = getattr(broker, "sessions", None)
+        session = sessions.get(client_id) if sessions else None
+        if session is None or not session.subscriptions:
+            return
+        ops: list[Any] = []
+        for topic_filter in list(session.subscriptions):
+            if not self.authorizer.check(username, client_id, SUBSCRIBE, topic_filter):
+                broker.router.unsubscribe(session, topic_filter)
+                if session.durable:
+                    ops.append(SubRemove(client_id, topic_filter))
+        if ops:
+            broker.commit(ops, None)  # in packet handling: submitted with this read's batch
 
     def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
         # Hot path (every publish and every delivery): three dict lookups on a hit.
@@ -157,18 +182,42 @@ class DynsecPlugin:
             self.kick(kicks)
 
     def kick(self, kicks: Kicks) -> int:
-        """Disconnect the matching connections: MQTT 5 reason 0x98, no Will (spec §7)."""
+        """Disconnect the matching connections: MQTT 5 reason 0x98, and their Will
+        discarded for good -- not published, and deleted from a durable session's
+        stored state, which a restart would otherwise publish (spec §7; Mosquitto
+        kicks with ``with_will = false``)."""
+        broker = self.broker
+        if _takes_with_will(broker):
+            n = broker.disconnect_clients(lambda conn: kicks.matches(conn.username),
+                                          REASON_ADMINISTRATIVE_ACTION, with_will=False)
+        else:  # a broker without the parameter: drop the Will here
+            ops: list[Any] = []
 
-        def matches(conn: Any) -> bool:
-            if not kicks.matches(conn.username):
-                return False
-            conn.will = None  # a kicked client's Will is not published
-            return True
+            def matches(conn: Any) -> bool:
+                if not kicks.matches(conn.username):
+                    return False
+                if conn.will is not None:
+                    conn.will = None
+                    session = getattr(conn, "session", None)
+                    if session is not None and getattr(session, "durable", False):
+                        ops.append(WillDelete(session.client_id))
+                return True
 
-        n = self.broker.disconnect_clients(matches, REASON_ADMINISTRATIVE_ACTION)
+            n = broker.disconnect_clients(matches, REASON_ADMINISTRATIVE_ACTION)
+            if ops:
+                broker.commit(ops, None)
+                broker.flush_ops()  # outside packet handling: nothing else would submit them
         if n:
             log.info("Dynamic security: disconnected %d client(s) after a configuration change.", n)
         return n
+
+
+def _takes_with_will(broker: Any) -> bool:
+    """Whether ``broker.disconnect_clients`` has the ``with_will`` parameter."""
+    try:
+        return "with_will" in inspect.signature(broker.disconnect_clients).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def seed_change(loaded: dict[str, Any] | None, data_dir: str | os.PathLike[str] | None,
@@ -196,15 +245,18 @@ def seed_change(loaded: dict[str, Any] | None, data_dir: str | os.PathLike[str] 
 def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) -> DynsecPlugin:
     """Hook dynamic security into ``broker`` (before ``broker.start()``).
 
-    Also registers ``on_remote_ops`` as the store's remote listener: a broker
-    that needs that listener for itself must forward the ops to the plugin.
+    Registers ``on_remote_ops`` in ``broker.remote_listeners`` (or, for a broker
+    without that list, as the store's remote listener).  With several workers on
+    one store, only ``broker.worker_id == 0`` seeds / imports at start-up.
     """
     loaded = broker.store.load().dynsec
     state = DynsecState.from_document(loaded)
     plugin = DynsecPlugin(broker, state, allow_anonymous=bool(getattr(config, "allow_anonymous", False)),
                           substitute=bool(getattr(config, "dynsec_substitute", False)))
     data_dir = getattr(config, "data_dir", None)
-    seed = seed_change(loaded, data_dir, environ)
+    # One node, several workers on one store: the first worker alone seeds and
+    # imports; the others get the committed result through on_remote_ops.
+    seed = seed_change(loaded, data_dir, environ) if getattr(broker, "worker_id", 0) == 0 else None
     if seed is not None:
         plugin.apply(seed)  # in force at once; committed as soon as the loop runs
         plugin.pending_seed = seed
@@ -219,6 +271,9 @@ def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) 
             plugin.start()
     broker.auth = plugin
     broker.control_handlers[REQUEST_TOPIC] = plugin.on_request
-    if hasattr(broker.store, "set_remote_listener"):
+    listeners = getattr(broker, "remote_listeners", None)
+    if listeners is not None:
+        listeners.append(plugin.on_remote_ops)  # next to the broker's own listeners
+    elif hasattr(broker.store, "set_remote_listener"):
         broker.store.set_remote_listener(plugin.on_remote_ops)
     return plugin
