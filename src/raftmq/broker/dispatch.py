@@ -71,6 +71,9 @@ def handle_packets(broker: Broker, conn: Connection, packets: list) -> None:
     stats = broker.stats
     stats.messages_received += len(packets)
     handlers = HANDLERS
+    if broker.acl_enabled and \
+            broker.acl_generation_source.acl_generation != broker.acl_cache_generation:
+        broker.acl_caches_current()
     try:
         if conn.state == 0:  # NEW: the first packet must be CONNECT [MQTT-3.1.0-1]
             first = packets[0]

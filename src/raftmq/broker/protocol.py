@@ -52,7 +52,8 @@ class Connection(asyncio.Protocol):
                  "username", "version", "keepalive", "peer", "rx_bytes", "rx_seen", "rx_seen_at",
                  "accepted_at", "will", "graceful", "client_receive_max", "client_max_packet",
                  "client_alias_max", "alias_in", "qos1_in_pending", "problem_info", "paused",
-                 "clean_start", "alias_out", "next_alias_out", "online", "raw_head")
+                 "clean_start", "alias_out", "next_alias_out", "online", "raw_head", "acl_topic",
+                 "acl_receive")
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -90,6 +91,10 @@ class Connection(asyncio.Protocol):
         # Bytes read before CONNECT was handled, kept only when the node has
         # sibling workers: they travel with a hand-off (raftmq.workers.handoff).
         self.raw_head = b""
+        # The last topic this client was allowed to publish to, and that topic's
+        # publish_client_receive decisions (handle_publish, Broker.acl_caches_current).
+        self.acl_topic: str | None = None
+        self.acl_receive: dict | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 

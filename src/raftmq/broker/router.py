@@ -154,12 +154,12 @@ class Router:
         delivered = 0
         # QoS 0 to normal subscriptions: the receive decisions checked in the fan-out.
         receive_decisions = acl_receive  # None without ACLs
-        if broker.acl_enabled:
-            # publish_client_receive.  Hot path: this topic's cached decisions
-            # (Connection -> allowed), current for the hook's generation, handed to
-            # the QoS 0 fan-out, which checks each subscriber on the connection it
-            # loads anyway.  Otherwise (a hook without a generation, QoS 1/2,
-            # shared groups): filter the matches first.
+        if broker.acl_enabled and (receive_decisions is None or shared or qos):
+            # publish_client_receive.  Hot path (not here): this topic's cached
+            # decisions (Connection -> allowed), current for the hook's generation,
+            # from handle_publish, handed to the QoS 0 fan-out, which checks each
+            # subscriber on the connection it loads anyway.  Otherwise (a hook
+            # without a generation, QoS 1/2, shared groups): filter the matches first.
             if receive_decisions is None:
                 receive_decisions = broker.acl_receive_decisions(message.topic)
             if receive_decisions is None or shared or qos:
@@ -225,8 +225,9 @@ class Router:
             if conn is None or not conn.online:
                 continue
             if receive_decisions is not None:
-                allowed = receive_decisions.get(conn)
-                if allowed is None:
+                try:
+                    allowed = receive_decisions[conn]
+                except KeyError:
                     allowed = self._receive_decision(receive_decisions, conn, message)
                 if not allowed:
                     continue

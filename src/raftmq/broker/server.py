@@ -15,19 +15,22 @@ Hooks for the other parts of raftmq:
   ``checks_acl = False`` the broker skips ACL calls entirely.  If it has an
   ``acl_generation`` attribute (dynsec does), the broker caches its
   publish_client_send / publish_client_receive answers per (connection,
-  topic) and forgets them all as soon as ``acl_generation``
-  changes: such a hook promises that between two changes of the generation a
-  decision depends only on the client, the access and the topic (not on QoS or
-  retain).  A hook without it is asked on every message.
+  topic) and forgets them all once ``acl_generation`` has changed (it is read
+  at the start of every read and on every cache miss): such a hook promises
+  that between two changes of the generation a decision depends only on the
+  client, the access and the topic (not on QoS or retain), and changes its
+  generation outside packet handling (dynsec applies changes from store
+  callbacks).  A hook without it is asked on every message.
 - ``Broker.control_handlers: dict[str, Callable[[Connection, Message], None]]``:
   a PUBLISH to a topic starting with ``$CONTROL/`` goes, after the ACL check,
   to the handler registered for that exact topic and is never routed to
   subscribers.  The handler answers with ``publish_message``.
 - ``Broker.publish_message(message)``: inject a message as if published by the
   broker (retained and routed; QoS 1/2 queued for persistent sessions).
-- ``Broker.disconnect_clients(predicate, reason_code)``: kick every connected
-  client for which ``predicate(conn)`` is true (5.0 DISCONNECT with the reason,
-  3.x close).  ``conn.client_id``, ``conn.username`` identify it.
+- ``Broker.disconnect_clients(predicate, reason_code, with_will=True)``: kick
+  every connected client for which ``predicate(conn)`` is true (5.0 DISCONNECT
+  with the reason, 3.x close).  ``conn.client_id``, ``conn.username`` identify
+  it.  ``with_will=False`` discards their Wills, stored ones included.
 - ``Broker.store``: the Store (state/store.py); durable changes are submitted
   through ``Broker.commit(ops, action)`` (then ``Broker.flush_ops()`` when
   called outside packet handling) so that ``action`` -- e.g. a ``$CONTROL``
@@ -95,6 +98,10 @@ class _NoGeneration:
 
 
 class Broker:
+    # handle_connect drops the subscriptions of a resumed session that the ACLs
+    # no longer allow (dynsec does it itself for a broker without this).
+    rechecks_resumed_subscriptions = True
+
     def __init__(self, config: Any, store: Any, auth: Any = None) -> None:
         self.config = config
         self.store = store
@@ -170,20 +177,27 @@ class Broker:
         # The bound method, fetched once (not per message).
         self.acl_check: Callable[[Any, str, str, int, bool], bool] = hook.acl_check
         self._acl_cacheable = self.acl_enabled and hasattr(hook, "acl_generation")
-        # Publish decisions: topic -> Connection -> allowed (send and receive).
-        # A connection's user name and client id never change; an offline
-        # Session's may (another client takes it over), so sessions are never
-        # keys.  The hot paths (handlers/publish.py, router.route) read them
-        # inline, valid only while ``acl_generation_source.acl_generation ==
-        # acl_cache_generation``; on a miss they call acl_send_allowed /
-        # acl_receive_decisions and the hook, and fill them.
-        # A hook without a generation gets a source whose generation is never the
-        # cached one, so it is asked every time.
+        # Publish decisions per topic, then per Connection.  A connection's user
+        # name and client id never change; an offline Session's may (another
+        # client takes it over), so sessions are never keys.
+        # - acl_send_cache: topic -> Connection -> False (may not publish there)
+        #   or, when it may, that topic's acl_receive_cache entry: the publish hot
+        #   path (handlers/publish.py) gets both answers in one lookup;
+        # - acl_receive_cache: topic -> Connection -> may receive (router.route);
+        # - Connection.acl_topic / acl_receive: the last topic the connection was
+        #   allowed to publish to and its receive decisions (checked first).
+        # Valid for the hook's generation ``acl_cache_generation``: compared at
+        # the start of each read (dispatch.handle_packets) and on every miss
+        # (acl_caches_current), which forgets everything when it moved.  So a
+        # hook must change its generation outside packet handling -- from a
+        # store callback or a timer, as dynsec applies committed changes.  A
+        # hook without a generation gets a source whose generation is never the
+        # cached one: nothing is ever cached, the hook is asked every time.
         self.acl_generation_source: Any = hook if self._acl_cacheable else _NoGeneration
         self.acl_cache_generation: Any = None
         self.acl_cached = 0  # entries in both caches (the router counts its inserts too)
-        # topic -> (send decisions, receive decisions): one lookup per message.
-        self.acl_topic_cache: dict[str, tuple[dict[Any, bool], dict[Any, bool]]] = {}
+        self.acl_send_cache: dict[str, dict[Any, Any]] = {}
+        self.acl_receive_cache: dict[str, dict[Any, bool]] = {}
 
     def acl_caches_current(self) -> bool:
         """Make the decision caches valid for the hook's current generation
@@ -194,22 +208,40 @@ class Broker:
         generation = self._auth.acl_generation
         if generation != self.acl_cache_generation or self.acl_cached >= ACL_CACHE_LIMIT:
             self.acl_cache_generation = generation
-            self.acl_topic_cache = {}
+            self.acl_send_cache = {}
+            self.acl_receive_cache = {}
             self.acl_cached = 0
+            # Every connection's remembered publish topic goes too (it holds a
+            # receive-decision dict that would otherwise live, and grow, on).
+            for conn in self.connections:
+                conn.acl_topic = None
+                conn.acl_receive = None
         return True
 
-    def acl_send_allowed(self, conn: Any, topic: str, qos: int, retain: bool) -> bool:
+    def acl_publish_decision(self, conn: Any, topic: str, qos: int, retain: bool) -> Any:
         """publish_client_send for ``conn`` publishing to ``topic`` (call only when
-        ``acl_enabled``), through the cache for a hook with a generation."""
+        ``acl_enabled``): False if refused, else the topic's current receive
+        decisions (Connection -> allowed) for router.route, or None for a hook
+        that cannot be cached.  Fills the caches (the publish hot path reads them
+        inline and calls this on a miss)."""
         if not self.acl_caches_current():
-            return self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, retain)
-        per_topic = self._acl_topic_entry(topic)[0]
+            return None if self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, retain) else False
+        per_topic = self.acl_send_cache.get(topic)
+        if per_topic is None:
+            per_topic = self.acl_send_cache[topic] = {}
         decision = per_topic.get(conn)
         if decision is None:
-            decision = per_topic[conn] = self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos,
-                                                        retain)
+            if self.acl_check(conn, ACCESS_PUBLISH_SEND, topic, qos, retain):
+                decision = self.acl_receive_decisions(topic)
+            else:
+                decision = False
+            per_topic[conn] = decision
             self.acl_cached += 1
         return decision
+
+    def acl_send_allowed(self, conn: Any, topic: str, qos: int, retain: bool) -> bool:
+        """publish_client_send for ``conn`` publishing to ``topic``, through the cache."""
+        return self.acl_publish_decision(conn, topic, qos, retain) is not False
 
     def acl_receive_decisions(self, topic: str) -> dict[Any, bool] | None:
         """The current cache of publish_client_receive decisions for ``topic``
@@ -217,13 +249,10 @@ class Broker:
         fills it (and counts its inserts in ``acl_cached``)."""
         if not self.acl_caches_current():
             return None
-        return self._acl_topic_entry(topic)[1]
-
-    def _acl_topic_entry(self, topic: str) -> tuple[dict[Any, bool], dict[Any, bool]]:
-        entry = self.acl_topic_cache.get(topic)
-        if entry is None:
-            entry = self.acl_topic_cache[topic] = ({}, {})
-        return entry
+        decisions = self.acl_receive_cache.get(topic)
+        if decisions is None:
+            decisions = self.acl_receive_cache[topic] = {}
+        return decisions
 
     # -- write gathering --------------------------------------------------------
 
@@ -470,12 +499,27 @@ class Broker:
         self.pending_ops.extend(ops)
         self.flush_ops()
 
-    def disconnect_clients(self, predicate: Callable[[Connection], bool], reason_code: int) -> int:
+    def disconnect_clients(self, predicate: Callable[[Connection], bool], reason_code: int,
+                           with_will: bool = True) -> int:
+        """Kick every connected client for which ``predicate(conn)`` is true.
+
+        ``with_will=False`` (dynsec's kicks, as Mosquitto's ``with_will = false``):
+        its Will is discarded for good -- not published at the close, and deleted
+        from a durable session's stored state, where a restart would find it."""
         n = 0
+        ops: list = []
         for conn in list(self.connections):
             if conn.state == CONNECTED and predicate(conn):
+                if not with_will and conn.will is not None:
+                    conn.will = None
+                    session = conn.session
+                    if session is not None and session.durable:
+                        ops.append(WillDelete(session.client_id))
                 conn.disconnect(reason_code)
                 n += 1
+        if ops:
+            self.pending_ops.extend(ops)
+            self.flush_ops()
         return n
 
     def _schedule_expiry(self, session: Session, at: float) -> None:

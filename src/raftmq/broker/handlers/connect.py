@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from raftmq._codec import Connack, MQTTError
 from raftmq._trie import valid_topic_name
+from raftmq.broker.auth import ACCESS_SUBSCRIBE
 from raftmq.broker.session import EXPIRY_NEVER
 from raftmq.logsetup import info as log_info
-from raftmq.state.entries import Message, SessionPut, WillDelete, WillSet
+from raftmq.state.entries import Message, SessionPut, SubRemove, WillDelete, WillSet
 
 if TYPE_CHECKING:
     from raftmq._codec import Connect
@@ -198,6 +199,14 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
             ops.append(WillSet(client_id, will[0], will[1]))
         elif present:
             ops.append(WillDelete(client_id))
+    if present and broker.acl_enabled and session.subscriptions:
+        # A resumed session keeps only the subscriptions its client may still
+        # make (Mosquitto re-checks them at CONNECT; spec/dynsec.md §7).
+        for topic_filter, sub in list(session.subscriptions.items()):
+            if not broker.acl_check(conn, ACCESS_SUBSCRIBE, topic_filter, sub.qos, False):
+                broker.router.unsubscribe(session, topic_filter)
+                if session.durable:
+                    ops.append(SubRemove(client_id, topic_filter))
 
     cprops = None
     if v5:

@@ -135,19 +135,25 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
 
     dollar = topic[0] == "$"
     refused = dollar and topic.startswith("$SYS")
-    acl_receive = None  # this topic's publish_client_receive cache, known current (for route)
+    acl_receive = None  # False: refused; else this topic's current receive decisions, if cached
     if broker.acl_enabled and not refused:
-        # publish_client_send, hot path: the broker's cached decision while the
-        # hook's ACLs are unchanged (server.py); the hook is asked on a miss.
-        cached = broker.acl_topic_cache.get(topic) \
-            if broker.acl_generation_source.acl_generation == broker.acl_cache_generation else None
-        allowed = cached[0].get(conn) if cached is not None else None
-        if allowed is None:
-            # A miss; the caches may start over, so route fetches its own.
-            allowed = broker.acl_send_allowed(conn, topic, qos, p.retain)
+        # publish_client_send, hot path: most publishers publish to one topic
+        # again and again, so the connection remembers its last allowed topic and
+        # that topic's receive decisions (forgotten when the hook's generation
+        # moves, server.py acl_caches_current).  Else the broker's cache: one
+        # lookup gives both answers; the hook is asked on a miss.
+        if topic == conn.acl_topic:
+            acl_receive = conn.acl_receive
         else:
-            acl_receive = cached[1]
-        refused = not allowed
+            try:
+                acl_receive = broker.acl_send_cache[topic][conn]
+            except KeyError:
+                acl_receive = broker.acl_publish_decision(conn, topic, qos, p.retain)
+            if acl_receive is False:
+                refused = True
+            elif acl_receive is not None:  # cached: remember it
+                conn.acl_topic = topic
+                conn.acl_receive = acl_receive
     if refused:
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
