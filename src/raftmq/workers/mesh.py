@@ -86,9 +86,10 @@ _U64 = struct.Struct("<Q")
 
 CONNECT_RETRY = 0.05
 START_TIMEOUT = 10.0
-# Frames kept for a sibling that is down before new QoS 1/2 acknowledgements
-# wait (the publishers' PUBACKs are held by the barrier meanwhile anyway).
-RESEND_LIMIT = 1_000_000
+# Frames kept for a sibling that has not acknowledged them: every multiple of
+# this is logged (the publishers' acknowledgements wait meanwhile, so their
+# in-flight windows bound the growth).
+RESEND_WARN = 100_000
 MATCH_CACHE_LIMIT = 10_000
 
 # The $SYS counters exchanged for node totals, in STATS order.
@@ -392,9 +393,9 @@ class Mesh:
                           message.payload, message.qos, message.retain, props, message.expiry_at)
         if needs_ack:
             sibling.resend.append((seq, frame))
-            if len(sibling.resend) > RESEND_LIMIT:
-                log.error("Worker %d: %d messages wait for worker %d.", self.index,
-                          len(sibling.resend), sibling.index)
+            if len(sibling.resend) % RESEND_WARN == 0:
+                log.warning("Worker %d: %d messages wait for worker %d to acknowledge them.",
+                            self.index, len(sibling.resend), sibling.index)
         self._send(sibling, frame)
 
     def assigned_shared(self, message: Message, shared: list, assigned: set) -> list:
