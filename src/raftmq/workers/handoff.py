@@ -105,6 +105,7 @@ class Handoff:
         self.adopted = 0
         # sender worker -> (descriptor, total bytes, chunks so far)
         self.assembling: dict[int, tuple[int, int, list[bytes]]] = {}
+        self._adopting: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -286,7 +287,10 @@ class Handoff:
                 except OSError:
                     pass
                 self.adopted += 1
-                self.loop.create_task(self._adopt(client, raw))  # type: ignore[union-attr]
+                # Held until done (the loop keeps only weak references to tasks).
+                task = self.loop.create_task(self._adopt(client, raw))  # type: ignore[union-attr]
+                self._adopting.add(task)
+                task.add_done_callback(self._adopting.discard)
 
     async def _adopt(self, client: socket.socket, data: bytes) -> None:
         broker = self.broker
