@@ -341,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--port", type=int)
     parser.add_argument("--host")
     parser.add_argument("--data-dir")
+    parser.add_argument("--workers", type=int)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    overrides = {"port": args.port, "host": args.host, "data_dir": args.data_dir}
+    overrides = {"port": args.port, "host": args.host, "data_dir": args.data_dir,
+                 "workers": args.workers}
     if args.verbose:
         overrides["log_level"] = "debug"
     try:
