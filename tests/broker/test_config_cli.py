@@ -224,3 +224,19 @@ def test_persistent_client_expiration_ends_idle_311_sessions(raftmq_factory):
     time.sleep(2.5)
     with raw(b) as c:
         assert not c.connect(cid, clean=False).session_present
+
+
+def test_readme_config_example_loads(tmp_path):
+    """The raftmq.toml example in README.md is a valid config (every key known,
+    the listener table last, as TOML needs)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```toml\n(# raftmq\.toml.*?)```", readme, re.S)
+    assert block is not None
+    path = tmp_path / "raftmq.toml"
+    path.write_text(block.group(1))
+    c = load_config(str(path))
+    assert c.listeners == (Listener("0.0.0.0", 1883),)
+    assert (c.allow_anonymous, c.durability, c.workers, c.dynsec_enabled) == (False, "sync", 0, True)
+    assert c.http_listener == ("127.0.0.1", 9883)
