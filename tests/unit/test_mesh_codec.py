@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from raftmq._mesh import fwd_frame, split_frames
 
-from raftmq.state.entries import Message, decode_message
-from raftmq.workers.mesh import FWD, FWD_SHARED, _props_blob, _props_from_blob
+from raftmq.state.entries import Message, decode_message, decode_properties, encode_properties
+from raftmq.workers.mesh import FWD, FWD_SHARED
 
 PROPS = {"content_type": "text/plain", "correlation_data": b"\x00\xffid",
          "user_property": [("k", "v"), ("k", "w")], "response_topic": "r/t",
@@ -23,7 +23,7 @@ def frame(**kw: object) -> bytes:
 
 
 def test_round_trip_keeps_every_field() -> None:
-    blob = _props_blob(PROPS)
+    blob = encode_properties(PROPS)
     frames, used = split_frames(bytearray(frame(props=blob, assign=b'[["g","t/#"]]')), FWD,
                                 FWD_SHARED)
     assert used == len(frame(props=blob, assign=b'[["g","t/#"]]'))
@@ -31,12 +31,12 @@ def test_round_trip_keeps_every_field() -> None:
     assert (kind, seq, sender, assign) == (FWD, 7, "pub-1", b'[["g","t/#"]]')
     assert (topic, payload, qos, retain, expiry) == ("a/b/\u00e9", b"\x00payload", 1, True,
                                                      1234567890123)
-    assert _props_from_blob(props) == PROPS
+    assert decode_properties(props) == PROPS
 
 
 def test_message_part_is_entries_layout() -> None:
     """The frame's tail is exactly encode_message's layout (one format, two readers)."""
-    raw = frame(sender=b"", props=_props_blob(PROPS))
+    raw = frame(sender=b"", props=encode_properties(PROPS))
     body = raw[5 + 12:]
     assert decode_message(body) == Message("a/b/\u00e9", b"\x00payload", 1, True, PROPS,
                                            1234567890123)

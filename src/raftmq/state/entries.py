@@ -75,15 +75,30 @@ _MSG_HEAD = struct.Struct("<H")
 _MSG_MID = struct.Struct("<BQI")
 
 
+def encode_properties(props: dict[str, Any] | None) -> bytes:
+    """MQTT 5 properties as stored and sent between workers: JSON, with the
+    bytes of Correlation Data carried as latin-1 text (b"" for none)."""
+    if not props:
+        return b""
+    if "correlation_data" in props:
+        props = dict(props)
+        props["correlation_data"] = props["correlation_data"].decode("latin-1")
+    return orjson.dumps(props)
+
+
+def decode_properties(blob: bytes) -> dict[str, Any]:
+    """The inverse of ``encode_properties`` (a non-empty blob)."""
+    props = orjson.loads(blob)
+    if "correlation_data" in props:
+        props["correlation_data"] = props["correlation_data"].encode("latin-1")
+    if "user_property" in props:
+        props["user_property"] = [tuple(kv) for kv in props["user_property"]]
+    return props
+
+
 def encode_message(m: Message) -> bytes:
     topic = m.topic.encode()
-    props = b""
-    if m.properties:
-        p = m.properties
-        if "correlation_data" in p:
-            p = dict(p)
-            p["correlation_data"] = p["correlation_data"].decode("latin-1")
-        props = orjson.dumps(p)
+    props = encode_properties(m.properties)
     return b"".join(
         (
             _MSG_HEAD.pack(len(topic)),
@@ -105,12 +120,8 @@ def decode_message(b: bytes | memoryview) -> Message:
     pos += _MSG_MID.size
     props = None
     if plen:
-        props = orjson.loads(b[pos : pos + plen])
+        props = decode_properties(b[pos : pos + plen])
         pos += plen
-        if "correlation_data" in props:
-            props["correlation_data"] = props["correlation_data"].encode("latin-1")
-        if "user_property" in props:
-            props["user_property"] = [tuple(kv) for kv in props["user_property"]]
     return Message(topic, b[pos:], flags & 3, bool(flags & 4), props, expiry_at)
 
 

@@ -67,7 +67,7 @@ import orjson
 
 from raftmq._mesh import fwd_frame, split_frames
 from raftmq._trie import TopicTrie
-from raftmq.state.entries import Message
+from raftmq.state.entries import Message, decode_properties, encode_properties
 from raftmq.workers.ownership import assign_client_id, owner_of
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ class Mesh:
             return local_shared
         sender = sender_id.encode("utf-8", "surrogatepass") if sender_id else b""
         topic = message.topic.encode()
-        props = _props_blob(message.properties)
+        props = encode_properties(message.properties)
         siblings = self.siblings
         for index, assigned in targets.items():
             sibling = siblings[index]
@@ -423,7 +423,7 @@ class Mesh:
         self._share_rr[rr_key] = turn + 1
         sibling = candidates[turn % len(candidates)]
         self._send_forward(sibling, FWD_SHARED, b"", [[group, topic_filter]], message,
-                           message.topic.encode(), _props_blob(message.properties),
+                           message.topic.encode(), encode_properties(message.properties),
                            message.qos > 0)
         return True
 
@@ -581,7 +581,7 @@ class Mesh:
                 elif kind == FWD:
                     _k, seq, sender, assign, topic, payload, qos, retain, props, expiry = frame
                     message = Message(topic, payload, qos, retain,
-                                      _props_from_blob(props) if props is not None else None,
+                                      decode_properties(props) if props is not None else None,
                                       expiry)
                     if assign is None:
                         router.route(message, sender, broker.pending_ops if qos else None, False,
@@ -594,7 +594,7 @@ class Mesh:
                 elif kind == FWD_SHARED:
                     _k, seq, _sender, assign, topic, payload, qos, retain, props, expiry = frame
                     message = Message(topic, payload, qos, retain,
-                                      _props_from_blob(props) if props is not None else None,
+                                      decode_properties(props) if props is not None else None,
                                       expiry)
                     if assign is not None:
                         router.deliver_shared(message, {(g, f) for g, f in orjson.loads(assign)})
@@ -627,25 +627,6 @@ class Mesh:
             # behind our own barrier, or two workers could wait for each other).
             broker.after_store(lambda: self._send_ack(target, seq))
         return used
-
-
-def _props_blob(props: dict | None) -> bytes:
-    """MQTT 5 properties as in raftmq.state.entries.encode_message."""
-    if not props:
-        return b""
-    if "correlation_data" in props:
-        props = dict(props)
-        props["correlation_data"] = props["correlation_data"].decode("latin-1")
-    return orjson.dumps(props)
-
-
-def _props_from_blob(blob: bytes) -> dict:
-    props = orjson.loads(blob)
-    if "correlation_data" in props:
-        props["correlation_data"] = props["correlation_data"].encode("latin-1")
-    if "user_property" in props:
-        props["user_property"] = [tuple(kv) for kv in props["user_property"]]
-    return props
 
 
 def _interest_frame(seq: int, delta: int, topic_filter: str, kind: int = INTEREST) -> bytes:
