@@ -239,10 +239,6 @@ class Broker:
             self.acl_cached += 1
         return decision
 
-    def acl_send_allowed(self, conn: Any, topic: str, qos: int, retain: bool) -> bool:
-        """publish_client_send for ``conn`` publishing to ``topic``, through the cache."""
-        return self.acl_publish_decision(conn, topic, qos, retain) is not False
-
     def acl_receive_decisions(self, topic: str) -> dict[Any, bool] | None:
         """The current cache of publish_client_receive decisions for ``topic``
         (Connection -> allowed); None when the hook cannot be cached.  The router
@@ -394,6 +390,10 @@ class Broker:
 
     def clients_connected(self) -> int:
         return self.connected_count
+
+    def disconnected_count(self) -> int:
+        """Sessions kept without a connection (persistent, offline)."""
+        return sum(1 for s in self.sessions.values() if s.conn is None)
 
     def attach_session(self, conn: Connection, client_id: str, version: int, expiry: int,
                        clean: bool, username: str | None, ops: list) -> tuple[Session, bool]:

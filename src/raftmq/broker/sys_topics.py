@@ -43,8 +43,8 @@ class Stats:
         self.clients_expired = 0
 
 
-# Counters summed over the workers of a node (as workers/mesh.py STAT_FIELDS).
-_COUNTERS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
+# Counters summed over the workers of a node (workers/mesh.py sends them).
+NODE_COUNTERS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
              "publish_received", "publish_sent", "publish_dropped", "connections",
              "clients_expired")
 
@@ -82,9 +82,9 @@ class SysTopics:
         """The node's counters: this worker's plus its siblings' last reports."""
         broker = self.broker
         stats = broker.stats
-        counters = {attr: getattr(stats, attr) for attr in _COUNTERS}
+        counters = {attr: getattr(stats, attr) for attr in NODE_COUNTERS}
         counters["connected"] = broker.clients_connected()
-        counters["disconnected"] = sum(1 for s in broker.sessions.values() if s.conn is None)
+        counters["disconnected"] = broker.disconnected_count()
         counters["subscriptions"] = broker.router.subscription_count
         mesh = broker.mesh
         if mesh is not None:

@@ -101,8 +101,6 @@ class Handoff:
         self.sock: socket.socket | None = None
         self.routes: dict[int, _Route] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.handed = 0
-        self.adopted = 0
         # sender worker -> (descriptor, total bytes, chunks so far)
         self.assembling: dict[int, tuple[int, int, list[bytes]]] = {}
         self._adopting: set[asyncio.Task] = set()
@@ -231,7 +229,6 @@ class Handoff:
 
     def _done(self, conn: Connection) -> None:
         """Sent: close our descriptor only; the owner's keeps the connection."""
-        self.handed += 1
         conn.transport.abort()
 
     def _drop(self, conn: Connection, owner: int, why: str) -> None:
@@ -286,7 +283,6 @@ class Handoff:
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
-                self.adopted += 1
                 # Held until done (the loop keeps only weak references to tasks).
                 task = self.loop.create_task(self._adopt(client, raw))  # type: ignore[union-attr]
                 self._adopting.add(task)

@@ -67,6 +67,7 @@ import orjson
 
 from raftmq._mesh import fwd_frame, split_frames
 from raftmq._trie import TopicTrie
+from raftmq.broker.sys_topics import NODE_COUNTERS
 from raftmq.state.entries import Message, decode_properties, encode_properties
 from raftmq.workers.ownership import assign_client_id, owner_of
 
@@ -92,17 +93,15 @@ START_TIMEOUT = 10.0
 RESEND_WARN = 100_000
 MATCH_CACHE_LIMIT = 10_000
 
-# The $SYS counters exchanged for node totals, in STATS order.
-STAT_FIELDS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
-               "publish_received", "publish_sent", "publish_dropped", "connections",
-               "clients_expired")
+# The $SYS counters exchanged for node totals, in STATS order: sys_topics' own.
+STAT_FIELDS = NODE_COUNTERS
 
 
 class Sibling:
     """What this worker knows of one other worker."""
 
     __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
-                 "counts", "durable", "stats", "recv_seq", "ever_up")
+                 "counts", "durable", "stats", "recv_seq")
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
@@ -117,7 +116,6 @@ class Sibling:
         self.durable: dict[str, int] = {}  # the same, of its persistent sessions
         self.stats: tuple = ()
         self.recv_seq = 0  # highest sequence number of its frames we processed
-        self.ever_up = False
 
 
 class Mesh:
@@ -228,7 +226,6 @@ class Mesh:
         sibling.sent_seq += 1
         frames.append(_SEQ_FRAME.pack(9, SYNC, sibling.sent_seq))
         sibling.out[:0] = frames
-        sibling.ever_up = True
         self._schedule_flush()
         if all(s.link is not None for s in self._sibling_list):
             self._all_up.set()
@@ -254,8 +251,7 @@ class Mesh:
             return
         sibling.out.append(frame)
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)  # type: ignore[union-attr]
+            self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self.loop is not None:
@@ -273,11 +269,7 @@ class Mesh:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        for sibling in self._sibling_list:
-            out = sibling.out
-            if out and sibling.link is not None:
-                sibling.link.transport.write(out[0] if len(out) == 1 else b"".join(out))
-                out.clear()
+        self.flush()
 
     def _next_seq(self, sibling: Sibling) -> int:
         sibling.sent_seq += 1
@@ -298,12 +290,6 @@ class Mesh:
         for sibling in self._sibling_list:
             seq = self._next_seq(sibling)
             self._send(sibling, _interest_frame(seq, delta, topic_filter, kind))
-
-    def sync(self) -> None:
-        """A barrier: acknowledgements given after this wait for every sibling."""
-        for sibling in self._sibling_list:
-            seq = self._next_seq(sibling)
-            self._send(sibling, _SEQ_FRAME.pack(9, SYNC, seq))
 
     def _on_interest(self, sibling: Sibling, delta: int, topic_filter: str,
                      durable: bool = False) -> None:
@@ -527,8 +513,8 @@ class Mesh:
         broker = self.broker
         stats = broker.stats
         values = [getattr(stats, f) for f in STAT_FIELDS]
-        offline = sum(1 for s in broker.sessions.values() if s.conn is None)
-        values += [broker.connected_count, offline, broker.router.subscription_count]
+        values += [broker.connected_count, broker.disconnected_count(),
+                   broker.router.subscription_count]
         frame_body = orjson.dumps(values)
         frame = _LEN.pack(1 + len(frame_body)) + bytes((STATS,)) + frame_body
         for sibling in self._sibling_list:
@@ -578,26 +564,18 @@ class Mesh:
                     link.sibling = sibling
                     self._link_up(sibling, link)
                     acked_before = 0
-                elif kind == FWD:
+                elif kind == FWD or kind == FWD_SHARED:
                     _k, seq, sender, assign, topic, payload, qos, retain, props, expiry = frame
                     message = Message(topic, payload, qos, retain,
                                       decode_properties(props) if props is not None else None,
                                       expiry)
-                    if assign is None:
+                    groups = {(g, f) for g, f in orjson.loads(assign)} if assign is not None \
+                        else None
+                    if kind == FWD:
                         router.route(message, sender, broker.pending_ops if qos else None, False,
-                                     None, False, None)
-                    else:
-                        router.route(message, sender, broker.pending_ops if qos else None, False,
-                                     None, False, {(g, f) for g, f in orjson.loads(assign)})
-                    if seq:
-                        sibling.recv_seq = seq
-                elif kind == FWD_SHARED:
-                    _k, seq, _sender, assign, topic, payload, qos, retain, props, expiry = frame
-                    message = Message(topic, payload, qos, retain,
-                                      decode_properties(props) if props is not None else None,
-                                      expiry)
-                    if assign is not None:
-                        router.deliver_shared(message, {(g, f) for g, f in orjson.loads(assign)})
+                                     None, False, groups)
+                    elif groups:
+                        router.deliver_shared(message, groups)
                     if seq:
                         sibling.recv_seq = seq
                 elif kind == ACK:
