@@ -24,6 +24,7 @@ from raftmq.workers.ownership import owner_of
 from support.brokers import BrokerProcess
 from support.helpers import unique
 from support.mqttraw import RawClient
+from support.procs import children_of
 
 _CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(.*?\) on worker (\d+)\.")
 
@@ -66,21 +67,6 @@ def assert_placed(broker: BrokerProcess, client_id: str, worker: int) -> None:
 
 
 # -- processes -----------------------------------------------------------------
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(name))
-    return out
 
 
 def socket_inodes(pid: int) -> set[int]:
