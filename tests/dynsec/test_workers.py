@@ -133,7 +133,7 @@ def test_a_change_committed_by_one_worker_kicks_and_invalidates_on_the_others(tm
     carol = Conn("c1", "carol")
     b1.connections.update({alice, carol})
     # Worker 1's warm ACL caches: alice may publish to sensors/t1 (role sensor-writer).
-    assert b1.acl_send_allowed(alice, "sensors/t1", 0, False)
+    assert b1.acl_publish_decision(alice, "sensors/t1", 0, False) is not False
     generation = p1.acl_generation
 
     # The request reaches worker 0 (its own client); worker 0 commits it.
@@ -148,8 +148,8 @@ def test_a_change_committed_by_one_worker_kicks_and_invalidates_on_the_others(tm
     assert "sensor-writer" not in {r for r in p1.state.clients["alice"].roles}
     assert alice.kicked == [0x98] and carol.kicked == []
     assert p1.acl_generation != generation
-    assert not b1.acl_send_allowed(Conn("a2", "alice"), "sensors/t1", 0, False)
-    assert not b1.acl_send_allowed(alice, "sensors/t1", 0, False)  # the cached allow is gone
+    assert b1.acl_publish_decision(Conn("a2", "alice"), "sensors/t1", 0, False) is False
+    assert b1.acl_publish_decision(alice, "sensors/t1", 0, False) is False  # the cached allow is gone
     assert p0.state.to_document() == p1.state.to_document() == log.document
 
 

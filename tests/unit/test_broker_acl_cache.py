@@ -1,4 +1,4 @@
-"""The broker's cache of publish ACL decisions (server.py acl_send_allowed /
+"""The broker's cache of publish ACL decisions (server.py acl_publish_decision /
 acl_receive_decisions, router._receive_allowed): used while the hook's
 ``acl_generation`` is unchanged, forgotten for the very next message once it
 changes; never used for a hook without a generation."""
