@@ -55,6 +55,7 @@ import gc
 import heapq
 import logging
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,7 @@ from raftmq.state.entries import (
     SENT,
     Message,
     SessionDelete,
+    SessionOffline,
     WillDelete,
     unpack_sub_options,
 )
@@ -151,6 +153,7 @@ class Broker:
         self._next_sys = 0.0
         self.connect_timeout = CONNECT_TIMEOUT
         self.connected_count = 0  # sessions with a connection
+        self._stopping = False  # stop() is closing the connections
         self._expiries: list[tuple[float, str]] = []  # heap of (expire_at, client id)
         # What the broker announces in an MQTT 5 CONNACK (§3.2.2.3).
         inflight = config.max_inflight_messages
@@ -400,6 +403,14 @@ class Broker:
         """Bind ``conn`` to the session of ``client_id``: take over a connected one
         [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4, MQTT-3.1.2-5]."""
         existing = self.sessions.get(client_id)
+        if existing is not None and existing.conn is None and \
+                0 < existing.expire_at <= self.loop.time():
+            # Expired but not yet reached by the upkeep tick (e.g. its time
+            # passed while the broker was down): it ends now, will included.
+            log.info("Expiring client %s.", client_id)
+            self.stats.clients_expired += 1
+            self.end_session(existing, ops)
+            existing = None
         if existing is not None and existing.conn is not None:
             old = existing.conn
             log.info("Client %s already connected, closing old connection.", client_id)
@@ -466,6 +477,11 @@ class Broker:
                 self.publish_will(session.client_id, will[1], durable_session=None)
             self.end_session(session, ops)
         else:
+            if session.durable and not self._stopping:
+                # Expiry and will delay count from now, also across a restart
+                # (a session still connected when the broker stops counts from
+                # the restart instead: _load).
+                ops.append(SessionOffline(session.client_id, int(time.time() * 1000)))
             if session.expiry_interval != EXPIRY_NEVER:
                 self._schedule_expiry(session, self.loop.time() + session.expiry_interval)
             if will is not None:
@@ -588,6 +604,9 @@ class Broker:
         for message in state.retained.values():
             self.retained.load(message)
         now = self.loop.time()
+        # Offline sessions resume their clocks from the recorded disconnect time
+        # (wall clock: the loop's clock starts anew with the process).
+        now_ms = int(time.time() * 1000)
         mesh = self.mesh
         for record in state.sessions.values():
             if mesh is not None and mesh.owner_of(record.client_id) != self.worker_id:
@@ -595,8 +614,18 @@ class Broker:
             session = Session(record.client_id, record.protocol_version, record.expiry_interval,
                               record.username)
             session.durable = True
+            if record.disconnected_at:
+                # Time already spent offline (none if the clock went back).
+                offline = max(0, now_ms - record.disconnected_at) / 1000
+            else:
+                # Connected when the broker stopped (crash or SIGTERM): no
+                # disconnect was recorded, the restart counts as the disconnect
+                # (as Mosquitto does); recorded, so that a second restart does
+                # not start the clocks again.
+                offline = 0.0
+                self.pending_ops.append(SessionOffline(record.client_id, now_ms))
             if record.expiry_interval != EXPIRY_NEVER:
-                self._schedule_expiry(session, now + record.expiry_interval)
+                self._schedule_expiry(session, now + max(0.0, record.expiry_interval - offline))
             self.sessions[record.client_id] = session
             for topic_filter, (options, sub_id) in record.subscriptions.items():
                 qos, no_local, rap, rh = unpack_sub_options(options)
@@ -615,7 +644,10 @@ class Broker:
             session.qos2_in = set(record.qos2_in)
             if record.will is not None:
                 delay, message = record.will
-                self.wills.schedule(record.client_id, min(delay, record.expiry_interval), message)
+                # Due now if its delay passed while the broker was down: the
+                # next upkeep tick publishes it.
+                self.wills.schedule(record.client_id,
+                                    max(0.0, min(delay, record.expiry_interval) - offline), message)
         if state.sessions or state.retained:
             log.info("Restored %d sessions and %d retained messages.", len(state.sessions),
                      len(state.retained))
@@ -645,6 +677,7 @@ class Broker:
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 
     async def stop(self) -> None:
+        self._stopping = True
         for server in self.servers:
             server.close()
         for conn in list(self.connections):

@@ -5,6 +5,11 @@ DISCONNECT 0x00 (keepalive timeout, network error, protocol error, DISCONNECT
 0x04, takeover) -- after the Will Delay Interval, or at once if the session
 ends first [MQTT-3.1.3-9]; a reconnect to the session within the delay cancels
 it.  ``Wills`` keeps the delayed ones and fires them from the broker's tick.
+
+The delay counts from the disconnection, also across a restart of the broker:
+the durable session's row records when it went offline (entries.SessionOffline)
+and the will is stored (WillSet), so Broker._load schedules it for what is left
+of its delay, or at once when that passed while the broker was down.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class Wills:
         self.broker = broker
         self.pending: dict[str, tuple[float, Message]] = {}  # client id -> (loop time, will)
 
-    def schedule(self, client_id: str, delay: int, message: Message) -> None:
+    def schedule(self, client_id: str, delay: float, message: Message) -> None:
         self.pending[client_id] = (self.broker.loop.time() + delay, message)
 
     def cancel(self, client_id: str) -> Message | None:

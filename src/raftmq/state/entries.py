@@ -284,6 +284,17 @@ class Dynsec:
 
 
 @dataclass(slots=True)
+class SessionOffline:
+    """A persistent session lost its connection at ``disconnected_at`` (ms since
+    the epoch, read by the proposer): its expiry and will delay count from then,
+    also after a restart of the broker.  A SessionPut (it connects again) clears it."""
+
+    TAG = 16
+    client_id: str
+    disconnected_at: int
+
+
+@dataclass(slots=True)
 class Noop:
     """Appended by a new leader; also used to force a commit (barrier)."""
 
@@ -293,7 +304,7 @@ class Noop:
 Op = (
     SessionPut | SessionExpiry | SessionDelete | SubAdd | SubRemove | WillSet | WillDelete
     | RetainSet | RetainDelete | QueueAdd | QueueUpdate | QueueRemove | Qos2InAdd
-    | Qos2InRemove | Dynsec | Noop
+    | Qos2InRemove | Dynsec | Noop | SessionOffline
 )
 
 OP_TYPES: dict[int, type] = {
@@ -301,7 +312,7 @@ OP_TYPES: dict[int, type] = {
     for t in (
         Noop, SessionPut, SessionExpiry, SessionDelete, SubAdd, SubRemove, WillSet,
         WillDelete, RetainSet, RetainDelete, QueueAdd, QueueUpdate, QueueRemove,
-        Qos2InAdd, Qos2InRemove, Dynsec,
+        Qos2InAdd, Qos2InRemove, Dynsec, SessionOffline,
     )
 }
 
@@ -433,6 +444,9 @@ class SessionRecord:
     will: tuple[int, Message] | None = None  # (delay interval, message)
     queue: list[QueuedMessage] = field(default_factory=list)  # ordered by seq
     qos2_in: set[int] = field(default_factory=set)
+    # ms since the epoch when it went offline (SessionOffline); 0: it was
+    # connected when the broker stopped.
+    disconnected_at: int = 0
 
 
 @dataclass(slots=True)

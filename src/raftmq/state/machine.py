@@ -43,6 +43,8 @@ Op semantics (one paragraph each in state/entries.py):
 * SessionPut: put the session row; with ``clean`` first drop the client's
   subscriptions, queue, QoS 2 receive state and will.
 * SessionExpiry: change the expiry interval of an existing session.
+* SessionOffline: record when an existing session went offline (its row's
+  ``disconnected_at``; SessionPut writes the row without it).
 * SessionDelete: drop everything of the client.
 * SubAdd / SubRemove, WillSet / WillDelete, RetainSet / RetainDelete,
   Qos2InAdd / Qos2InRemove: put / delete one row.
@@ -101,6 +103,7 @@ KIND_CONF_CHANGE = 1
 _NOOP, _SESSION_PUT, _SESSION_EXPIRY, _SESSION_DELETE, _SUB_ADD, _SUB_REMOVE = 0, 1, 2, 3, 4, 5
 _WILL_SET, _WILL_DELETE, _RETAIN_SET, _RETAIN_DELETE, _QUEUE_ADD, _QUEUE_UPDATE = 6, 7, 8, 9, 10, 11
 _QUEUE_REMOVE, _QOS2_IN_ADD, _QOS2_IN_REMOVE, _DYNSEC = 12, 13, 14, 15
+_SESSION_OFFLINE = 16
 
 
 class LogEntry(Protocol):
@@ -534,8 +537,16 @@ class StateMachine:
                     ck = ck_of(f[0])
                     row = get(ck, db=self.db_sessions)
                     if row is not None:
-                        cid, protocol_version, _, username = T.parse_session_row(row)
-                        put(ck, T.session_row(cid, protocol_version, f[1], username), db=self.db_sessions)
+                        cid, protocol_version, _, username, offline = T.parse_session_row(row)
+                        put(ck, T.session_row(cid, protocol_version, f[1], username, offline),
+                            db=self.db_sessions)
+                elif tag == _SESSION_OFFLINE:
+                    ck = ck_of(f[0])
+                    row = get(ck, db=self.db_sessions)
+                    if row is not None:
+                        cid, protocol_version, expiry, username, _ = T.parse_session_row(row)
+                        put(ck, T.session_row(cid, protocol_version, expiry, username, f[1]),
+                            db=self.db_sessions)
                 elif tag == _SESSION_DELETE:
                     ck = ck_of(f[0])
                     self._drop_client_rows(txn, ck)
@@ -611,8 +622,8 @@ class StateMachine:
         state = LoadedState()
         by_ck: dict[bytes, SessionRecord] = {}
         for ck, row in txn.cursor(db=self.db_sessions):
-            cid, protocol_version, expiry, username = T.parse_session_row(row)
-            rec = SessionRecord(cid, protocol_version, expiry, username)
+            cid, protocol_version, expiry, username, offline = T.parse_session_row(row)
+            rec = SessionRecord(cid, protocol_version, expiry, username, disconnected_at=offline)
             by_ck[ck] = rec
             state.sessions[cid] = rec
         for key, row in txn.cursor(db=self.db_subs):

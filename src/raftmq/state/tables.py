@@ -155,13 +155,20 @@ def key_packet_id(key: bytes, ck_len: int) -> int:
 # Rows.
 
 
-def session_row(client_id: str, protocol_version: int, expiry_interval: int, username: str | None) -> bytes:
+def session_row(client_id: str, protocol_version: int, expiry_interval: int, username: str | None,
+                disconnected_at: int = 0) -> bytes:
+    """``disconnected_at``: ms since the epoch when the session last went offline
+    (entries.SessionOffline), 0 while it is connected; a connected session's
+    row keeps the 4-field form of rows written before the field existed."""
+    if disconnected_at:
+        return orjson.dumps([client_id, protocol_version, expiry_interval, username, disconnected_at])
     return orjson.dumps([client_id, protocol_version, expiry_interval, username])
 
 
-def parse_session_row(b: bytes) -> tuple[str, int, int, str | None]:
-    cid, pv, expiry, username = orjson.loads(b)
-    return cid, pv, expiry, username
+def parse_session_row(b: bytes) -> tuple[str, int, int, str | None, int]:
+    """(client id, protocol version, expiry interval, user name, disconnected_at)."""
+    fields = orjson.loads(b)
+    return fields[0], fields[1], fields[2], fields[3], fields[4] if len(fields) > 4 else 0
 
 
 _SUB = struct.Struct(">BI")
