@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from raftmq._codec import encode_publish
 from raftmq._trie import TopicTrie
 from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
-from raftmq.broker.session import Outgoing, Session, Subscription
+from raftmq.broker.session import SHARE_UNKNOWN, Outgoing, Session, Subscription
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
     SENT,
@@ -407,6 +407,8 @@ class Router:
             broker.stats.publish_dropped += 1
             return
         out = Outgoing(session.take_seq(), message, qos, retain, [sub.sub_id] if sub.sub_id else None)
+        if sub.share_group is not None:
+            out.share = sub
         online = conn is not None and conn.online
         if online and not session.queue and len(session.inflight) < self._window(conn):
             out.packet_id = session.next_packet_id()
@@ -502,29 +504,59 @@ class Router:
         self.pump(session)
 
     def requeue_shared(self, session: Session) -> None:
-        """A session with shared subscriptions ends: its unacknowledged shared
-        messages go to another member of their group (MQTT 5 §4.8.2)."""
-        pending = [o for o in list(session.inflight.values()) + list(session.queue)
-                   if o.state != PUBREC_RECEIVED]
-        if not pending or not any(s.share_group for s in session.subscriptions.values()):
-            return
+        """A session ends: each message it got through a shared subscription and
+        has not acknowledged (in flight, PUBREC not received) or not been sent
+        yet (queued) goes to another member of its group (MQTT 5 §4.8.2).  Call
+        it before the session's subscriptions are removed."""
+        pending = [o for o in (*session.inflight.values(), *session.queue)
+                   if o.share is not None and o.state != PUBREC_RECEIVED]
         for out in pending:
-            for sub in session.subscriptions.values():
-                if sub.share_group is None:
+            share = out.share
+            if share is SHARE_UNKNOWN:
+                group = self._loaded_share(session, out.message.topic)
+                if group is None:
                     continue
-                normal, shared = self.trie.match(out.message.topic)
-                for group, topic_filter, members in shared:
-                    if group != sub.share_group:
-                        continue
-                    others = [m for m in members if m[0] != session.client_id]
-                    member = self._pick_member(group, topic_filter, others, online_only=True) \
-                        if others else None
-                    if member is not None:
-                        self.deliver(self.sessions[member[0]], out.message, member[1], False,
-                                     None, None)
-                    elif self.broker.mesh is not None:
-                        self.broker.mesh.forward_shared(out.message, group, topic_filter)
+            else:
+                group = (share.share_group, share.match_filter)
+            self._hand_over(session.client_id, out.message, *group)
+
+    def _loaded_share(self, session: Session, topic: str) -> tuple[str, str] | None:
+        """The share group a message loaded from the store came through: the
+        session's one matching group, unless a normal subscription of the
+        session matches too (then it may have come by that one: kept)."""
+        client_id = session.client_id
+        normal, shared = self.trie.match(topic)
+        if any(m[0] == client_id for m in normal):
+            return None
+        groups = [(g, f) for g, f, members in shared if any(m[0] == client_id for m in members)]
+        return groups[0] if len(groups) == 1 else None
+
+    def _hand_over(self, leaving: str, message: Message, group: str, topic_filter: str) -> None:
+        """Give ``message`` to a member of ``group`` other than ``leaving``: a
+        connected one here, else one in a sibling worker, else an offline
+        (persistent) one here, where it waits in its queue."""
+        _normal, shared = self.trie.match(message.topic)
+        others = []
+        for g, f, members in shared:
+            if g == group and f == topic_filter:
+                others = [m for m in members if m[0] != leaving]
                 break
+        if others and self.broker.acl_enabled:
+            allowed = self._shared_receive_allowed(message, [(group, topic_filter, others)], None)
+            others = allowed[0][2] if allowed else []
+        member = self._pick_member(group, topic_filter, others, online_only=True) if others \
+            else None
+        if member is None:
+            mesh = self.broker.mesh
+            if mesh is not None and mesh.forward_shared(message, group, topic_filter):
+                return
+            if others:
+                member = self._pick_member(group, topic_filter, others, online_only=False)
+        if member is None:
+            log.info("No other member in share group %s for %s; message dropped.", group,
+                     message.topic)
+            return
+        self.deliver(self.sessions[member[0]], message, member[1], False, None, None)
 
     def deliver_shared(self, message: Message, groups: set) -> None:
         """A message for one member of each share group in ``groups`` (a sibling

@@ -64,7 +64,7 @@ from raftmq.broker.auth import ACCESS_PUBLISH_SEND, DefaultAuth
 from raftmq.broker.protocol import CLOSING, CONNECTED, NEW, Connection
 from raftmq.broker.retained import Retained
 from raftmq.broker.router import Router
-from raftmq.broker.session import EXPIRY_NEVER, Outgoing, Session, Subscription
+from raftmq.broker.session import EXPIRY_NEVER, SHARE_UNKNOWN, Outgoing, Session, Subscription
 from raftmq.broker.sys_topics import Stats, SysTopics
 from raftmq.broker.will import Wills, will_to_publish
 from raftmq.logsetup import flush_logs
@@ -635,6 +635,7 @@ class Broker:
             for q in record.queue:
                 out = Outgoing(q.seq, q.message, q.qos, q.message.retain, q.subscription_ids or None,
                                q.packet_id, q.state)
+                out.share = SHARE_UNKNOWN  # (the store does not say: requeue_shared)
                 if q.state in (SENT, PUBREC_RECEIVED) and q.packet_id:
                     session.inflight[q.packet_id] = out
                 else:

@@ -29,6 +29,9 @@ _NO_IDS: frozenset = frozenset()
 
 # MQTT 5 §3.1.2.11.2: 0xFFFFFFFF means the session never expires.
 EXPIRY_NEVER = 0xFFFFFFFF
+# Outgoing.share of a message loaded from the store, which does not say by
+# which subscription it came (router.requeue_shared then works it out).
+SHARE_UNKNOWN: Any = object()
 
 
 class Subscription:
@@ -55,7 +58,7 @@ class Subscription:
 class Outgoing:
     """One message on its way to one session (queued or in flight)."""
 
-    __slots__ = ("seq", "message", "qos", "retain", "sub_ids", "packet_id", "state")
+    __slots__ = ("seq", "message", "qos", "retain", "sub_ids", "packet_id", "state", "share")
 
     def __init__(self, seq: int, message: Message, qos: int, retain: bool,
                  sub_ids: list[int] | None, packet_id: int = 0, state: int = QUEUED) -> None:
@@ -66,6 +69,9 @@ class Outgoing:
         self.sub_ids = sub_ids
         self.packet_id = packet_id
         self.state = state
+        # The shared Subscription it was delivered for (None: a normal one):
+        # another member gets it if the session ends first (MQTT 5 §4.8.2).
+        self.share: Subscription | None = None
 
 
 class Session:
