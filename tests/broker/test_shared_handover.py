@@ -238,3 +238,35 @@ def test_qos2_message_acknowledged_with_pubrec_stays_with_the_leaving_member(
     taken += taker.payloads()
     assert sorted(taken + held) == sorted(sent)
     taker.disconnect()
+
+
+@pytest.mark.waits
+@pytest.mark.parametrize("workers", [1, 2])
+def test_persistent_member_restored_after_a_restart_hands_over_when_it_expires(
+        raftmq_factory, workers) -> None:
+    """The member's in-flight and queued messages come back from the store after a
+    clean restart (which does not say by which subscription they came: the
+    member's one matching group is taken); when its session expires -- 5 s after
+    its disconnect, not after the restart -- they go to the other member."""
+    b = raftmq_factory(workers=workers)
+    topic = unique("sh/") + "/r"
+    share = f"$share/{unique('g')}/{topic}"
+    holder = Mq(b, owned("sh-hold", 0, workers), hold=True, clean=False, expiry=5,
+                receive_max=2)
+    taker = Mq(b, owned("sh-take", workers - 1, workers))
+    for c in (holder, taker):
+        c.subscribe(share, 1)
+    sent = publish_all(b, topic)
+    held, taken = _spread(holder, taker, sent, held_max=2)
+    holder.drop()
+    gone = time.monotonic()
+    taker.disconnect()
+    time.sleep(0.3)
+    b.stop()
+    b.start()
+    taker = Mq(b, owned("sh-take", workers - 1, workers))
+    taker.subscribe(share, 1)
+    rest = collect(taker, [], N - len(taken), timeout=12)
+    assert sorted(taken + rest) == sorted(sent), f"held {held}"
+    assert time.monotonic() - gone < 5 + 3.0, "expired later than 5 s after the disconnect"
+    taker.disconnect()
