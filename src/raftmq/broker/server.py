@@ -623,7 +623,8 @@ class Broker:
                 # (as Mosquitto does); recorded, so that a second restart does
                 # not start the clocks again.
                 offline = 0.0
-                self.pending_ops.append(SessionOffline(record.client_id, now_ms))
+                if record.expiry_interval != EXPIRY_NEVER or record.will is not None:
+                    self.pending_ops.append(SessionOffline(record.client_id, now_ms))
             if record.expiry_interval != EXPIRY_NEVER:
                 self._schedule_expiry(session, now + max(0.0, record.expiry_interval - offline))
             self.sessions[record.client_id] = session
