@@ -620,8 +620,8 @@ class Broker:
             else:
                 # Connected when the broker stopped (crash or SIGTERM): no
                 # disconnect was recorded, the restart counts as the disconnect
-                # (as Mosquitto does); recorded, so that a second restart does
-                # not start the clocks again.
+                # (its client could not come back before); recorded, so that a
+                # second restart does not start the clocks again.
                 offline = 0.0
                 if record.expiry_interval != EXPIRY_NEVER or record.will is not None:
                     self.pending_ops.append(SessionOffline(record.client_id, now_ms))
