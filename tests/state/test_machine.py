@@ -48,6 +48,7 @@ from raftmq.state.entries import (
     RetainSet,
     SessionDelete,
     SessionExpiry,
+    SessionOffline,
     SessionPut,
     SubAdd,
     SubRemove,
@@ -145,7 +146,7 @@ def test_iter_raw_ops_matches_decode_ops() -> None:
         SubAdd("c", "a/+", 3, 9), SubRemove("c", "a/+"), WillSet("c", 4, MSG), WillDelete("c"),
         RetainSet(MSG), RetainDelete("t"), QueueAdd([["c", 1, 2, 1, [3, 4]]], MSG),
         QueueUpdate("c", 1, 2, PUBREC_RECEIVED), QueueRemove("c", 1), Qos2InAdd("c", 7),
-        Qos2InRemove("c", 7), Dynsec({"op": "x", "n": [1]}),
+        Qos2InRemove("c", 7), Dynsec({"op": "x", "n": [1]}), SessionOffline("c", 1_700_000_000_000),
     ]
     data = encode_ops(ops)
     decoded = decode_ops(data)
@@ -624,6 +625,7 @@ _seq = gen.integers(1, 6)
 OPS = gen.one_of(
     gen.builds(SessionPut, _cid, gen.sampled_from([3, 4, 5]), gen.integers(0, 10), gen.booleans(), gen.sampled_from([None, "u"])),
     gen.builds(SessionExpiry, _cid, gen.integers(0, 10)),
+    gen.builds(SessionOffline, _cid, gen.sampled_from([0, 1, 1_700_000_000_000])),
     gen.builds(SessionDelete, _cid),
     gen.builds(SubAdd, _cid, gen.sampled_from(["f/#", "+/x", "$share/g/f", "f/" + "z" * 250]), gen.integers(0, 63), gen.integers(0, 3)),
     gen.builds(SubRemove, _cid, gen.sampled_from(["f/#", "+/x"])),
@@ -664,11 +666,15 @@ class Model:
         if t is SessionPut:
             if op.clean:
                 self.drop(op.client_id)
-            self.sessions[op.client_id] = (op.protocol_version, op.expiry_interval, op.username)
+            self.sessions[op.client_id] = (op.protocol_version, op.expiry_interval, op.username, 0)
         elif t is SessionExpiry:
             if op.client_id in self.sessions:
-                pv, _, u = self.sessions[op.client_id]
-                self.sessions[op.client_id] = (pv, op.expiry_interval, u)
+                pv, _, u, off = self.sessions[op.client_id]
+                self.sessions[op.client_id] = (pv, op.expiry_interval, u, off)
+        elif t is SessionOffline:
+            if op.client_id in self.sessions:
+                pv, e, u, _ = self.sessions[op.client_id]
+                self.sessions[op.client_id] = (pv, e, u, op.disconnected_at)
         elif t is SessionDelete:
             self.drop(op.client_id)
             self.sessions.pop(op.client_id, None)
@@ -703,8 +709,8 @@ class Model:
         from raftmq.state.entries import QueuedMessage, SessionRecord
 
         out = LoadedState(retained=dict(self.retained))
-        for cid, (pv, expiry, username) in self.sessions.items():
-            rec = SessionRecord(cid, pv, expiry, username)
+        for cid, (pv, expiry, username, offline) in self.sessions.items():
+            rec = SessionRecord(cid, pv, expiry, username, disconnected_at=offline)
             rec.subscriptions = dict(self.subs.get(cid, {}))
             rec.will = self.wills.get(cid)
             rec.queue = [QueuedMessage(seq, *row[:4], row[4]) for seq, row in sorted(self.queues.get(cid, {}).items())]
