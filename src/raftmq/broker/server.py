@@ -589,6 +589,8 @@ class Broker:
             self.retained.load(message)
         now = self.loop.time()
         mesh = self.mesh
+        if mesh is not None:
+            mesh.restore_marks(state.mesh_marks)
         for record in state.sessions.values():
             if mesh is not None and mesh.owner_of(record.client_id) != self.worker_id:
                 continue  # a sibling owns it (workers/ownership.py)

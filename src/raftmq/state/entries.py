@@ -284,6 +284,21 @@ class Dynsec:
 
 
 @dataclass(slots=True)
+class MeshMark:
+    """Worker ``receiver`` of this node has applied every frame that incarnation
+    ``incarnation`` of its sibling worker ``sender`` sent it, up to sequence
+    number ``seq`` (workers/mesh.py).  Proposed in the same batch as the queue
+    writes those frames caused, so a restarted receiver knows which frames the
+    sibling sends again (they were not acknowledged) it must not apply twice."""
+
+    TAG = 16
+    receiver: int
+    sender: int
+    incarnation: int
+    seq: int
+
+
+@dataclass(slots=True)
 class Noop:
     """Appended by a new leader; also used to force a commit (barrier)."""
 
@@ -293,7 +308,7 @@ class Noop:
 Op = (
     SessionPut | SessionExpiry | SessionDelete | SubAdd | SubRemove | WillSet | WillDelete
     | RetainSet | RetainDelete | QueueAdd | QueueUpdate | QueueRemove | Qos2InAdd
-    | Qos2InRemove | Dynsec | Noop
+    | Qos2InRemove | Dynsec | MeshMark | Noop
 )
 
 OP_TYPES: dict[int, type] = {
@@ -301,7 +316,7 @@ OP_TYPES: dict[int, type] = {
     for t in (
         Noop, SessionPut, SessionExpiry, SessionDelete, SubAdd, SubRemove, WillSet,
         WillDelete, RetainSet, RetainDelete, QueueAdd, QueueUpdate, QueueRemove,
-        Qos2InAdd, Qos2InRemove, Dynsec,
+        Qos2InAdd, Qos2InRemove, Dynsec, MeshMark,
     )
 }
 
@@ -440,3 +455,5 @@ class LoadedState:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
     retained: dict[str, Message] = field(default_factory=dict)
     dynsec: dict[str, Any] | None = None  # Mosquitto dynamic-security.json document
+    # (receiver, sender) worker indexes -> (sender incarnation, seq): MeshMark
+    mesh_marks: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)

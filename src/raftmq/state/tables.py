@@ -92,6 +92,7 @@ DYNSEC_DOCUMENT = b"document"
 META_APPLIED = b"applied"  # u64 index, u64 term of the last applied entry
 META_CONF_STATE = b"conf_state"  # orjson {"voters": [...], "learners": [...]}
 META_CLUSTER_ID = b"cluster_id"  # UTF-8
+META_MESH = b"mesh/"  # + u16 receiver + u16 sender -> u64 incarnation, u64 seq (MeshMark)
 
 _INLINE_MAX = 200  # longest client id / filter kept verbatim in a key
 _TOPIC_INLINE_MAX = 300
@@ -207,6 +208,23 @@ def parse_queue_row(b: bytes) -> tuple[int, int, int, list[int], memoryview]:
     sub_ids = list(struct.unpack_from(f">{n}I", b, pos)) if n else []
     pos += 4 * n
     return packet_id, state, qos, sub_ids, memoryview(b)[pos:]
+
+
+def mesh_mark_key(receiver: int, sender: int) -> bytes:
+    return META_MESH + _U16.pack(receiver) + _U16.pack(sender)
+
+
+def parse_mesh_mark_key(key: bytes) -> tuple[int, int]:
+    n = len(META_MESH)
+    return _U16.unpack_from(key, n)[0], _U16.unpack_from(key, n + 2)[0]
+
+
+def mesh_mark_row(incarnation: int, seq: int) -> bytes:
+    return _U64.pack(incarnation) + _U64.pack(seq)
+
+
+def parse_mesh_mark_row(b: bytes) -> tuple[int, int]:
+    return _U64.unpack_from(b, 0)[0], _U64.unpack_from(b, 8)[0]
 
 
 def applied_row(index: int, term: int) -> bytes:

@@ -5,7 +5,8 @@ connects to the lower; both directions use it).  On it flow frames::
 
     u32 length of what follows | u8 type | body
 
-- HELLO(index): first frame of each side of a new connection.
+- HELLO(index, incarnation): first frame of each side of a new connection
+  (``incarnation``: a random number of this worker process, new at every start).
 - FWD(seq, sender, assigned share groups, message): a message published in
   the sending worker, for the receiver's matching subscriptions.  Only the
   share groups listed are served by the receiver (the sender picked, for each
@@ -23,6 +24,8 @@ connects to the lower; both directions use it).  On it flow frames::
 - STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
 - FWD_SHARED: as FWD, for the listed share groups only: a message that a
   member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
+- QOS2_ID(packet id): the next FWD is a QoS 2 message that the sender's client
+  (a persistent session) published with this packet id.
 
 Why forwarding by interest: a worker forwards a message only to siblings
 that subscribed to a matching filter, so in the common case of a publisher
@@ -51,6 +54,26 @@ messages go to every sibling (each worker holds every retained message).
 A sibling whose link breaks keeps its last known interest; its unacknowledged
 frames are sent again when it is back (QoS 1 may then be delivered twice, as
 the standard allows after a failure).
+
+Exactly once for QoS 2 across a worker's kill -9:
+
+- The receiver does not apply a frame twice.  It proposes, in the same store
+  batch as the queue writes its forwarded frames caused, a MeshMark: the last
+  sequence number applied from that sibling, with the sibling's incarnation.
+  A restarted receiver reads its marks back, and when the same incarnation of
+  the sibling links and sends again the frames it had not seen acknowledged,
+  those at or below the mark are acknowledged without being routed again (the
+  session restored from the store already holds them).  A restarted sender has
+  a new incarnation and sequence numbers from 1, and nothing to send again.
+- A QoS 2 message from a persistent session is forwarded (QOS2_ID + FWD,
+  always acknowledged) before its publisher's worker has committed the packet
+  id awaiting PUBREL (Qos2InAdd).  So the receiver commits that Qos2InAdd too,
+  in the batch of its own deliveries: if the publisher's worker dies before its
+  own commit, its restart still finds the packet id and the publisher's resend
+  is acknowledged, not delivered again.  (A row written twice is the same row;
+  PUBREL, which removes it, comes only after the receiver's acknowledgement.)
+  Until a (re)started worker serves clients it also applies the Qos2InAdd and
+  Qos2InRemove of its sessions that were committed after it loaded the store.
 """
 
 from __future__ import annotations
@@ -68,7 +91,14 @@ import orjson
 from raftmq._mesh import fwd_frame, split_frames
 from raftmq._trie import TopicTrie
 from raftmq.broker.sys_topics import NODE_COUNTERS
-from raftmq.state.entries import Message, decode_properties, encode_properties
+from raftmq.state.entries import (
+    MeshMark,
+    Message,
+    Qos2InAdd,
+    Qos2InRemove,
+    decode_properties,
+    encode_properties,
+)
 from raftmq.workers.ownership import assign_client_id, owner_of
 
 if TYPE_CHECKING:
@@ -76,10 +106,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE = range(1, 10)
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE, QOS2_ID = range(1, 11)
 
 _LEN = struct.Struct("<I")
-_HELLO = struct.Struct("<IBH")
+_HELLO = struct.Struct("<IBHQ")
+_QOS2_ID = struct.Struct("<IBH")
 _SEQ_FRAME = struct.Struct("<IBQ")  # RESET / SYNC / ACK
 _INTEREST_HEAD = struct.Struct("<IBQi")
 _INTEREST_BODY = struct.Struct("<Qi")
@@ -101,7 +132,8 @@ class Sibling:
     """What this worker knows of one other worker."""
 
     __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
-                 "counts", "durable", "stats", "recv_seq")
+                 "counts", "durable", "stats", "recv_seq", "incarnation", "applied",
+                 "hello_sync")
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
@@ -116,6 +148,9 @@ class Sibling:
         self.durable: dict[str, int] = {}  # the same, of its persistent sessions
         self.stats: tuple = ()
         self.recv_seq = 0  # highest sequence number of its frames we processed
+        self.incarnation = 0  # of its process, from its HELLO
+        self.applied = 0  # highest sequence number of its FWD frames applied (MeshMark)
+        self.hello_sync = 0  # the SYNC we sent when the link came up
 
 
 class Mesh:
@@ -148,6 +183,15 @@ class Mesh:
         self._all_up = asyncio.Event()
         self.matched = 0  # siblings the last forward() found a matching subscription in
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Random per process, so a sibling tells our sequence numbers from those
+        # of an earlier process of this worker (both start at 1).
+        self.incarnation = int.from_bytes(os.urandom(8), "little") >> 2
+        self._marks: dict[int, tuple[int, int]] = {}  # sender -> MeshMark as loaded
+        # Packet id of the QoS 2 message (of a persistent session) being routed:
+        # set by on_accepted_publish around route().
+        self.qos2_id = 0
+        self._recovering = True
+        broker.remote_listeners.append(self._on_remote_ops)
 
     # -- ownership (used by handle_connect) ---------------------------------------
 
@@ -174,13 +218,64 @@ class Mesh:
             if sibling.index < self.index:
                 self._tasks.append(self.loop.create_task(self._keep_connected(sibling)))
         if not self._sibling_list:
+            self._end_recovery()
             return
+        deadline = self.loop.time() + timeout
         try:
             await asyncio.wait_for(self._all_up.wait(), timeout)
         except TimeoutError:
             missing = [s.index for s in self._sibling_list if s.link is None]
             log.warning("Worker %d: siblings %s not linked after %.0f s; serving anyway.",
                         self.index, missing, timeout)
+        else:
+            await self._settle(deadline)
+        self._end_recovery()
+
+    async def _settle(self, deadline: float) -> None:
+        """Before serving clients: every sibling acknowledged our first SYNC, so
+        what it applied before is committed; then one batch of our own is
+        committed, so those commits' entries (fanned out before our answer, on
+        the same channel) reached _on_remote_ops."""
+        loop = self.loop
+        assert loop is not None
+        while any(s.acked < s.hello_sync for s in self._sibling_list):
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.005)
+        done = loop.create_future()
+        self.broker.store.submit([], lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            pass
+
+    def _end_recovery(self) -> None:
+        self._recovering = False
+        if self._on_remote_ops in self.broker.remote_listeners:
+            self.broker.remote_listeners.remove(self._on_remote_ops)
+
+    def restore_marks(self, marks: dict[tuple[int, int], tuple[int, int]]) -> None:
+        """The MeshMarks loaded from the store (Broker._load)."""
+        for (receiver, sender), mark in marks.items():
+            if receiver == self.index:
+                self._marks[sender] = mark
+
+    def _on_remote_ops(self, ops: list) -> None:
+        """Until we serve clients: QoS 2 receive state of our sessions committed
+        after we loaded the store (by a sibling, or by our previous process)."""
+        if not self._recovering:
+            return
+        sessions = self.broker.sessions
+        for op in ops:
+            cls = op.__class__
+            if cls is Qos2InAdd or cls is Qos2InRemove:
+                session = sessions.get(op.client_id)
+                if session is None or not session.durable:
+                    continue
+                if cls is Qos2InAdd:
+                    session.qos2_add(op.packet_id)
+                elif op.packet_id in session.qos2_in:
+                    session.qos2_in.discard(op.packet_id)
 
     async def _keep_connected(self, sibling: Sibling) -> None:
         loop = self.loop
@@ -207,13 +302,19 @@ class Mesh:
 
     # -- link events -------------------------------------------------------------
 
-    def _link_up(self, sibling: Sibling, link: _Link) -> None:
+    def _link_up(self, sibling: Sibling, link: _Link, incarnation: int) -> None:
         old = sibling.link
         if old is not None and old is not link:
             old.sibling = None
             old.transport.close()
         sibling.link = link
         sibling.recv_seq = 0  # a new connection: its sender may be a new process
+        if incarnation != sibling.incarnation:
+            # A new process (or the first link since we started): its frames
+            # applied by our previous process are those of our stored mark.
+            sibling.incarnation = incarnation
+            mark = self._marks.pop(sibling.index, None)
+            sibling.applied = mark[1] if mark is not None and mark[0] == incarnation else 0
         log.info("Worker %d: linked to worker %d.", self.index, sibling.index)
         # Our whole interest, then the frames it has not acknowledged, then a
         # barrier whose acknowledgement covers every sequence number so far.
@@ -224,6 +325,7 @@ class Mesh:
             frames.append(_interest_frame(0, n, topic_filter, DURABLE))
         frames.extend(frame for _seq, frame in sibling.resend)
         sibling.sent_seq += 1
+        sibling.hello_sync = sibling.sent_seq
         frames.append(_SEQ_FRAME.pack(9, SYNC, sibling.sent_seq))
         sibling.out[:0] = frames
         self._schedule_flush()
@@ -351,12 +453,13 @@ class Mesh:
         topic = message.topic.encode()
         props = encode_properties(message.properties)
         siblings = self.siblings
+        qos2_id = self.qos2_id
         for index, assigned in targets.items():
             sibling = siblings[index]
             needs_ack = retain or (qos > 0 and (index in durable or not sibling.known
-                                                or assigned is not None))
+                                                or assigned is not None)) or qos2_id > 0
             self._send_forward(sibling, FWD, sender, assigned, message, topic, props,
-                               needs_ack)
+                               needs_ack, qos2_id)
         return local_shared
 
     def _match_remote(self, topic: str) -> tuple[tuple[int, ...], frozenset, list]:
@@ -373,10 +476,13 @@ class Mesh:
         return match
 
     def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
-                      message: Message, topic: bytes, props: bytes, needs_ack: bool) -> None:
+                      message: Message, topic: bytes, props: bytes, needs_ack: bool,
+                      qos2_id: int = 0) -> None:
         seq = self._next_seq(sibling) if needs_ack else 0
         frame = fwd_frame(kind, seq, sender, orjson.dumps(assigned) if assigned else b"", topic,
                           message.payload, message.qos, message.retain, props, message.expiry_at)
+        if qos2_id:
+            frame = _QOS2_ID.pack(3, QOS2_ID, qos2_id) + frame
         if needs_ack:
             sibling.resend.append((seq, frame))
             if len(sibling.resend) % RESEND_WARN == 0:
@@ -550,6 +656,7 @@ class Mesh:
         acked_before = sibling.recv_seq if sibling is not None else 0
         broker = self.broker
         router = broker.router
+        marked = 0  # the last of these frames applied (MeshMark)
         broker._in_read = True
         try:
             for frame in frames:
@@ -562,10 +669,20 @@ class Mesh:
                     if sibling is None:
                         raise ValueError(f"HELLO from unknown worker {index}")
                     link.sibling = sibling
-                    self._link_up(sibling, link)
+                    self._link_up(sibling, link, int.from_bytes(frame[1][2:10], "little"))
                     acked_before = 0
                 elif kind == FWD or kind == FWD_SHARED:
                     _k, seq, sender, assign, topic, payload, qos, retain, props, expiry = frame
+                    qos2_id = link.qos2_id
+                    if qos2_id:
+                        link.qos2_id = 0
+                    if seq:
+                        if seq <= sibling.applied:
+                            # Sent again after a broken link: applied already (by
+                            # our previous process, if we restarted).
+                            sibling.recv_seq = seq
+                            continue
+                        sibling.applied = marked = seq
                     message = Message(topic, payload, qos, retain,
                                       decode_properties(props) if props is not None else None,
                                       expiry)
@@ -578,6 +695,11 @@ class Mesh:
                         router.deliver_shared(message, groups)
                     if seq:
                         sibling.recv_seq = seq
+                        if qos2_id and sender:
+                            # The publisher's receive state, with our deliveries.
+                            broker.pending_ops.append(Qos2InAdd(sender, qos2_id))
+                elif kind == QOS2_ID:
+                    link.qos2_id = int.from_bytes(frame[1][:2], "little")
                 elif kind == ACK:
                     self._on_ack(sibling, _U64.unpack_from(frame[1])[0])
                 elif kind == INTEREST or kind == DURABLE:
@@ -596,6 +718,10 @@ class Mesh:
                 else:
                     raise ValueError(f"unknown frame type {kind}")
         finally:
+            if marked and broker.pending_ops:
+                # What these frames changed in the store, and that they were applied.
+                broker.pending_ops.append(MeshMark(self.index, sibling.index,
+                                                   sibling.incarnation, marked))
             broker.flush_ops()
             broker.end_read()
         if sibling is not None and sibling.recv_seq != acked_before:
@@ -620,11 +746,12 @@ class _Link(asyncio.Protocol):
         self.sibling: Sibling | None = None
         self.transport: Any = None
         self.buf = bytearray()
+        self.qos2_id = 0  # from a QOS2_ID frame, for the FWD after it
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(high=64 * 1024 * 1024)
-        transport.write(_HELLO.pack(3, HELLO, self.mesh.index))
+        transport.write(_HELLO.pack(11, HELLO, self.mesh.index, self.mesh.incarnation))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
