@@ -102,6 +102,16 @@ class RaftStore:
         self._pending[rid] = done
         proto.send(ch.request_frame(ch.PROPOSE, rid, encode_ops(ops)))
 
+    def flush(self) -> int:
+        """Write the proposals submitted so far now, not at the end of the loop
+        turn; the bytes still waiting in this process (the channel is backed
+        up).  A worker's QoS 2 forwards wait for it (workers/mesh.py)."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return 0
+        proto.flush()
+        return proto.write_buffer_size()
+
     def set_remote_listener(self, listener: Callable[[list[Op]], None]) -> None:
         self._listener = listener
         self._maybe_attach()

@@ -24,8 +24,6 @@ connects to the lower; both directions use it).  On it flow frames::
 - STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
 - FWD_SHARED: as FWD, for the listed share groups only: a message that a
   member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
-- QOS2_ID(packet id): the next FWD is a QoS 2 message that the sender's client
-  (a persistent session) published with this packet id.
 
 Why forwarding by interest: a worker forwards a message only to siblings
 that subscribed to a matching filter, so in the common case of a publisher
@@ -65,15 +63,17 @@ Exactly once for QoS 2 across a worker's kill -9:
   those at or below the mark are acknowledged without being routed again (the
   session restored from the store already holds them).  A restarted sender has
   a new incarnation and sequence numbers from 1, and nothing to send again.
-- A QoS 2 message from a persistent session is forwarded (QOS2_ID + FWD,
-  always acknowledged) before its publisher's worker has committed the packet
-  id awaiting PUBREL (Qos2InAdd).  So the receiver commits that Qos2InAdd too,
-  in the batch of its own deliveries: if the publisher's worker dies before its
-  own commit, its restart still finds the packet id and the publisher's resend
-  is acknowledged, not delivered again.  (A row written twice is the same row;
-  PUBREL, which removes it, comes only after the receiver's acknowledgement.)
-  Until a (re)started worker serves clients it also applies the Qos2InAdd and
-  Qos2InRemove of its sessions that were committed after it loaded the store.
+- A QoS 2 message of a persistent session is forwarded before its publisher's
+  worker has committed the packet id awaiting PUBREL (Qos2InAdd): were the
+  worker to die with the forward sent and that batch lost, its restart would
+  take the publisher's resend for a new message, delivered again where the
+  forward went.  The raft process commits what a worker wrote to it before
+  dying; so after such a message (``store_first``) the frames wait until the
+  store's channel has written everything submitted so far (the batch, with this
+  worker's own deliveries) -- at once unless that channel is backed up, when
+  the whole mesh output waits for it (polled).  A (re)started worker also
+  applies, until it serves clients, the Qos2InAdd / Qos2InRemove of its sessions
+  committed after it loaded the store (its previous process's last batches).
 """
 
 from __future__ import annotations
@@ -106,11 +106,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE, QOS2_ID = range(1, 11)
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE = range(1, 10)
 
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<IBHQ")
-_QOS2_ID = struct.Struct("<IBH")
 _SEQ_FRAME = struct.Struct("<IBQ")  # RESET / SYNC / ACK
 _INTEREST_HEAD = struct.Struct("<IBQi")
 _INTEREST_BODY = struct.Struct("<Qi")
@@ -132,8 +131,7 @@ class Sibling:
     """What this worker knows of one other worker."""
 
     __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
-                 "counts", "durable", "stats", "recv_seq", "incarnation", "applied",
-                 "hello_sync")
+                 "counts", "durable", "stats", "recv_seq", "incarnation", "applied")
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
@@ -150,7 +148,6 @@ class Sibling:
         self.recv_seq = 0  # highest sequence number of its frames we processed
         self.incarnation = 0  # of its process, from its HELLO
         self.applied = 0  # highest sequence number of its FWD frames applied (MeshMark)
-        self.hello_sync = 0  # the SYNC we sent when the link came up
 
 
 class Mesh:
@@ -187,9 +184,10 @@ class Mesh:
         # of an earlier process of this worker (both start at 1).
         self.incarnation = int.from_bytes(os.urandom(8), "little") >> 2
         self._marks: dict[int, tuple[int, int]] = {}  # sender -> MeshMark as loaded
-        # Packet id of the QoS 2 message (of a persistent session) being routed:
-        # set by on_accepted_publish around route().
-        self.qos2_id = 0
+        # Set after a QoS 2 message of a persistent session was routed: the
+        # store's channel is written before the frames (see "Exactly once").
+        self.store_first = False
+        self._store_poll: asyncio.TimerHandle | None = None
         self._recovering = True
         broker.remote_listeners.append(self._on_remote_ops)
 
@@ -232,16 +230,12 @@ class Mesh:
         self._end_recovery()
 
     async def _settle(self, deadline: float) -> None:
-        """Before serving clients: every sibling acknowledged our first SYNC, so
-        what it applied before is committed; then one batch of our own is
-        committed, so those commits' entries (fanned out before our answer, on
-        the same channel) reached _on_remote_ops."""
+        """Before serving clients: one empty batch of our own committed, so the
+        batches our previous process left with the raft process are committed
+        too and their entries (fanned out before our answer, on the same
+        channel) reached _on_remote_ops."""
         loop = self.loop
         assert loop is not None
-        while any(s.acked < s.hello_sync for s in self._sibling_list):
-            if loop.time() >= deadline:
-                return
-            await asyncio.sleep(0.005)
         done = loop.create_future()
         self.broker.store.submit([], lambda: done.done() or done.set_result(None))
         try:
@@ -325,7 +319,6 @@ class Mesh:
             frames.append(_interest_frame(0, n, topic_filter, DURABLE))
         frames.extend(frame for _seq, frame in sibling.resend)
         sibling.sent_seq += 1
-        sibling.hello_sync = sibling.sent_seq
         frames.append(_SEQ_FRAME.pack(9, SYNC, sibling.sent_seq))
         sibling.out[:0] = frames
         self._schedule_flush()
@@ -363,6 +356,8 @@ class Mesh:
     def flush(self) -> None:
         """Write what waits for the siblings (the broker calls it before writing
         to its clients; otherwise it runs once per loop turn)."""
+        if self.store_first and self._store_backlog():
+            return
         for sibling in self._sibling_list:
             out = sibling.out
             if out and sibling.link is not None:
@@ -371,6 +366,21 @@ class Mesh:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self.flush()
+
+    def _store_backlog(self) -> bool:
+        """Write the store's proposals now; True while some still wait in this
+        process (its channel is backed up): then poll until they are out."""
+        flush = getattr(self.broker.store, "flush", None)
+        if flush is None or not flush():
+            self.store_first = False
+            return False
+        if self._store_poll is None and self.loop is not None and not self._closed:
+            self._store_poll = self.loop.call_later(0.001, self._poll_store)
+        return True
+
+    def _poll_store(self) -> None:
+        self._store_poll = None
         self.flush()
 
     def _next_seq(self, sibling: Sibling) -> int:
@@ -453,13 +463,12 @@ class Mesh:
         topic = message.topic.encode()
         props = encode_properties(message.properties)
         siblings = self.siblings
-        qos2_id = self.qos2_id
         for index, assigned in targets.items():
             sibling = siblings[index]
             needs_ack = retain or (qos > 0 and (index in durable or not sibling.known
-                                                or assigned is not None)) or qos2_id > 0
+                                                or assigned is not None))
             self._send_forward(sibling, FWD, sender, assigned, message, topic, props,
-                               needs_ack, qos2_id)
+                               needs_ack)
         return local_shared
 
     def _match_remote(self, topic: str) -> tuple[tuple[int, ...], frozenset, list]:
@@ -476,13 +485,10 @@ class Mesh:
         return match
 
     def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
-                      message: Message, topic: bytes, props: bytes, needs_ack: bool,
-                      qos2_id: int = 0) -> None:
+                      message: Message, topic: bytes, props: bytes, needs_ack: bool) -> None:
         seq = self._next_seq(sibling) if needs_ack else 0
         frame = fwd_frame(kind, seq, sender, orjson.dumps(assigned) if assigned else b"", topic,
                           message.payload, message.qos, message.retain, props, message.expiry_at)
-        if qos2_id:
-            frame = _QOS2_ID.pack(3, QOS2_ID, qos2_id) + frame
         if needs_ack:
             sibling.resend.append((seq, frame))
             if len(sibling.resend) % RESEND_WARN == 0:
@@ -673,9 +679,6 @@ class Mesh:
                     acked_before = 0
                 elif kind == FWD or kind == FWD_SHARED:
                     _k, seq, sender, assign, topic, payload, qos, retain, props, expiry = frame
-                    qos2_id = link.qos2_id
-                    if qos2_id:
-                        link.qos2_id = 0
                     if seq:
                         if seq <= sibling.applied:
                             # Sent again after a broken link: applied already (by
@@ -695,11 +698,6 @@ class Mesh:
                         router.deliver_shared(message, groups)
                     if seq:
                         sibling.recv_seq = seq
-                        if qos2_id and sender:
-                            # The publisher's receive state, with our deliveries.
-                            broker.pending_ops.append(Qos2InAdd(sender, qos2_id))
-                elif kind == QOS2_ID:
-                    link.qos2_id = int.from_bytes(frame[1][:2], "little")
                 elif kind == ACK:
                     self._on_ack(sibling, _U64.unpack_from(frame[1])[0])
                 elif kind == INTEREST or kind == DURABLE:
@@ -746,7 +744,6 @@ class _Link(asyncio.Protocol):
         self.sibling: Sibling | None = None
         self.transport: Any = None
         self.buf = bytearray()
-        self.qos2_id = 0  # from a QOS2_ID frame, for the FWD after it
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport

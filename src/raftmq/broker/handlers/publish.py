@@ -7,9 +7,9 @@ Incoming (client -> broker), MQTT 5 §4.3:
   the message is delivered onwards at PUBLISH time.)
   Acks whose state must be durable (the message was queued for a persistent
   session or retained, QoS 2 receive state of a persistent session) are
-  written from the store's ``done`` (Broker.commit).  With sibling workers a
-  persistent session's QoS 2 receive state is also committed by each sibling
-  the message is forwarded to (workers/mesh.py, "Exactly once").
+  written from the store's ``done`` (Broker.commit).  With sibling workers the
+  forwards of a QoS 2 message of a persistent session leave only once its
+  batch is written to the store (workers/mesh.py, "Exactly once").
 
 Outgoing (broker -> client): PUBACK / PUBREC / PUBCOMP from the subscriber
 move its in-flight messages along (router.py owns the queue and window).
@@ -192,18 +192,7 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
         return
 
     ops: list = []
-    mesh = broker.mesh
-    if qos == 2 and mesh is not None and session.durable:
-        # The siblings it is forwarded to commit its receive state with their
-        # deliveries: it then survives this worker's death before our own commit
-        # (workers/mesh.py, "Exactly once").
-        mesh.qos2_id = packet_id
-        try:
-            delivered = broker.router.route(message, conn.client_id, ops)
-        finally:
-            mesh.qos2_id = 0
-    else:
-        delivered = broker.router.route(message, conn.client_id, ops)
+    delivered = broker.router.route(message, conn.client_id, ops)
     if not delivered and broker.mesh is not None:
         delivered = broker.mesh.matched
     if qos == 1:
@@ -217,6 +206,10 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
         session.qos2_add(packet_id)
         if session.durable:
             ops.append(Qos2InAdd(conn.client_id, packet_id))
+            if broker.mesh is not None:
+                # Its forwards leave only after this batch is with the raft
+                # process: exactly once across our death (workers/mesh.py).
+                broker.mesh.store_first = True
     # With sibling workers, the ack also waits until they processed what this
     # message was forwarded to them for (a persistent session there queued it).
     if ops or (broker.mesh is not None and broker.mesh.gating()):
