@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -114,13 +115,14 @@ def _raft_pid(node: BrokerProcess) -> int:
 
 
 # Padding of the messages published around a kill in the window: big enough
-# that a worker's proposals for a window of 20 of them (paho's in-flight
-# limit) outgrow a unix socket's buffer (net.core.wmem_default, 208 KiB here).
-BIG = 48 * 1024
+# that a worker's proposals for the two or three of them it takes in while the
+# raft process is paused outgrow a unix socket's buffer (net.core.wmem_default,
+# 208 KiB here).
+BIG = 128 * 1024
 
 
 def _kill_in_window(node: BrokerProcess, kill_worker: int, victim: int,
-                    big: threading.Event) -> None:
+                    big: threading.Event, big_flowing: Callable[[], bool]) -> None:
     """kill -9 ``victim`` inside the window where exactly once is at stake, every
     time rather than by luck, by pausing the raft process (SIGSTOP) meanwhile:
 
@@ -136,6 +138,8 @@ def _kill_in_window(node: BrokerProcess, kill_worker: int, victim: int,
     raft = _raft_pid(node)
     if kill_worker == 1:
         big.set()
+        # Big ones in flight (paho's window is refilled with them) when it pauses.
+        assert wait_for(big_flowing, 10), "no big message acknowledged"
     os.kill(raft, signal.SIGSTOP)
     try:
         time.sleep(0.5)
@@ -169,6 +173,7 @@ def _load(node: BrokerProcess, kill_worker: int, version: int, qos: int = 1,
     assert_placed(node, pid, 1)
     time.sleep(0.3)  # the SUBACK came back (the paho subscribe is asynchronous)
     sent: dict[int, bytes] = {}  # mid -> payload
+    big_mids: set[int] = set()
     n = 2500
     stop = threading.Event()
     big = threading.Event()
@@ -184,10 +189,13 @@ def _load(node: BrokerProcess, kill_worker: int, version: int, qos: int = 1,
                 pub.online.wait(30)
                 time.sleep(0.5)
             payload = b"%d" % i
-            info = pub.client.publish(topic, payload + b" " + b"x" * BIG if big.is_set()
-                                      else payload, qos=qos)
+            padded = big.is_set()
+            info = pub.client.publish(topic, payload + b" " + b"x" * BIG if padded else payload,
+                                      qos=qos)
             with pub.lock:
                 sent[info.mid] = payload
+                if padded:
+                    big_mids.add(info.mid)
             time.sleep(0.002)
 
     log_start = len(node.log_path.read_text(errors="replace"))
@@ -197,7 +205,11 @@ def _load(node: BrokerProcess, kill_worker: int, version: int, qos: int = 1,
         assert wait_for(lambda: len(pub.acked_mids) >= 400, 30), "no QoS 1 flow before the kill"
         victim = pids[kill_worker]
         if in_window:
-            _kill_in_window(node, kill_worker, victim, big)
+            def big_flowing() -> bool:
+                with pub.lock:
+                    return len(big_mids & pub.acked_mids) >= 2
+
+            _kill_in_window(node, kill_worker, victim, big, big_flowing)
         else:
             os.kill(victim, signal.SIGKILL)
         wait_log(node, rf"Child raftmq-worker-{kill_worker} \(pid {victim}\) exited with "

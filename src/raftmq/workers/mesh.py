@@ -236,6 +236,9 @@ class Mesh:
         channel) reached _on_remote_ops."""
         loop = self.loop
         assert loop is not None
+        role = getattr(self.broker.store, "role", None)
+        if role is not None and role[0] != "leader":
+            return  # a follower's workers propose nothing (cluster modes)
         done = loop.create_future()
         self.broker.store.submit([], lambda: done.done() or done.set_result(None))
         try:
@@ -287,6 +290,8 @@ class Mesh:
         self._closed = True
         for task in self._tasks:
             task.cancel()
+        if self._store_poll is not None:
+            self._store_poll.cancel()
         if self._server is not None:
             self._server.close()
         self._flush()
