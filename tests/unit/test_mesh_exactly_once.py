@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from raftmq._codec import Publish
 from raftmq._mesh import fwd_frame, split_frames
 
-from raftmq.broker.handlers.publish import on_accepted_publish
+from raftmq.broker.handlers.publish import handle_publish, on_accepted_publish
 from raftmq.broker.server import Broker
 from raftmq.broker.session import Session, Subscription
 from raftmq.config import Config
@@ -270,7 +271,9 @@ def test_qos2_forward_leaves_after_the_batch_with_its_receive_state(tmp_path: Pa
     assert "mesh" in kinds and "store" in kinds
     assert kinds.index("store") < kinds.index("mesh"), events
     store_ops = next(ops for name, ops in events if name == "store")
-    assert Qos2InAdd("pub", 17) in store_ops
+    # ... and records where the message went (the frame to worker 0).
+    seq = mesh.siblings[0].sent_seq
+    assert store_ops == [Qos2InAdd("pub", 17, [mesh.incarnation, [[0, seq, None]]])]
 
 
 def test_qos2_forward_waits_while_the_store_channel_is_backed_up(tmp_path: Path) -> None:
@@ -295,3 +298,54 @@ def test_qos1_and_clean_qos2_forwards_do_not_wait(tmp_path: Path) -> None:
     on_accepted_publish(broker, conn, Message("t/x", b"n", 2), 6)
     mesh.flush()
     assert [name for name, _ in events] == ["mesh"]
+
+
+def _fwd_frames(events: list) -> list:
+    out = []
+    for name, data in events:
+        if name == "mesh":
+            frames, _ = split_frames(bytearray(data), M.FWD, M.FWD_SHARED)
+            out += [f for f in frames if f[0] in (M.FWD, M.AGAIN)]
+    return out
+
+
+def test_restarted_publishing_worker_forwards_a_resent_message_again(tmp_path: Path) -> None:
+    """Worker 1 restarted with a Qos2InAdd that says its previous process (7)
+    forwarded packet 17 to worker 0 as frame 5: the publisher's resend is
+    acknowledged, not routed here again, and goes to worker 0 once more behind
+    AGAIN(7, 5) -- worker 0 decides whether it had it.  Once only."""
+    events: list = []
+    broker, mesh, conn = _publishing_worker(tmp_path, events)
+    conn.session.qos2_add(17)
+    mesh.restore_forwards("pub", {17: [7, [[0, 5, None]]]})
+    resend = Publish(topic="t/x", payload=b"m", qos=2, retain=False, dup=True, packet_id=17)
+    handle_publish(broker, conn, resend)
+    handle_publish(broker, conn, resend)
+    mesh.flush()
+    frames = _fwd_frames(events)
+    assert [f[0] for f in frames] == [M.AGAIN, M.FWD]
+    assert struct.unpack("<QQ", frames[0][1]) == (7, 5)
+    assert frames[1][5] == b"m" and frames[1][1] > 0  # acknowledged: held for the PUBREC
+    assert broker.store.batches == []  # nothing routed here
+
+
+@pytest.mark.parametrize("applied, routed", [(5, False), (4, True)])
+def test_receiver_applies_a_frame_again_only_if_it_lacked_it(tmp_path: Path, applied: int,
+                                                             routed: bool) -> None:
+    """Worker 0 had applied frames up to ``applied`` of worker 1's process 7;
+    process 8 sends frame 5 of process 7 again (AGAIN): applied only if new."""
+    events: list = []
+    broker, mesh, link = _worker(0, tmp_path, events)
+    session = _durable_subscriber(broker)
+    mesh._on_frames(link, bytearray(_hello(1, 7) + b"".join(_fwd(s, b"x%d" % s)
+                                                            for s in range(1, applied + 1))))
+    link.connection_lost(None)
+    again = M._Link(mesh)
+    again.transport = Transport(events, "mesh")
+    events.clear()
+    mesh._on_frames(again, bytearray(_hello(1, 8) + struct.pack("<IBQQ", 17, M.AGAIN, 7, 5)
+                                     + _fwd(1, b"again", qos=2)))
+    got = [out.message.payload for out in session.queue]
+    assert (b"again" in got) == routed
+    mesh.flush()
+    assert _acks(events)[-1] == 1

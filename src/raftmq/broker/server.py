@@ -615,6 +615,8 @@ class Broker:
                     session.enqueue(out)
                 session.next_seq = max(session.next_seq, q.seq + 1)
             session.qos2_in = set(record.qos2_in)
+            if mesh is not None and record.qos2_forwards:
+                mesh.restore_forwards(record.client_id, record.qos2_forwards)
             if record.will is not None:
                 delay, message = record.will
                 self.wills.schedule(record.client_id, min(delay, record.expiry_interval), message)

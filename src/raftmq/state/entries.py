@@ -259,11 +259,15 @@ class QueueRemove:
 
 @dataclass(slots=True)
 class Qos2InAdd:
-    """QoS 2 PUBLISH received and routed; PUBREC may now be sent."""
+    """QoS 2 PUBLISH received and routed; PUBREC may now be sent.
+
+    ``forwards``: with sibling workers, where the message went (workers/mesh.py):
+    ``[incarnation, [[sibling, seq, assigned share groups or None], ...]]``."""
 
     TAG = 13
     client_id: str
     packet_id: int
+    forwards: list | None = None
 
 
 @dataclass(slots=True)
@@ -448,6 +452,7 @@ class SessionRecord:
     will: tuple[int, Message] | None = None  # (delay interval, message)
     queue: list[QueuedMessage] = field(default_factory=list)  # ordered by seq
     qos2_in: set[int] = field(default_factory=set)
+    qos2_forwards: dict[int, list] = field(default_factory=dict)  # Qos2InAdd.forwards
 
 
 @dataclass(slots=True)

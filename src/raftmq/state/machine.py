@@ -540,7 +540,8 @@ class StateMachine:
                 if rows:
                     self._flush_rows(txn)
                 if tag == _QOS2_IN_ADD:
-                    put(T.qos2_key(ck_of(f[0]), f[1]), b"", db=self.db_qos2_in)
+                    fwd = orjson.dumps(f[2]) if len(f) > 2 and f[2] else b""
+                    put(T.qos2_key(ck_of(f[0]), f[1]), fwd, db=self.db_qos2_in)
                 elif tag == _QOS2_IN_REMOVE:
                     delete(T.qos2_key(ck_of(f[0]), f[1]), db=self.db_qos2_in)
                 elif tag == _SESSION_PUT:
@@ -652,11 +653,14 @@ class StateMachine:
                 rec.queue.append(
                     QueuedMessage(T.key_seq(key, n), packet_id, state_, qos, sub_ids, decode_message(msg))
                 )
-        for key, _ in txn.cursor(db=self.db_qos2_in):
+        for key, row in txn.cursor(db=self.db_qos2_in):
             n = T.client_key_len(key)
             rec = by_ck.get(key[:n])
             if rec is not None:
-                rec.qos2_in.add(T.key_packet_id(key, n))
+                packet_id = T.key_packet_id(key, n)
+                rec.qos2_in.add(packet_id)
+                if row:
+                    rec.qos2_forwards[packet_id] = orjson.loads(row)
         for _, row in txn.cursor(db=self.db_retained):
             msg = decode_message(row)
             state.retained[msg.topic] = msg

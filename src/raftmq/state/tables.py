@@ -77,7 +77,7 @@ DB_SUBS = b"subs"  # client_key + filter_key -> subscription row
 DB_WILLS = b"wills"  # client_key -> will row
 DB_RETAINED = b"retained"  # topic_key -> encoded message (entries.encode_message)
 DB_QUEUES = b"queues"  # client_key + u64 seq -> queue row
-DB_QOS2_IN = b"qos2_in"  # client_key + u16 packet id -> b""
+DB_QOS2_IN = b"qos2_in"  # client_key + u16 packet id -> b"" or orjson of Qos2InAdd.forwards
 DB_DYNSEC = b"dynsec"  # DYNSEC_DOCUMENT -> orjson of the Mosquitto document
 DB_META = b"meta"  # META_* -> machine metadata
 

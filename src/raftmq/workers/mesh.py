@@ -24,6 +24,8 @@ connects to the lower; both directions use it).  On it flow frames::
 - STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
 - FWD_SHARED: as FWD, for the listed share groups only: a message that a
   member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
+- AGAIN(incarnation, seq): the next FWD is a QoS 2 message that the previous
+  process ``incarnation`` of the sender forwarded as frame ``seq`` (see below).
 
 Why forwarding by interest: a worker forwards a message only to siblings
 that subscribed to a matching filter, so in the common case of a publisher
@@ -71,9 +73,18 @@ Exactly once for QoS 2 across a worker's kill -9:
   dying; so after such a message (``store_first``) the frames wait until the
   store's channel has written everything submitted so far (the batch, with this
   worker's own deliveries) -- at once unless that channel is backed up, when
-  the whole mesh output waits for it (polled).  A (re)started worker also
-  applies, until it serves clients, the Qos2InAdd / Qos2InRemove of its sessions
-  committed after it loaded the store (its previous process's last batches).
+  the whole mesh output waits for it (polled).
+- The other way round, the worker may die with that batch committed and the
+  frames not sent: its restart then recognises the publisher's resend and
+  must not lose the forward.  So the Qos2InAdd records where the message was
+  forwarded (incarnation, and per sibling the frame's sequence number, always
+  acknowledged); the restarted worker forwards the resent message again to
+  those siblings, each frame preceded by AGAIN, and a sibling applies it only
+  if it had not applied that frame of the previous process (its last sequence
+  number applied from it, ``Sibling.prev``).
+- A (re)started worker also applies, until it serves clients, the Qos2InAdd /
+  Qos2InRemove of its sessions committed after it loaded the store (its
+  previous process's last batches).
 """
 
 from __future__ import annotations
@@ -106,11 +117,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE = range(1, 10)
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE, AGAIN = range(1, 11)
 
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<IBHQ")
 _SEQ_FRAME = struct.Struct("<IBQ")  # RESET / SYNC / ACK
+_AGAIN = struct.Struct("<IBQQ")
+_AGAIN_BODY = struct.Struct("<QQ")
 _INTEREST_HEAD = struct.Struct("<IBQi")
 _INTEREST_BODY = struct.Struct("<Qi")
 _U64 = struct.Struct("<Q")
@@ -131,7 +144,7 @@ class Sibling:
     """What this worker knows of one other worker."""
 
     __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
-                 "counts", "durable", "stats", "recv_seq", "incarnation", "applied")
+                 "counts", "durable", "stats", "recv_seq", "incarnation", "applied", "prev")
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
@@ -148,6 +161,7 @@ class Sibling:
         self.recv_seq = 0  # highest sequence number of its frames we processed
         self.incarnation = 0  # of its process, from its HELLO
         self.applied = 0  # highest sequence number of its FWD frames applied (MeshMark)
+        self.prev: tuple[int, int] = (0, 0)  # (incarnation, applied) of its previous process
 
 
 class Mesh:
@@ -188,6 +202,9 @@ class Mesh:
         # store's channel is written before the frames (see "Exactly once").
         self.store_first = False
         self._store_poll: asyncio.TimerHandle | None = None
+        self._capture: list | None = None  # forwards of the QoS 2 message being routed
+        # (client id, packet id) -> Qos2InAdd.forwards of our previous process
+        self.prev_forwards: dict[tuple[str, int], list] = {}
         self._recovering = True
         broker.remote_listeners.append(self._on_remote_ops)
 
@@ -257,6 +274,40 @@ class Mesh:
             if receiver == self.index:
                 self._marks[sender] = mark
 
+    def restore_forwards(self, client_id: str, forwards: dict[int, list]) -> None:
+        """A session's Qos2InAdd.forwards loaded from the store (Broker._load)."""
+        for packet_id, fwd in forwards.items():
+            self.prev_forwards[(client_id, packet_id)] = fwd
+
+    def forwards_again(self, client_id: str, packet_id: int) -> list | None:
+        """A QoS 2 message our previous process forwarded, resent by its
+        publisher: where it went (for ``forward_again``), once; else None."""
+        if not self.prev_forwards:
+            return None
+        return self.prev_forwards.pop((client_id, packet_id), None)
+
+    def start_capture(self) -> None:
+        """Record where the forwards that follow go (all acknowledged), until
+        ``end_capture``: a QoS 2 message of a persistent session."""
+        self._capture = []
+
+    def end_capture(self) -> list | None:
+        """The Qos2InAdd.forwards of the message routed since ``start_capture``."""
+        captured, self._capture = self._capture, None
+        return [self.incarnation, captured] if captured else None
+
+    def forward_again(self, message: Message, sender_id: str, forwards: list) -> None:
+        """Forward ``message`` again where our previous process did (AGAIN)."""
+        incarnation, targets = forwards
+        sender = sender_id.encode("utf-8", "surrogatepass")
+        topic = message.topic.encode()
+        props = encode_properties(message.properties)
+        for index, seq, assigned in targets:
+            sibling = self.siblings.get(index)
+            if sibling is not None:
+                self._send_forward(sibling, FWD, sender, assigned, message, topic, props, True,
+                                   _AGAIN.pack(17, AGAIN, incarnation, seq))
+
     def _on_remote_ops(self, ops: list) -> None:
         """Until we serve clients: QoS 2 receive state of our sessions committed
         after we loaded the store (by a sibling, or by our previous process)."""
@@ -311,8 +362,12 @@ class Mesh:
         if incarnation != sibling.incarnation:
             # A new process (or the first link since we started): its frames
             # applied by our previous process are those of our stored mark.
-            sibling.incarnation = incarnation
             mark = self._marks.pop(sibling.index, None)
+            if sibling.incarnation:
+                sibling.prev = (sibling.incarnation, sibling.applied)
+            elif mark is not None and mark[0] != incarnation:
+                sibling.prev = mark
+            sibling.incarnation = incarnation
             sibling.applied = mark[1] if mark is not None and mark[0] == incarnation else 0
         log.info("Worker %d: linked to worker %d.", self.index, sibling.index)
         # Our whole interest, then the frames it has not acknowledged, then a
@@ -468,10 +523,14 @@ class Mesh:
         topic = message.topic.encode()
         props = encode_properties(message.properties)
         siblings = self.siblings
+        capture = self._capture
         for index, assigned in targets.items():
             sibling = siblings[index]
             needs_ack = retain or (qos > 0 and (index in durable or not sibling.known
                                                 or assigned is not None))
+            if capture is not None:
+                needs_ack = True
+                capture.append([index, sibling.sent_seq + 1, assigned])
             self._send_forward(sibling, FWD, sender, assigned, message, topic, props,
                                needs_ack)
         return local_shared
@@ -490,10 +549,13 @@ class Mesh:
         return match
 
     def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
-                      message: Message, topic: bytes, props: bytes, needs_ack: bool) -> None:
+                      message: Message, topic: bytes, props: bytes, needs_ack: bool,
+                      prefix: bytes = b"") -> None:
         seq = self._next_seq(sibling) if needs_ack else 0
         frame = fwd_frame(kind, seq, sender, orjson.dumps(assigned) if assigned else b"", topic,
                           message.payload, message.qos, message.retain, props, message.expiry_at)
+        if prefix:
+            frame = prefix + frame
         if needs_ack:
             sibling.resend.append((seq, frame))
             if len(sibling.resend) % RESEND_WARN == 0:
@@ -691,6 +753,12 @@ class Mesh:
                             sibling.recv_seq = seq
                             continue
                         sibling.applied = marked = seq
+                        again = link.again
+                        if again is not None:
+                            link.again = None
+                            if again[0] == sibling.prev[0] and again[1] <= sibling.prev[1]:
+                                sibling.recv_seq = seq  # its previous process's forward was
+                                continue  # applied here
                     message = Message(topic, payload, qos, retain,
                                       decode_properties(props) if props is not None else None,
                                       expiry)
@@ -703,6 +771,8 @@ class Mesh:
                         router.deliver_shared(message, groups)
                     if seq:
                         sibling.recv_seq = seq
+                elif kind == AGAIN:
+                    link.again = _AGAIN_BODY.unpack_from(frame[1])
                 elif kind == ACK:
                     self._on_ack(sibling, _U64.unpack_from(frame[1])[0])
                 elif kind == INTEREST or kind == DURABLE:
@@ -749,6 +819,7 @@ class _Link(asyncio.Protocol):
         self.sibling: Sibling | None = None
         self.transport: Any = None
         self.buf = bytearray()
+        self.again: tuple[int, int] | None = None  # from an AGAIN frame, for the next FWD
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
