@@ -82,9 +82,8 @@ Exactly once for QoS 2 across a worker's kill -9:
   those siblings, each frame preceded by AGAIN, and a sibling applies it only
   if it had not applied that frame of the previous process (its last sequence
   number applied from it, ``Sibling.prev``).
-- A (re)started worker also applies, until it serves clients, the Qos2InAdd /
-  Qos2InRemove of its sessions committed after it loaded the store (its
-  previous process's last batches).
+- A restarted worker loads the store only once its previous process's last
+  batches are committed (raft/client.py RaftStore.load).
 """
 
 from __future__ import annotations
@@ -102,14 +101,7 @@ import orjson
 from raftmq._mesh import fwd_frame, split_frames
 from raftmq._trie import TopicTrie
 from raftmq.broker.sys_topics import NODE_COUNTERS
-from raftmq.state.entries import (
-    MeshMark,
-    Message,
-    Qos2InAdd,
-    Qos2InRemove,
-    decode_properties,
-    encode_properties,
-)
+from raftmq.state.entries import MeshMark, Message, decode_properties, encode_properties
 from raftmq.workers.ownership import assign_client_id, owner_of
 
 if TYPE_CHECKING:
@@ -205,8 +197,6 @@ class Mesh:
         self._capture: list | None = None  # forwards of the QoS 2 message being routed
         # (client id, packet id) -> Qos2InAdd.forwards of our previous process
         self.prev_forwards: dict[tuple[str, int], list] = {}
-        self._recovering = True
-        broker.remote_listeners.append(self._on_remote_ops)
 
     # -- ownership (used by handle_connect) ---------------------------------------
 
@@ -233,40 +223,13 @@ class Mesh:
             if sibling.index < self.index:
                 self._tasks.append(self.loop.create_task(self._keep_connected(sibling)))
         if not self._sibling_list:
-            self._end_recovery()
             return
-        deadline = self.loop.time() + timeout
         try:
             await asyncio.wait_for(self._all_up.wait(), timeout)
         except TimeoutError:
             missing = [s.index for s in self._sibling_list if s.link is None]
             log.warning("Worker %d: siblings %s not linked after %.0f s; serving anyway.",
                         self.index, missing, timeout)
-        else:
-            await self._settle(deadline)
-        self._end_recovery()
-
-    async def _settle(self, deadline: float) -> None:
-        """Before serving clients: one empty batch of our own committed, so the
-        batches our previous process left with the raft process are committed
-        too and their entries (fanned out before our answer, on the same
-        channel) reached _on_remote_ops."""
-        loop = self.loop
-        assert loop is not None
-        role = getattr(self.broker.store, "role", None)
-        if role is not None and role[0] != "leader":
-            return  # a follower's workers propose nothing (cluster modes)
-        done = loop.create_future()
-        self.broker.store.submit([], lambda: done.done() or done.set_result(None))
-        try:
-            await asyncio.wait_for(done, max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            pass
-
-    def _end_recovery(self) -> None:
-        self._recovering = False
-        if self._on_remote_ops in self.broker.remote_listeners:
-            self.broker.remote_listeners.remove(self._on_remote_ops)
 
     def restore_marks(self, marks: dict[tuple[int, int], tuple[int, int]]) -> None:
         """The MeshMarks loaded from the store (Broker._load)."""
@@ -307,23 +270,6 @@ class Mesh:
             if sibling is not None:
                 self._send_forward(sibling, FWD, sender, assigned, message, topic, props, True,
                                    _AGAIN.pack(17, AGAIN, incarnation, seq))
-
-    def _on_remote_ops(self, ops: list) -> None:
-        """Until we serve clients: QoS 2 receive state of our sessions committed
-        after we loaded the store (by a sibling, or by our previous process)."""
-        if not self._recovering:
-            return
-        sessions = self.broker.sessions
-        for op in ops:
-            cls = op.__class__
-            if cls is Qos2InAdd or cls is Qos2InRemove:
-                session = sessions.get(op.client_id)
-                if session is None or not session.durable:
-                    continue
-                if cls is Qos2InAdd:
-                    session.qos2_add(op.packet_id)
-                elif op.packet_id in session.qos2_in:
-                    session.qos2_in.discard(op.packet_id)
 
     async def _keep_connected(self, sibling: Sibling) -> None:
         loop = self.loop
