@@ -226,7 +226,8 @@ def _load(node: BrokerProcess, kill_worker: int, version: int, qos: int = 1,
         # ... and every acknowledged one reaches the subscribers at least once.
         for s in subs:
             assert wait_for(lambda s=s: acked <= s.got(), 40), (
-                f"{len(acked - s.got())} acknowledged messages lost, e.g. "
+                f"{len(acked - s.got())} acknowledged messages lost for "
+                f"{s.client._client_id.decode()}, e.g. "
                 f"{sorted(acked - s.got(), key=int)[:10]}:\n{node.log_tail(30)}")
         if qos == 2:
             time.sleep(0.5)  # a duplicate still on its way
