@@ -608,6 +608,8 @@ class Broker:
         # (wall clock: the loop's clock starts anew with the process).
         now_ms = int(time.time() * 1000)
         mesh = self.mesh
+        if mesh is not None:
+            mesh.restore_marks(state.mesh_marks)
         for record in state.sessions.values():
             if mesh is not None and mesh.owner_of(record.client_id) != self.worker_id:
                 continue  # a sibling owns it (workers/ownership.py)
@@ -644,6 +646,8 @@ class Broker:
                     session.enqueue(out)
                 session.next_seq = max(session.next_seq, q.seq + 1)
             session.qos2_in = set(record.qos2_in)
+            if mesh is not None and record.qos2_forwards:
+                mesh.restore_forwards(record.client_id, record.qos2_forwards)
             if record.will is not None:
                 delay, message = record.will
                 # Due now if its delay passed while the broker was down: the

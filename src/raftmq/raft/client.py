@@ -74,8 +74,20 @@ class RaftStore:
             self._blocking = ch.BlockingChannel(
                 self.data_dir, self.worker_id, timeout=self.connect_timeout, fanout=True
             )
-        self._blocking.send(ch.frame(ch.LOAD))
         early: list[tuple[int, bytes]] = []
+        # A LOAD answers what is applied, and batches that this worker's killed
+        # previous process wrote may still be on their way to that: an empty
+        # batch of ours committed first comes after them (refused while the
+        # raft process is not the leader: nothing of ours can be in flight then).
+        self._blocking.send(ch.request_frame(ch.PROPOSE, 0, encode_ops([])))
+        while True:
+            kind, body = self._blocking.recv_frame()
+            if (kind == ch.COMMITTED and 0 in ch.parse_ids(body)) or \
+                    (kind == ch.FAILED and 0 in ch.parse_ids(body[1:])):
+                break
+            if kind == ch.ROLE:
+                early = [(kind, body)]
+        self._blocking.send(ch.frame(ch.LOAD))
         while True:
             kind, body = self._blocking.recv_frame()
             if kind == ch.LOADED:
@@ -101,6 +113,16 @@ class RaftStore:
         self._next_id += 1
         self._pending[rid] = done
         proto.send(ch.request_frame(ch.PROPOSE, rid, encode_ops(ops)))
+
+    def flush(self) -> int:
+        """Write the proposals submitted so far now, not at the end of the loop
+        turn; the bytes still waiting in this process (the channel is backed
+        up).  A worker's QoS 2 forwards wait for it (workers/mesh.py)."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return 0
+        proto.flush()
+        return proto.write_buffer_size()
 
     def set_remote_listener(self, listener: Callable[[list[Op]], None]) -> None:
         self._listener = listener
@@ -222,7 +244,9 @@ class RaftStore:
                         done()
             elif kind == ch.ENTRY:
                 if self._listener is not None:
-                    self._listener(decode_ops(body))
+                    ops = decode_ops(body)
+                    if ops:  # (not the empty batch of a sibling's load)
+                        self._listener(ops)
             elif kind == ch.ROLE:
                 r = orjson.loads(body)
                 self.role = (r["role"], r["leader"], r["term"])

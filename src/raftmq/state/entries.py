@@ -259,11 +259,15 @@ class QueueRemove:
 
 @dataclass(slots=True)
 class Qos2InAdd:
-    """QoS 2 PUBLISH received and routed; PUBREC may now be sent."""
+    """QoS 2 PUBLISH received and routed; PUBREC may now be sent.
+
+    ``forwards``: with sibling workers, where the message went (workers/mesh.py):
+    ``[incarnation, [[sibling, seq, assigned share groups or None], ...]]``."""
 
     TAG = 13
     client_id: str
     packet_id: int
+    forwards: list | None = None
 
 
 @dataclass(slots=True)
@@ -295,6 +299,21 @@ class SessionOffline:
 
 
 @dataclass(slots=True)
+class MeshMark:
+    """Worker ``receiver`` of this node has applied every frame that incarnation
+    ``incarnation`` of its sibling worker ``sender`` sent it, up to sequence
+    number ``seq`` (workers/mesh.py).  Proposed in the same batch as the queue
+    writes those frames caused, so a restarted receiver knows which frames the
+    sibling sends again (they were not acknowledged) it must not apply twice."""
+
+    TAG = 17
+    receiver: int
+    sender: int
+    incarnation: int
+    seq: int
+
+
+@dataclass(slots=True)
 class Noop:
     """Appended by a new leader; also used to force a commit (barrier)."""
 
@@ -304,7 +323,7 @@ class Noop:
 Op = (
     SessionPut | SessionExpiry | SessionDelete | SubAdd | SubRemove | WillSet | WillDelete
     | RetainSet | RetainDelete | QueueAdd | QueueUpdate | QueueRemove | Qos2InAdd
-    | Qos2InRemove | Dynsec | Noop | SessionOffline
+    | Qos2InRemove | Dynsec | Noop | SessionOffline | MeshMark
 )
 
 OP_TYPES: dict[int, type] = {
@@ -312,7 +331,7 @@ OP_TYPES: dict[int, type] = {
     for t in (
         Noop, SessionPut, SessionExpiry, SessionDelete, SubAdd, SubRemove, WillSet,
         WillDelete, RetainSet, RetainDelete, QueueAdd, QueueUpdate, QueueRemove,
-        Qos2InAdd, Qos2InRemove, Dynsec, SessionOffline,
+        Qos2InAdd, Qos2InRemove, Dynsec, SessionOffline, MeshMark,
     )
 }
 
@@ -447,6 +466,7 @@ class SessionRecord:
     # ms since the epoch when it went offline (SessionOffline); 0: it was
     # connected when the broker stopped.
     disconnected_at: int = 0
+    qos2_forwards: dict[int, list] = field(default_factory=dict)  # Qos2InAdd.forwards
 
 
 @dataclass(slots=True)
@@ -454,3 +474,5 @@ class LoadedState:
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
     retained: dict[str, Message] = field(default_factory=dict)
     dynsec: dict[str, Any] | None = None  # Mosquitto dynamic-security.json document
+    # (receiver, sender) worker indexes -> (sender incarnation, seq): MeshMark
+    mesh_marks: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)

@@ -30,7 +30,7 @@ removed while deferred never reaches the table.  Raft allows the tables to lag
 the log (the log holds every committed entry; after a crash the entries after
 the applied index are applied again), so the invariant stays simple:
 META_APPLIED names the entry the tables are at, and the map holds the net
-effect of the entries after it, all of which carried only queue ops.  The map
+effect of the entries after it, all of which carried only queue ops (and MeshMarks).  The map
 is written (in key order) before any op that writes a table directly (so every
 applied index describes the tables), once the tables lag N entries or the map
 holds ``_MAX_DEFERRED_ROWS`` keys, by ``flush()``, and by ``load()``.  An
@@ -52,6 +52,11 @@ Op semantics (one paragraph each in state/entries.py):
   QUEUED), each with its own copy of the message.
 * QueueUpdate: rewrite the packet id and state of an existing row.
 * QueueRemove: delete the row.
+* MeshMark: put the receiver's applied-frame mark for one sibling in the meta
+  table (``tables.mesh_mark_key``).  With deferral it waits with the queue rows
+  (its deferred key is ``_META_ROW`` + the meta key, which no queue key starts
+  with): a worker adds one to every batch of forwarded messages, which would
+  otherwise make every such entry write the tables directly.
 * Dynsec: ``document = apply_dynsec(document, change)``: by default
   ``raftmq.dynsec.commands.apply_change`` (pluggable for tests; the document is
   the Mosquitto dynamic-security.json form, stored as sorted-key JSON).
@@ -104,6 +109,10 @@ _NOOP, _SESSION_PUT, _SESSION_EXPIRY, _SESSION_DELETE, _SUB_ADD, _SUB_REMOVE = 0
 _WILL_SET, _WILL_DELETE, _RETAIN_SET, _RETAIN_DELETE, _QUEUE_ADD, _QUEUE_UPDATE = 6, 7, 8, 9, 10, 11
 _QUEUE_REMOVE, _QOS2_IN_ADD, _QOS2_IN_REMOVE, _DYNSEC = 12, 13, 14, 15
 _SESSION_OFFLINE = 16
+_MESH_MARK = 17
+# Prefix of a deferred meta-table row among the deferred queue rows: a queue key
+# starts with a client key, 0x00 (u16 length <= 200) or 0xFFFF (hashed).
+_META_ROW = b"\xfe"
 
 
 class LogEntry(Protocol):
@@ -410,6 +419,9 @@ class StateMachine:
         top_seq = self._top_seq
         for key in sorted(rows):
             row = rows[key]
+            if key[0] == 0xFE:  # _META_ROW: a MeshMark
+                put(key[1:], row, db=self.db_meta)
+                continue
             if row is None:
                 delete(key, db=db)
             else:
@@ -471,6 +483,14 @@ class StateMachine:
                         continue
                 if tag == _NOOP:
                     continue
+                if tag == _MESH_MARK:
+                    key = T.mesh_mark_key(f[0], f[1])
+                    if defer:
+                        rows[_META_ROW + key] = T.mesh_mark_row(f[2], f[3])
+                        continue
+                    direct = True
+                    put(key, T.mesh_mark_row(f[2], f[3]), db=self.db_meta)
+                    continue
                 kind = _QUEUE_KIND.get(tag)
                 if kind is not None:
                     # The queue ops of every durable delivery: first the table
@@ -524,7 +544,8 @@ class StateMachine:
                 if rows:
                     self._flush_rows(txn)
                 if tag == _QOS2_IN_ADD:
-                    put(T.qos2_key(ck_of(f[0]), f[1]), b"", db=self.db_qos2_in)
+                    fwd = orjson.dumps(f[2]) if len(f) > 2 and f[2] else b""
+                    put(T.qos2_key(ck_of(f[0]), f[1]), fwd, db=self.db_qos2_in)
                 elif tag == _QOS2_IN_REMOVE:
                     delete(T.qos2_key(ck_of(f[0]), f[1]), db=self.db_qos2_in)
                 elif tag == _SESSION_PUT:
@@ -644,16 +665,25 @@ class StateMachine:
                 rec.queue.append(
                     QueuedMessage(T.key_seq(key, n), packet_id, state_, qos, sub_ids, decode_message(msg))
                 )
-        for key, _ in txn.cursor(db=self.db_qos2_in):
+        for key, row in txn.cursor(db=self.db_qos2_in):
             n = T.client_key_len(key)
             rec = by_ck.get(key[:n])
             if rec is not None:
-                rec.qos2_in.add(T.key_packet_id(key, n))
+                packet_id = T.key_packet_id(key, n)
+                rec.qos2_in.add(packet_id)
+                if row:
+                    rec.qos2_forwards[packet_id] = orjson.loads(row)
         for _, row in txn.cursor(db=self.db_retained):
             msg = decode_message(row)
             state.retained[msg.topic] = msg
         raw = txn.get(T.DYNSEC_DOCUMENT, db=self.db_dynsec)
         state.dynsec = orjson.loads(raw) if raw is not None else None
+        cur = txn.cursor(db=self.db_meta)
+        if cur.set_range(T.META_MESH):
+            for key, row in cur.iternext():
+                if not key.startswith(T.META_MESH):
+                    break
+                state.mesh_marks[T.parse_mesh_mark_key(key)] = T.parse_mesh_mark_row(row)
         return state
 
     def dynsec_document(self) -> dict[str, Any] | None:

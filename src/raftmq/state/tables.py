@@ -77,7 +77,7 @@ DB_SUBS = b"subs"  # client_key + filter_key -> subscription row
 DB_WILLS = b"wills"  # client_key -> will row
 DB_RETAINED = b"retained"  # topic_key -> encoded message (entries.encode_message)
 DB_QUEUES = b"queues"  # client_key + u64 seq -> queue row
-DB_QOS2_IN = b"qos2_in"  # client_key + u16 packet id -> b""
+DB_QOS2_IN = b"qos2_in"  # client_key + u16 packet id -> b"" or orjson of Qos2InAdd.forwards
 DB_DYNSEC = b"dynsec"  # DYNSEC_DOCUMENT -> orjson of the Mosquitto document
 DB_META = b"meta"  # META_* -> machine metadata
 
@@ -92,6 +92,7 @@ DYNSEC_DOCUMENT = b"document"
 META_APPLIED = b"applied"  # u64 index, u64 term of the last applied entry
 META_CONF_STATE = b"conf_state"  # orjson {"voters": [...], "learners": [...]}
 META_CLUSTER_ID = b"cluster_id"  # UTF-8
+META_MESH = b"mesh/"  # + u16 receiver + u16 sender -> u64 incarnation, u64 seq (MeshMark)
 
 _INLINE_MAX = 200  # longest client id / filter kept verbatim in a key
 _TOPIC_INLINE_MAX = 300
@@ -214,6 +215,23 @@ def parse_queue_row(b: bytes) -> tuple[int, int, int, list[int], memoryview]:
     sub_ids = list(struct.unpack_from(f">{n}I", b, pos)) if n else []
     pos += 4 * n
     return packet_id, state, qos, sub_ids, memoryview(b)[pos:]
+
+
+def mesh_mark_key(receiver: int, sender: int) -> bytes:
+    return META_MESH + _U16.pack(receiver) + _U16.pack(sender)
+
+
+def parse_mesh_mark_key(key: bytes) -> tuple[int, int]:
+    n = len(META_MESH)
+    return _U16.unpack_from(key, n)[0], _U16.unpack_from(key, n + 2)[0]
+
+
+def mesh_mark_row(incarnation: int, seq: int) -> bytes:
+    return _U64.pack(incarnation) + _U64.pack(seq)
+
+
+def parse_mesh_mark_row(b: bytes) -> tuple[int, int]:
+    return _U64.unpack_from(b, 0)[0], _U64.unpack_from(b, 8)[0]
 
 
 def applied_row(index: int, term: int) -> bytes:

@@ -5,7 +5,8 @@ connects to the lower; both directions use it).  On it flow frames::
 
     u32 length of what follows | u8 type | body
 
-- HELLO(index): first frame of each side of a new connection.
+- HELLO(index, incarnation): first frame of each side of a new connection
+  (``incarnation``: a random number of this worker process, new at every start).
 - FWD(seq, sender, assigned share groups, message): a message published in
   the sending worker, for the receiver's matching subscriptions.  Only the
   share groups listed are served by the receiver (the sender picked, for each
@@ -23,6 +24,8 @@ connects to the lower; both directions use it).  On it flow frames::
 - STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
 - FWD_SHARED: as FWD, for the listed share groups only: a message that a
   member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
+- AGAIN(incarnation, seq): the next FWD is a QoS 2 message that the previous
+  process ``incarnation`` of the sender forwarded as frame ``seq`` (see below).
 
 Why forwarding by interest: a worker forwards a message only to siblings
 that subscribed to a matching filter, so in the common case of a publisher
@@ -51,6 +54,36 @@ messages go to every sibling (each worker holds every retained message).
 A sibling whose link breaks keeps its last known interest; its unacknowledged
 frames are sent again when it is back (QoS 1 may then be delivered twice, as
 the standard allows after a failure).
+
+Exactly once for QoS 2 across a worker's kill -9:
+
+- The receiver does not apply a frame twice.  It proposes, in the same store
+  batch as the queue writes its forwarded frames caused, a MeshMark: the last
+  sequence number applied from that sibling, with the sibling's incarnation.
+  A restarted receiver reads its marks back, and when the same incarnation of
+  the sibling links and sends again the frames it had not seen acknowledged,
+  those at or below the mark are acknowledged without being routed again (the
+  session restored from the store already holds them).  A restarted sender has
+  a new incarnation and sequence numbers from 1, and nothing to send again.
+- A QoS 2 message of a persistent session is forwarded before its publisher's
+  worker has committed the packet id awaiting PUBREL (Qos2InAdd): were the
+  worker to die with the forward sent and that batch lost, its restart would
+  take the publisher's resend for a new message, delivered again where the
+  forward went.  The raft process commits what a worker wrote to it before
+  dying; so after such a message (``store_first``) the frames wait until the
+  store's channel has written everything submitted so far (the batch, with this
+  worker's own deliveries) -- at once unless that channel is backed up, when
+  the whole mesh output waits for it (polled).
+- The other way round, the worker may die with that batch committed and the
+  frames not sent: its restart then recognises the publisher's resend and
+  must not lose the forward.  So the Qos2InAdd records where the message was
+  forwarded (incarnation, and per sibling the frame's sequence number, always
+  acknowledged); the restarted worker forwards the resent message again to
+  those siblings, each frame preceded by AGAIN, and a sibling applies it only
+  if it had not applied that frame of the previous process (its last sequence
+  number applied from it, ``Sibling.prev``).
+- A restarted worker loads the store only once its previous process's last
+  batches are committed (raft/client.py RaftStore.load).
 """
 
 from __future__ import annotations
@@ -68,7 +101,7 @@ import orjson
 from raftmq._mesh import fwd_frame, split_frames
 from raftmq._trie import TopicTrie
 from raftmq.broker.sys_topics import NODE_COUNTERS
-from raftmq.state.entries import Message, decode_properties, encode_properties
+from raftmq.state.entries import MeshMark, Message, decode_properties, encode_properties
 from raftmq.workers.ownership import assign_client_id, owner_of
 
 if TYPE_CHECKING:
@@ -76,11 +109,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.workers")
 
-HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE = range(1, 10)
+HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE, AGAIN = range(1, 11)
 
 _LEN = struct.Struct("<I")
-_HELLO = struct.Struct("<IBH")
+_HELLO = struct.Struct("<IBHQ")
 _SEQ_FRAME = struct.Struct("<IBQ")  # RESET / SYNC / ACK
+_AGAIN = struct.Struct("<IBQQ")
+_AGAIN_BODY = struct.Struct("<QQ")
 _INTEREST_HEAD = struct.Struct("<IBQi")
 _INTEREST_BODY = struct.Struct("<Qi")
 _U64 = struct.Struct("<Q")
@@ -101,7 +136,7 @@ class Sibling:
     """What this worker knows of one other worker."""
 
     __slots__ = ("index", "path", "link", "out", "sent_seq", "acked", "resend", "known",
-                 "counts", "durable", "stats", "recv_seq")
+                 "counts", "durable", "stats", "recv_seq", "incarnation", "applied", "prev")
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
@@ -116,6 +151,9 @@ class Sibling:
         self.durable: dict[str, int] = {}  # the same, of its persistent sessions
         self.stats: tuple = ()
         self.recv_seq = 0  # highest sequence number of its frames we processed
+        self.incarnation = 0  # of its process, from its HELLO
+        self.applied = 0  # highest sequence number of its FWD frames applied (MeshMark)
+        self.prev: tuple[int, int] = (0, 0)  # (incarnation, applied) of its previous process
 
 
 class Mesh:
@@ -148,6 +186,17 @@ class Mesh:
         self._all_up = asyncio.Event()
         self.matched = 0  # siblings the last forward() found a matching subscription in
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Random per process, so a sibling tells our sequence numbers from those
+        # of an earlier process of this worker (both start at 1).
+        self.incarnation = int.from_bytes(os.urandom(8), "little") >> 2
+        self._marks: dict[int, tuple[int, int]] = {}  # sender -> MeshMark as loaded
+        # Set after a QoS 2 message of a persistent session was routed: the
+        # store's channel is written before the frames (see "Exactly once").
+        self.store_first = False
+        self._store_poll: asyncio.TimerHandle | None = None
+        self._capture: list | None = None  # forwards of the QoS 2 message being routed
+        # (client id, packet id) -> Qos2InAdd.forwards of our previous process
+        self.prev_forwards: dict[tuple[str, int], list] = {}
 
     # -- ownership (used by handle_connect) ---------------------------------------
 
@@ -182,6 +231,46 @@ class Mesh:
             log.warning("Worker %d: siblings %s not linked after %.0f s; serving anyway.",
                         self.index, missing, timeout)
 
+    def restore_marks(self, marks: dict[tuple[int, int], tuple[int, int]]) -> None:
+        """The MeshMarks loaded from the store (Broker._load)."""
+        for (receiver, sender), mark in marks.items():
+            if receiver == self.index:
+                self._marks[sender] = mark
+
+    def restore_forwards(self, client_id: str, forwards: dict[int, list]) -> None:
+        """A session's Qos2InAdd.forwards loaded from the store (Broker._load)."""
+        for packet_id, fwd in forwards.items():
+            self.prev_forwards[(client_id, packet_id)] = fwd
+
+    def forwards_again(self, client_id: str, packet_id: int) -> list | None:
+        """A QoS 2 message our previous process forwarded, resent by its
+        publisher: where it went (for ``forward_again``), once; else None."""
+        if not self.prev_forwards:
+            return None
+        return self.prev_forwards.pop((client_id, packet_id), None)
+
+    def start_capture(self) -> None:
+        """Record where the forwards that follow go (all acknowledged), until
+        ``end_capture``: a QoS 2 message of a persistent session."""
+        self._capture = []
+
+    def end_capture(self) -> list | None:
+        """The Qos2InAdd.forwards of the message routed since ``start_capture``."""
+        captured, self._capture = self._capture, None
+        return [self.incarnation, captured] if captured else None
+
+    def forward_again(self, message: Message, sender_id: str, forwards: list) -> None:
+        """Forward ``message`` again where our previous process did (AGAIN)."""
+        incarnation, targets = forwards
+        sender = sender_id.encode("utf-8", "surrogatepass")
+        topic = message.topic.encode()
+        props = encode_properties(message.properties)
+        for index, seq, assigned in targets:
+            sibling = self.siblings.get(index)
+            if sibling is not None:
+                self._send_forward(sibling, FWD, sender, assigned, message, topic, props, True,
+                                   _AGAIN.pack(17, AGAIN, incarnation, seq))
+
     async def _keep_connected(self, sibling: Sibling) -> None:
         loop = self.loop
         assert loop is not None
@@ -198,6 +287,8 @@ class Mesh:
         self._closed = True
         for task in self._tasks:
             task.cancel()
+        if self._store_poll is not None:
+            self._store_poll.cancel()
         if self._server is not None:
             self._server.close()
         self._flush()
@@ -207,13 +298,23 @@ class Mesh:
 
     # -- link events -------------------------------------------------------------
 
-    def _link_up(self, sibling: Sibling, link: _Link) -> None:
+    def _link_up(self, sibling: Sibling, link: _Link, incarnation: int) -> None:
         old = sibling.link
         if old is not None and old is not link:
             old.sibling = None
             old.transport.close()
         sibling.link = link
         sibling.recv_seq = 0  # a new connection: its sender may be a new process
+        if incarnation != sibling.incarnation:
+            # A new process (or the first link since we started): its frames
+            # applied by our previous process are those of our stored mark.
+            mark = self._marks.pop(sibling.index, None)
+            if sibling.incarnation:
+                sibling.prev = (sibling.incarnation, sibling.applied)
+            elif mark is not None and mark[0] != incarnation:
+                sibling.prev = mark
+            sibling.incarnation = incarnation
+            sibling.applied = mark[1] if mark is not None and mark[0] == incarnation else 0
         log.info("Worker %d: linked to worker %d.", self.index, sibling.index)
         # Our whole interest, then the frames it has not acknowledged, then a
         # barrier whose acknowledgement covers every sequence number so far.
@@ -261,6 +362,8 @@ class Mesh:
     def flush(self) -> None:
         """Write what waits for the siblings (the broker calls it before writing
         to its clients; otherwise it runs once per loop turn)."""
+        if self.store_first and self._store_backlog():
+            return
         for sibling in self._sibling_list:
             out = sibling.out
             if out and sibling.link is not None:
@@ -269,6 +372,21 @@ class Mesh:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self.flush()
+
+    def _store_backlog(self) -> bool:
+        """Write the store's proposals now; True while some still wait in this
+        process (its channel is backed up): then poll until they are out."""
+        flush = getattr(self.broker.store, "flush", None)
+        if flush is None or not flush():
+            self.store_first = False
+            return False
+        if self._store_poll is None and self.loop is not None and not self._closed:
+            self._store_poll = self.loop.call_later(0.001, self._poll_store)
+        return True
+
+    def _poll_store(self) -> None:
+        self._store_poll = None
         self.flush()
 
     def _next_seq(self, sibling: Sibling) -> int:
@@ -351,10 +469,14 @@ class Mesh:
         topic = message.topic.encode()
         props = encode_properties(message.properties)
         siblings = self.siblings
+        capture = self._capture
         for index, assigned in targets.items():
             sibling = siblings[index]
             needs_ack = retain or (qos > 0 and (index in durable or not sibling.known
                                                 or assigned is not None))
+            if capture is not None:
+                needs_ack = True
+                capture.append([index, sibling.sent_seq + 1, assigned])
             self._send_forward(sibling, FWD, sender, assigned, message, topic, props,
                                needs_ack)
         return local_shared
@@ -373,10 +495,13 @@ class Mesh:
         return match
 
     def _send_forward(self, sibling: Sibling, kind: int, sender: bytes, assigned: list | None,
-                      message: Message, topic: bytes, props: bytes, needs_ack: bool) -> None:
+                      message: Message, topic: bytes, props: bytes, needs_ack: bool,
+                      prefix: bytes = b"") -> None:
         seq = self._next_seq(sibling) if needs_ack else 0
         frame = fwd_frame(kind, seq, sender, orjson.dumps(assigned) if assigned else b"", topic,
                           message.payload, message.qos, message.retain, props, message.expiry_at)
+        if prefix:
+            frame = prefix + frame
         if needs_ack:
             sibling.resend.append((seq, frame))
             if len(sibling.resend) % RESEND_WARN == 0:
@@ -550,6 +675,7 @@ class Mesh:
         acked_before = sibling.recv_seq if sibling is not None else 0
         broker = self.broker
         router = broker.router
+        marked = 0  # the last of these frames applied (MeshMark)
         broker._in_read = True
         try:
             for frame in frames:
@@ -562,10 +688,23 @@ class Mesh:
                     if sibling is None:
                         raise ValueError(f"HELLO from unknown worker {index}")
                     link.sibling = sibling
-                    self._link_up(sibling, link)
+                    self._link_up(sibling, link, int.from_bytes(frame[1][2:10], "little"))
                     acked_before = 0
                 elif kind == FWD or kind == FWD_SHARED:
                     _k, seq, sender, assign, topic, payload, qos, retain, props, expiry = frame
+                    if seq:
+                        if seq <= sibling.applied:
+                            # Sent again after a broken link: applied already (by
+                            # our previous process, if we restarted).
+                            sibling.recv_seq = seq
+                            continue
+                        sibling.applied = marked = seq
+                        again = link.again
+                        if again is not None:
+                            link.again = None
+                            if again[0] == sibling.prev[0] and again[1] <= sibling.prev[1]:
+                                sibling.recv_seq = seq  # its previous process's forward was
+                                continue  # applied here
                     message = Message(topic, payload, qos, retain,
                                       decode_properties(props) if props is not None else None,
                                       expiry)
@@ -578,6 +717,8 @@ class Mesh:
                         router.deliver_shared(message, groups)
                     if seq:
                         sibling.recv_seq = seq
+                elif kind == AGAIN:
+                    link.again = _AGAIN_BODY.unpack_from(frame[1])
                 elif kind == ACK:
                     self._on_ack(sibling, _U64.unpack_from(frame[1])[0])
                 elif kind == INTEREST or kind == DURABLE:
@@ -596,6 +737,10 @@ class Mesh:
                 else:
                     raise ValueError(f"unknown frame type {kind}")
         finally:
+            if marked and broker.pending_ops:
+                # What these frames changed in the store, and that they were applied.
+                broker.pending_ops.append(MeshMark(self.index, sibling.index,
+                                                   sibling.incarnation, marked))
             broker.flush_ops()
             broker.end_read()
         if sibling is not None and sibling.recv_seq != acked_before:
@@ -620,11 +765,12 @@ class _Link(asyncio.Protocol):
         self.sibling: Sibling | None = None
         self.transport: Any = None
         self.buf = bytearray()
+        self.again: tuple[int, int] | None = None  # from an AGAIN frame, for the next FWD
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(high=64 * 1024 * 1024)
-        transport.write(_HELLO.pack(3, HELLO, self.mesh.index))
+        transport.write(_HELLO.pack(11, HELLO, self.mesh.index, self.mesh.incarnation))
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf

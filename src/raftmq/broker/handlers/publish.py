@@ -7,7 +7,9 @@ Incoming (client -> broker), MQTT 5 §4.3:
   the message is delivered onwards at PUBLISH time.)
   Acks whose state must be durable (the message was queued for a persistent
   session or retained, QoS 2 receive state of a persistent session) are
-  written from the store's ``done`` (Broker.commit).
+  written from the store's ``done`` (Broker.commit).  With sibling workers the
+  forwards of a QoS 2 message of a persistent session leave only once its
+  batch is written to the store (workers/mesh.py, "Exactly once").
 
 Outgoing (broker -> client): PUBACK / PUBREC / PUBCOMP from the subscriber
 move its in-flight messages along (router.py owns the queue and window).
@@ -91,6 +93,12 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
             # Duplicate of a QoS 2 message already routed: acknowledge only
             # (must not be delivered onwards twice, MQTT 5 §4.3.3) -- and not
             # before the first one's PUBREC, which may wait for the store.
+            mesh = broker.mesh
+            again = mesh.forwards_again(conn.client_id, packet_id) if mesh is not None else None
+            if again is not None:
+                # Routed by this worker's previous process, which may have died
+                # before its forwards left: the siblings apply what they lack.
+                mesh.forward_again(_resent_message(topic, p, props), conn.client_id, again)
             pubrec = ack_bytes(0x50, packet_id)
             broker.after_commit(lambda: conn.write(pubrec))
             return
@@ -168,6 +176,18 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
     on_accepted_publish(broker, conn, message, packet_id)
 
 
+def _resent_message(topic: str, p: Publish, props: dict | None) -> Message:
+    """The Message of a resent QoS 2 PUBLISH (``props``: topic alias taken out)."""
+    expiry_at = 0
+    if props:
+        props = dict(props)
+        interval = props.pop("message_expiry_interval", None)
+        if interval is not None:
+            expiry_at = int(time.time() * 1000) + interval * 1000
+        props.pop("subscription_identifier", None)
+    return Message(topic, p.payload, p.qos, p.retain, props or None, expiry_at)
+
+
 def on_accepted_publish(broker: Broker, conn: Connection, message: Message, packet_id: int) -> None:
     """A valid, authorised PUBLISH: hand it to ``$CONTROL``, or retain and route
     it; then acknowledge (from the store's ``done`` when it changed durable state)."""
@@ -190,7 +210,18 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
         return
 
     ops: list = []
-    delivered = broker.router.route(message, conn.client_id, ops)
+    mesh = broker.mesh
+    forwards = None
+    if qos == 2 and mesh is not None and session.durable:
+        # Where it is forwarded goes with its receive state (workers/mesh.py,
+        # "Exactly once").
+        mesh.start_capture()
+        try:
+            delivered = broker.router.route(message, conn.client_id, ops)
+        finally:
+            forwards = mesh.end_capture()
+    else:
+        delivered = broker.router.route(message, conn.client_id, ops)
     if not delivered and broker.mesh is not None:
         delivered = broker.mesh.matched
     if qos == 1:
@@ -203,7 +234,11 @@ def on_accepted_publish(broker: Broker, conn: Connection, message: Message, pack
         ack = ack_bytes(0x50, packet_id)
         session.qos2_add(packet_id)
         if session.durable:
-            ops.append(Qos2InAdd(conn.client_id, packet_id))
+            ops.append(Qos2InAdd(conn.client_id, packet_id, forwards))
+            if forwards is not None:
+                # Its forwards leave only after this batch is with the raft
+                # process: exactly once across our death (workers/mesh.py).
+                mesh.store_first = True
     # With sibling workers, the ack also waits until they processed what this
     # message was forwarded to them for (a persistent session there queued it).
     if ops or (broker.mesh is not None and broker.mesh.gating()):
@@ -227,6 +262,8 @@ def handle_pubrel(broker: Broker, conn: Connection, p: Pubrel) -> None:
     packet_id = p.packet_id
     if packet_id in session.qos2_in:
         session.qos2_in.discard(packet_id)
+        if broker.mesh is not None:
+            broker.mesh.forwards_again(conn.client_id, packet_id)  # forget them
         ack = ack_bytes(0x70, packet_id)
         if session.durable:
             broker.commit([Qos2InRemove(conn.client_id, packet_id)], lambda: conn.write(ack))
