@@ -290,10 +290,10 @@ class Handoff:
                     os.close(fd)
                     continue
                 # Family and type given: no getsockname/getsockopt to find them.
-                # (Non-blocking and TCP_NODELAY are already set: the accepting
-                # worker's loop set them on the same socket.)
+                # No setblocking/TCP_NODELAY either: the accepting worker's loop
+                # set both on this same socket, and the adopting transport sets
+                # them again (uv_tcp_open); the object only carries the descriptor.
                 client = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-                client.setblocking(False)
                 self._adopt(client, raw)
 
     def _adopt(self, client: socket.socket, data: bytes) -> None:
