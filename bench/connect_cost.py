@@ -11,6 +11,9 @@ minute to the next; instruction counts under callgrind do not.  For each broker:
    CONNACK, 50 handshakes in flight, like compare.py's idle-10k);
 5. once all are established, dump the counters (``callgrind_control -d``): the
    connect phase; then let loadgen close them and dump again: the close phase.
+   The connect phase is also given without the event loop's timer callbacks
+   (raftmq's 0.5 s upkeep tick sweeps every connection; under valgrind a run
+   lasts 50x longer, so the tick weighs 50x more than in a real connect storm).
 
 Instructions are user space only (callgrind sees no kernel work).  With
 ``--strace`` the same steps run without valgrind under ``strace -c -f`` to count
@@ -130,6 +133,21 @@ def callgrind_totals(files: list[Path]) -> int:
     return total
 
 
+def timer_instructions(files: list[Path]) -> int:
+    """Instructions spent in the event loop's timer callbacks (libuv's
+    ``uv__run_timers``, inclusive): raftmq's 0.5 s upkeep tick, whose share of
+    a run depends on how long valgrind took, not on the connects."""
+    total = 0
+    for path in files:
+        out = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(path)],
+                             capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if ":uv__run_timers [" in line:
+                total += int(line.split()[0].replace(",", ""))
+                break
+    return total
+
+
 def measure(name: str, args: argparse.Namespace) -> dict:
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix=f"conncost-{name}-"))
@@ -180,6 +198,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         time.sleep(2.0)
         connect_files = sorted(set(tmp.glob("cg.*")) - before)
         result["instr_per_connect"] = callgrind_totals(connect_files) // args.conns
+        timers = timer_instructions(connect_files)
+        result["of_which_timers"] = timers // args.conns
+        result["instr_per_connect_without_timers"] = (callgrind_totals(connect_files) - timers) \
+            // args.conns
         lg.communicate(timeout=120 * slow)
         wait_established(port, 0, 60 * slow, above=False)
         time.sleep(3.0)

@@ -17,6 +17,7 @@ return code 3): it retries, and its session is found once the owner is back.
 
 from __future__ import annotations
 
+import _socket
 import array
 import asyncio
 import logging
@@ -58,6 +59,17 @@ class AdoptedConnection(Connection):
         data, self.initial = self.initial, b""
         if data:
             self.data_received(data)
+
+
+class _AdoptedSocket(socket.socket):
+    """The socket object of an adopted connection.  ``loop.connect_accepted_socket``
+    reads ``family`` and ``type`` three times; socket.socket's properties turn
+    each into an IntEnum (a few thousand instructions apiece, callgrind); the C
+    socket's own descriptors give the plain ints uvloop compares them with."""
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
 
 
 class _Route:
@@ -293,7 +305,7 @@ class Handoff:
                 # No setblocking/TCP_NODELAY either: the accepting worker's loop
                 # set both on this same socket, and the adopting transport sets
                 # them again (uv_tcp_open); the object only carries the descriptor.
-                client = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+                client = _AdoptedSocket(family, socket.SOCK_STREAM, 0, fileno=fd)
                 self._adopt(client, raw)
 
     def _adopt(self, client: socket.socket, data: bytes) -> None:
