@@ -330,10 +330,12 @@ class Handoff:
         self._adopting.discard(coro)
         try:
             waiter = coro.send(None)
-        except StopIteration:
+        except (StopIteration, asyncio.CancelledError):  # done / the loop is closing
             return
         except Exception as exc:  # noqa: BLE001 - a client's failure must not stop the loop
-            self._adopt_failed(client, exc)
+            # connect_accepted_socket closed its transport, which owns the descriptor.
+            log.info("Worker %d: a handed-over connection was already gone (%s).", self.index,
+                     exc)
             return
         # (Not expected: connect_accepted_socket awaits once without TLS.)
         self._adopting.add(coro)
