@@ -183,6 +183,10 @@ class Broker:
     durability: str = "none"
     config: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    # "connects": both brokers log a line per client connect and disconnect
+    # (Mosquitto's default log types; raftmq's default level) -- log writes are
+    # part of the connect cost; "quiet": warnings and errors only, both.
+    logs: str = "connects"
 
     def command(self, port: int, workdir: Path) -> list[str]:
         if self.name == "mosquitto":
@@ -196,8 +200,7 @@ class Broker:
                 "persistence false\n"
                 "set_tcp_nodelay true\n"
                 "log_dest stderr\n"
-                "log_type error\n"
-                "log_type warning\n"
+                + ("log_type error\nlog_type warning\n" if self.logs == "quiet" else "")
             )
             return [MOSQUITTO, "-c", str(conf)]
         config = self.config
@@ -208,6 +211,8 @@ class Broker:
             lines = ["allow_anonymous = true", f'durability = "{self.durability}"']
             if self.workers:
                 lines.append(f"workers = {self.workers}")
+            if self.logs == "quiet":
+                lines.append('log_level = "warning"')
             Path(config).write_text("\n".join(lines) + "\n")
         cmd = [
             sys.executable, "-m", "raftmq", "serve", "-c", config,
@@ -421,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 3, --quick 1)")
     ap.add_argument("--duration", type=float, help="measured seconds per run (default 5, --quick 3)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (1)")
+    ap.add_argument("--logs", choices=["connects", "quiet"], default="connects",
+                    help="connects (default): both brokers log each client connect/disconnect "
+                    "(Mosquitto's default log types, raftmq's info level); quiet: warnings only, both")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     args = ap.parse_args(argv)
     try:
@@ -446,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             if not os.access(MOSQUITTO, os.X_OK):
                 skipped[name] = f"{MOSQUITTO} not found (apt-get install mosquitto)"
                 continue
-            brokers.append(Broker("mosquitto"))
+            brokers.append(Broker("mosquitto", logs=args.logs))
         elif name == "raftmq":
             why = raftmq_available()
             if why:
@@ -454,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for w in worker_counts:
                 variant = "raftmq" if len(worker_counts) == 1 else f"raftmq-w{w}"
-                brokers.append(Broker(variant, w, args.durability, args.raftmq_config, args.raftmq_arg))
+                brokers.append(Broker(variant, w, args.durability, args.raftmq_config, args.raftmq_arg,
+                                      logs=args.logs))
         else:
             ap.error(f"unknown broker {name}")
     for name, why in skipped.items():
@@ -469,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['date']}  {info['nproc']} × {info['cpu_model']}  kernel {info['kernel']}  "
         f"{info['mosquitto']}  raftmq {info['raftmq_commit']}"
         + (f" workers={args.workers}" if args.workers else "")
-        + f" durability={args.durability} mqtt={args.mqtt}",
+        + f" durability={args.durability} mqtt={args.mqtt} logs={args.logs}",
         file=sys.stderr,
     )
     raw: dict[str, dict[str, list[dict]]] = {sc.name: {b.name: [] for b in brokers} for sc in scenarios}
@@ -487,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{info['date'][:10]}, {info['nproc']} × {info['cpu_model']}, kernel {info['kernel']}, "
         f"{info['mosquitto']}, raftmq {info['raftmq_commit']}"
         + (f", {args.workers} workers" if args.workers else "")
-        + f", durability {args.durability}, MQTT {args.mqtt}"
+        + f", durability {args.durability}, MQTT {args.mqtt}, logs {args.logs}"
         + f"; {rounds} round(s) × {duration:g} s, medians\n"
     )
     print(text)
@@ -501,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "rounds": rounds, "duration_s": duration, "warmup_s": args.warmup,
                 "workers": args.workers, "durability": args.durability, "mqtt": args.mqtt,
+                "logs": args.logs,
                 "raftmq_config": args.raftmq_config,
                 "skipped_brokers": skipped,
             },

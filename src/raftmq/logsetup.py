@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import threading
 import time
@@ -40,6 +41,14 @@ class BatchingHandler(logging.Handler):
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self.stream = stream
+        # The descriptor behind ``stream``, written with os.write (a connect
+        # storm flushes a batch per loop turn: the text layer's write and flush
+        # cost more than the system call); None: the stream has none (tests).
+        try:
+            stream.flush()
+            self.fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
         self.pending: list[str] = []
         self.size = 0
         self._lock = threading.Lock()  # logging from another thread stays safe
@@ -66,8 +75,13 @@ class BatchingHandler(logging.Handler):
             self.pending.clear()
             self.size = 0
             try:
-                self.stream.write(text)
-                self.stream.flush()
+                if self.fd is None:
+                    self.stream.write(text)
+                    self.stream.flush()
+                    return
+                data = text.encode("utf-8", "backslashreplace")
+                while data:
+                    data = data[os.write(self.fd, data):]
             except (OSError, ValueError):
                 pass
 
@@ -78,6 +92,8 @@ class BatchingHandler(logging.Handler):
 
 _batching: BatchingHandler | None = None
 _fast: BatchingHandler | None = None  # set when info lines may skip the logging module
+_prefix_second = 0  # info(): the "<Unix time>: " prefix, made once per second
+_prefix = ""
 
 
 def info(logger: logging.Logger, fmt: str, *args: object) -> None:
@@ -88,7 +104,11 @@ def info(logger: logging.Logger, fmt: str, *args: object) -> None:
     if handler is None or not logger.isEnabledFor(logging.INFO):
         logger.info(fmt, *args)
         return
-    line = f"{time.time():.0f}: {fmt % args}\n"
+    global _prefix_second, _prefix
+    second = int(time.time() + 0.5)  # as "%.0f" of the record's time
+    if second != _prefix_second:
+        _prefix_second, _prefix = second, f"{second}: "
+    line = f"{_prefix}{fmt % args}\n"
     with handler._lock:
         handler.pending.append(line)
         handler.size += len(line)

@@ -17,6 +17,7 @@ return code 3): it retries, and its session is found once the owner is back.
 
 from __future__ import annotations
 
+import _socket
 import array
 import asyncio
 import logging
@@ -37,7 +38,7 @@ log = logging.getLogger("raftmq.workers")
 # datagrams of at most CHUNK bytes (a CONNECT with a large will takes several).
 CHUNK = 64 * 1024
 FIRST, LAST = 1, 2
-_DGRAM_HEAD = struct.Struct("<HBI")  # sender worker, FIRST | LAST, total bytes
+_DGRAM_HEAD = struct.Struct("<HBBI")  # sender worker, FIRST | LAST, address family, total bytes
 _SOCKET_BUFFER = 4 * 1024 * 1024
 # Connections waiting for a sibling whose hand-off queue is full, before new
 # ones are refused with "server unavailable".
@@ -58,6 +59,17 @@ class AdoptedConnection(Connection):
         data, self.initial = self.initial, b""
         if data:
             self.data_received(data)
+
+
+class _AdoptedSocket(socket.socket):
+    """The socket object of an adopted connection.  ``loop.connect_accepted_socket``
+    reads ``family`` and ``type`` three times; socket.socket's properties turn
+    each into an IntEnum (a few thousand instructions apiece, callgrind); the C
+    socket's own descriptors give the plain ints uvloop compares them with."""
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
 
 
 class _Route:
@@ -101,9 +113,9 @@ class Handoff:
         self.sock: socket.socket | None = None
         self.routes: dict[int, _Route] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        # sender worker -> (descriptor, total bytes, chunks so far)
+        # sender worker -> (descriptor, address family, total bytes, chunks so far)
         self.assembling: dict[int, tuple[int, int, list[bytes]]] = {}
-        self._adopting: set[asyncio.Task] = set()
+        self._adopting: set[Any] = set()  # connect_accepted_socket coroutines under way
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -148,6 +160,18 @@ class Handoff:
             route = self.routes[owner] = _Route(os.path.join(self.run_dir, f"w{owner}.handoff"))
         if len(route.pending) >= MAX_PENDING:
             return False
+        family = sock.family
+        if not route.pending and len(raw) <= CHUNK:
+            # The usual case, sent at once: the connection's own descriptor goes
+            # (the kernel gives the owner its own copy) and ours is closed right
+            # after -- no dup, no pause.
+            outcome = self._send(route, sock.fileno(),
+                                 _DGRAM_HEAD.pack(self.index, FIRST | LAST, family, len(raw)) + raw)
+            if outcome is not None:
+                if outcome:
+                    self._done(conn)
+                return outcome
+            # The owner's queue is full: queue it, below.
         transport.pause_reading()
         fd = os.dup(sock.fileno())
         # Datagrams of at most CHUNK bytes: the first carries the descriptor.
@@ -156,7 +180,7 @@ class Handoff:
         for i in range(count):
             flags = (FIRST if i == 0 else 0) | (LAST if i == count - 1 else 0)
             datagrams.append((conn, fd if i == 0 else -1,
-                              _DGRAM_HEAD.pack(self.index, flags, len(raw))
+                              _DGRAM_HEAD.pack(self.index, flags, family, len(raw))
                               + raw[i * CHUNK:(i + 1) * CHUNK], flags))
         if route.pending:
             route.pending.extend(datagrams)  # keep the order of arrival
@@ -254,7 +278,7 @@ class Handoff:
                 for fd in fds[:1]:
                     os.close(fd)
                 continue
-            sender, dflags, total = _DGRAM_HEAD.unpack_from(data)
+            sender, dflags, family, total = _DGRAM_HEAD.unpack_from(data)
             chunk = data[_DGRAM_HEAD.size:]
             if dflags & FIRST:
                 stale = self.assembling.pop(sender, None)
@@ -262,38 +286,61 @@ class Handoff:
                     os.close(stale[0])
                 if not fds:
                     continue
-                self.assembling[sender] = (fds[0], total, [chunk])
+                self.assembling[sender] = (fds[0], family, total, [chunk])
             else:
                 for fd in fds[:1]:
                     os.close(fd)
                 if sender not in self.assembling:
                     continue
-                self.assembling[sender][2].append(chunk)
+                self.assembling[sender][3].append(chunk)
             if dflags & LAST:
-                fd, total, parts = self.assembling.pop(sender)
+                fd, family, total, parts = self.assembling.pop(sender)
                 raw = b"".join(parts)
                 if len(raw) != total:
                     log.error("Worker %d: a hand-off from worker %d lost bytes; closing it.",
                               self.index, sender)
                     os.close(fd)
                     continue
-                client = socket.socket(fileno=fd)
-                client.setblocking(False)
-                try:
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-                # Held until done (the loop keeps only weak references to tasks).
-                task = self.loop.create_task(self._adopt(client, raw))  # type: ignore[union-attr]
-                self._adopting.add(task)
-                task.add_done_callback(self._adopting.discard)
+                # Family and type given: no getsockname/getsockopt to find them.
+                # No setblocking/TCP_NODELAY either: the accepting worker's loop
+                # set both on this same socket, and the adopting transport sets
+                # them again (uv_tcp_open); the object only carries the descriptor.
+                client = _AdoptedSocket(family, socket.SOCK_STREAM, 0, fileno=fd)
+                self._adopt(client, raw)
 
-    async def _adopt(self, client: socket.socket, data: bytes) -> None:
+    def _adopt(self, client: socket.socket, data: bytes) -> None:
+        """``loop.connect_accepted_socket`` without a Task per connection: the
+        coroutine sets the transport up synchronously, then only waits for
+        ``connection_made``; it is resumed from that future's callback."""
         broker = self.broker
+        coro = self.loop.connect_accepted_socket(  # type: ignore[union-attr]
+            lambda: AdoptedConnection(broker, data), client)
         try:
-            await self.loop.connect_accepted_socket(  # type: ignore[union-attr]
-                lambda: AdoptedConnection(broker, data), client)
-        except OSError as exc:
+            waiter = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - a client's failure must not stop the loop
+            self._adopt_failed(client, exc)
+            return
+        # Held until it finishes (``waiter`` holds the callback, the callback the coroutine).
+        self._adopting.add(coro)
+        waiter.add_done_callback(lambda _f: self._adopt_resume(coro, client))
+
+    def _adopt_resume(self, coro: Any, client: socket.socket) -> None:
+        self._adopting.discard(coro)
+        try:
+            waiter = coro.send(None)
+        except (StopIteration, asyncio.CancelledError):  # done / the loop is closing
+            return
+        except Exception as exc:  # noqa: BLE001 - a client's failure must not stop the loop
+            # connect_accepted_socket closed its transport, which owns the descriptor.
             log.info("Worker %d: a handed-over connection was already gone (%s).", self.index,
                      exc)
-            client.close()
+            return
+        # (Not expected: connect_accepted_socket awaits once without TLS.)
+        self._adopting.add(coro)
+        waiter.add_done_callback(lambda _f: self._adopt_resume(coro, client))
+
+    def _adopt_failed(self, client: socket.socket, exc: Exception) -> None:
+        log.info("Worker %d: a handed-over connection was already gone (%s).", self.index, exc)
+        client.close()

@@ -54,6 +54,9 @@ V3_RETURN_CODE = {
     RC_NOT_AUTHORIZED: 5,
 }
 
+# The protocol level as Mosquitto's log line shows it ("p2" for 3.1.1).
+_LOG_PROTOCOL = {3: 1, 4: 2, 5: 5}
+
 # Topic Alias Maximum the broker announces (MQTT 5 §3.2.2.3.8); Mosquitto uses 10.
 TOPIC_ALIAS_MAXIMUM = 10
 
@@ -218,7 +221,7 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     connack = Connack(present, 0, cprops or None).encode(version)
 
     log_info(log, "New client connected from %s:%d as %s (p%d, c%d, k%d%s)%s.", conn.peer[0],
-             conn.peer[1], client_id, {3: 1, 4: 2, 5: 5}.get(version, version),
+             conn.peer[1], client_id, _LOG_PROTOCOL.get(version, version),
              1 if p.clean_start else 0, keepalive,
              f", u'{username}'" if username is not None else "",
              f" on worker {broker.worker_id}" if broker.mesh is not None else "")
@@ -228,8 +231,9 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
             return
         conn.write(connack)
         conn.online = True
-        # [MQTT-4.4.0-1]: resend unacknowledged PUBLISH / PUBREL, then what is queued.
-        broker.router.resume(session)
+        if session.inflight or session.queue:
+            # [MQTT-4.4.0-1]: resend unacknowledged PUBLISH / PUBREL, then what is queued.
+            broker.router.resume(session)
 
     if ops:
         broker.commit(ops, send_connack)
