@@ -258,6 +258,12 @@ class Broker:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def schedule_flush(self) -> None:
+        """After connections were appended to ``_dirty`` directly (the QoS 0 fan-out)."""
+        if not self._flush_scheduled and (self._per_turn or not self._in_read):
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
     def end_read(self) -> None:
         """After each read.  Writes are gathered per loop turn when several
         connections are read per turn (closed-loop load, fan-in: one write per

@@ -322,21 +322,41 @@ class Mesh:
     def forward(self, message: Message, sender_id: str | None, local_shared: list) -> list:
         """Send ``message`` to every sibling that needs it; return the shared
         groups of ``local_shared`` this worker serves itself."""
-        targets: dict[int, list | None] = {}
-        shared_remote: list = ()  # type: ignore[assignment]
-        durable: frozenset = frozenset()
+        qos = message.qos
+        retain = message.retain
         if len(self.remote):
             match = self._matches.get(message.topic)
             if match is None:
                 match = self._match_remote(message.topic)
             indexes, durable, shared_remote = match
-            for index in indexes:
-                targets[index] = None
+            if not qos and not retain and not shared_remote and not local_shared:
+                # Hot path: QoS 0, no share group: one frame (no sequence number,
+                # nothing kept for resending) for every sibling that matched.
+                self.matched = len(indexes)
+                if indexes:
+                    frame = fwd_frame(FWD, 0, sender_id.encode("utf-8", "surrogatepass")
+                                      if sender_id else b"", b"", message.topic.encode(),
+                                      message.payload, 0, False,
+                                      encode_properties(message.properties), message.expiry_at)
+                    siblings = self.siblings
+                    for index in indexes:
+                        sibling = siblings[index]
+                        if sibling.link is not None:
+                            sibling.out.append(frame)
+                    if not self._flush_scheduled:
+                        self._schedule_flush()
+                return local_shared
+        else:
+            if not qos and not retain:
+                self.matched = 0  # no sibling subscribed to anything
+                return local_shared
+            indexes = ()
+            durable = frozenset()
+            shared_remote = ()
+        targets: dict[int, list | None] = dict.fromkeys(indexes)
         # Siblings with a matching subscription (PUBACK 0x10 "no matching
         # subscribers" looks at the whole node).
         self.matched = len(targets) + len(shared_remote)
-        qos = message.qos
-        retain = message.retain
         if qos or retain:
             for sibling in self._sibling_list:
                 # Retained: every worker keeps them.  QoS 1/2: a sibling whose
