@@ -90,6 +90,10 @@ async def main(args: argparse.Namespace) -> None:
                 conn.data_received(subscribe_packet(f"bench/{i}"))
             lst.append(conn)
     await asyncio.sleep(0)
+    if args.mode != "auto":  # pin the broker's write gathering (server.py end_read)
+        per_turn = args.mode == "per-turn"
+        broker.end_read = lambda: None if per_turn else broker._flush() if broker._dirty else None
+        type(broker)._per_turn = property(lambda self: per_turn, lambda self, v: None)
     packets = [publish_packet(f"bench/{i}", bytes(64)) for i in range(args.pairs)]
     n, batch, pairs = args.n, args.batch, args.pairs
     before = sum(c.transport.writes for c in subs)
@@ -119,5 +123,7 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=500)
+    ap.add_argument("--mode", choices=("auto", "per-turn", "per-read"), default="auto",
+                    help="pin the broker's write gathering mode")
     ap.add_argument("--no-empty", action="store_true", help="skip the empty loop (for callgrind)")
     uvloop.run(main(ap.parse_args()))

@@ -83,9 +83,15 @@ def cpu_ticks(pid: int, which: str = "both") -> int:
 
 
 def broker_for(name: str) -> compare.Broker:
+    """``mosquitto``, ``wN`` (raftmq, N workers) or ``wN:SRC`` (raftmq from another
+    source tree's ``src``, e.g. an export of the commit before a change)."""
     if name == "mosquitto":
         return compare.Broker("mosquitto")
-    return compare.Broker("raftmq", workers=int(name[1:]))
+    workers, _, src = name.partition(":")
+    broker = compare.Broker("raftmq", workers=int(workers[1:]))
+    if src:
+        broker.src = src  # type: ignore[attr-defined]
+    return broker
 
 
 def perf_events() -> list[str]:
@@ -112,6 +118,17 @@ def parse_perf(text: str) -> dict[str, dict[str, float]]:
 
 def measure(name: str, args: argparse.Namespace) -> dict:
     broker = broker_for(name)
+    src = getattr(broker, "src", None)
+    saved = compare.REPO
+    if src:  # compare.Broker runs raftmq from REPO / "src"
+        compare.REPO = Path(src).resolve().parent
+    try:
+        return _measure(broker, name, args)
+    finally:
+        compare.REPO = saved
+
+
+def _measure(broker: compare.Broker, name: str, args: argparse.Namespace) -> dict:
     with broker.running() as (pid, port, _log):
         time.sleep(1.0)  # raftmq: the workers and the raft process are up
         pids = tree(pid)
