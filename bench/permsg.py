@@ -82,6 +82,17 @@ def cpu_ticks(pid: int, which: str = "both") -> int:
     return utime if which == "user" else stime if which == "sys" else utime + stime
 
 
+def run_ns(pid: int) -> int:
+    """CPU time of all the threads of ``pid`` in ns (schedstat: finer than /proc/PID/stat's ticks)."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    except OSError:
+        pass
+    return total
+
+
 def broker_for(name: str) -> compare.Broker:
     """``mosquitto``, ``wN`` (raftmq, N workers) or ``wN:SRC`` (raftmq from another
     source tree's ``src``, e.g. an export of the commit before a change)."""
@@ -134,11 +145,12 @@ def _measure(broker: compare.Broker, name: str, args: argparse.Namespace) -> dic
         pids = tree(pid)
         names = {p: proc_name(p) for p in pids}
         if args.idle:
-            before = {p: cpu_ticks(p) for p in pids}
+            time.sleep(2.0)  # start-up over
+            before = {p: run_ns(p) for p in pids}
             time.sleep(args.idle)
-            after = {p: cpu_ticks(p) for p in pids}
+            after = {p: run_ns(p) for p in pids}
             return {"broker": name, "idle_s": args.idle,
-                    "procs": {f"{names[p]}:{p}": (after[p] - before[p]) / CLK_TCK * 1000 / args.idle
+                    "procs": {f"{names[p]}:{p}": (after[p] - before[p]) / 1e6 / args.idle
                               for p in pids}}
         duration = args.window + 4
         lg = subprocess.Popen(

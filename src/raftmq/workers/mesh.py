@@ -144,6 +144,7 @@ class Mesh:
         self._share_rr: dict[tuple[str, str], int] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
+        self._link_lost: dict[int, asyncio.Event] = {}  # set when a link we keep up breaks
         self._closed = False
         self._all_up = asyncio.Event()
         self.matched = 0  # siblings the last forward() found a matching subscription in
@@ -185,14 +186,18 @@ class Mesh:
     async def _keep_connected(self, sibling: Sibling) -> None:
         loop = self.loop
         assert loop is not None
+        # Woken by _link_down, not by polling: a linked mesh costs nothing while idle.
+        lost = self._link_lost[sibling.index] = asyncio.Event()
         while not self._closed:
             if sibling.link is None:
                 try:
                     await loop.create_unix_connection(lambda: _Link(self), sibling.path)
                 except OSError:
-                    await asyncio.sleep(CONNECT_RETRY)
-                    continue
-            await asyncio.sleep(CONNECT_RETRY)
+                    pass
+                await asyncio.sleep(CONNECT_RETRY)  # (its HELLO makes the link)
+                continue
+            lost.clear()
+            await lost.wait()
 
     def close(self) -> None:
         self._closed = True
@@ -232,6 +237,9 @@ class Mesh:
 
     def _link_down(self, sibling: Sibling) -> None:
         sibling.link = None
+        lost = self._link_lost.get(sibling.index)
+        if lost is not None:
+            lost.set()
         # Its share-group members went with it (persistent ones come back with
         # its next RESET): meanwhile the groups are served by the others.  Its
         # other filters stay: a persistent session there still wants QoS 1/2.
