@@ -31,9 +31,11 @@ flag; the watch loop does the work (as uvicorn's multiprocess supervisor).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -51,7 +53,9 @@ log = logging.getLogger("raftmq.supervisor")
 
 EXIT_STORE_LOST = 75  # a worker lost its durable store (EX_TEMPFAIL): restart it
 STOP_TIMEOUT = 15.0
-WATCH_INTERVAL = 0.1
+# The longest the watch loop sleeps with nothing to do (it wakes at once when a
+# child dies or a signal comes): a safety net, not a poll.
+WATCH_INTERVAL = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -185,12 +189,38 @@ class Supervisor:
             os.getpid(), self.raft.proc.pid if self.raft and self.raft.proc else "none",
             len(self.workers), self.config.data_dir,
         )
-        while self._stop_signal is None:
-            time.sleep(WATCH_INTERVAL)
-            for c in children:
-                self._watch(c)
+        # Sleep until a child dies (its sentinel fd becomes readable), a signal
+        # arrives (the wakeup fd) or a restart is due: no polling while all is
+        # well (the supervisor's CPU counts in the node's per-message figures).
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        try:
+            while self._stop_signal is None:
+                self._wait(children, wake_r)
+                for c in children:
+                    self._watch(c)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
         log.info("Supervisor: received %s, stopping.", signal.Signals(self._stop_signal).name)
         return self.shutdown()
+
+    def _wait(self, children: list[_Child], wake_fd: int) -> None:
+        fds = [wake_fd]
+        timeout = WATCH_INTERVAL
+        now = time.monotonic()
+        for c in children:
+            if c.restart_at:
+                timeout = min(timeout, max(0.0, c.restart_at - now))
+            elif c.proc is not None and c.proc.sentinel is not None:
+                fds.append(c.proc.sentinel)
+        multiprocessing.connection.wait(fds, timeout)
+        with contextlib.suppress(OSError):
+            while os.read(wake_fd, 64):
+                pass
 
     def _watch(self, c: _Child) -> None:
         if c.alive() or self._stop_signal is not None:

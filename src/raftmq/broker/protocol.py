@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from raftmq._codec import Disconnect, MQTTError, Parser, encode_publish
 from raftmq.broker import dispatch
+from raftmq.broker.dispatch import handle_packets
 
 if TYPE_CHECKING:
     from raftmq.broker.server import Broker
@@ -110,14 +111,15 @@ class Connection(asyncio.Protocol):
         self.broker.on_connection_made(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == CLOSING:
+        state = self.state
+        if state == CLOSING:
             return
         broker = self.broker
         n = len(data)
         self.rx_bytes += n
         broker.stats.bytes_received += n
         broker._in_read = True
-        if self.state == NEW and broker.handoff is not None:
+        if state == NEW and broker.handoff is not None:
             self.raw_head += data
         try:
             packets = self.parser.feed(data)
@@ -134,9 +136,16 @@ class Connection(asyncio.Protocol):
             broker.end_read()
             return
         if packets:
-            dispatch.handle_packets(broker, self, packets)
-            broker.flush_ops()
-        broker.end_read()
+            handle_packets(broker, self, packets)
+            # (flush_ops and end_read's per-turn case inlined: this runs once per
+            # read, and a read is often one message.)
+            if broker.pending_ops or broker._pending_actions:
+                broker.flush_ops()
+        if broker._per_turn:
+            broker._in_read = False
+            broker._reads += 1
+        else:
+            broker.end_read()
 
     def eof_received(self) -> bool:
         return False  # close the transport

@@ -216,7 +216,9 @@ class Router:
         topic = message.topic
         payload = message.payload
         encoded: list = [None, None, None, None]  # [v5 * 2 + retain]
-        mark_dirty = self.broker.mark_dirty
+        broker = self.broker
+        dirty = broker._dirty  # (Broker.mark_dirty inlined: one call less per delivery)
+        marked = False
         delivered = dropped = 0
         for client_id, sub, _filter in normal:
             if sub.no_local and client_id == sender_id:
@@ -251,10 +253,13 @@ class Router:
             conn.out.append(data)
             if not conn.dirty:
                 conn.dirty = True
-                mark_dirty(conn)
+                dirty.append(conn)
+                marked = True
             delivered += 1
+        if marked and not broker._flush_scheduled:
+            broker.schedule_flush()
         if dropped:
-            self.broker.stats.publish_dropped += dropped
+            broker.stats.publish_dropped += dropped
         return delivered
 
     def _receive_decision(self, decisions: dict, conn, message: Message) -> bool:

@@ -84,6 +84,7 @@ log = logging.getLogger("raftmq.broker")
 # A connection that has not completed CONNECT this long after accept is closed.
 CONNECT_TIMEOUT = 10.0
 TICK = 0.5
+UPKEEP_SLICE = 500  # connections checked per loop iteration by the upkeep tick
 RC_SESSION_TAKEN_OVER = 0x8E
 RC_KEEP_ALIVE_TIMEOUT = 0x8D
 RC_SERVER_SHUTTING_DOWN = 0x8B
@@ -257,6 +258,12 @@ class Broker:
 
     def mark_dirty(self, conn: Connection) -> None:
         self._dirty.append(conn)
+        if not self._flush_scheduled and (self._per_turn or not self._in_read):
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def schedule_flush(self) -> None:
+        """After connections were appended to ``_dirty`` directly (the QoS 0 fan-out)."""
         if not self._flush_scheduled and (self._per_turn or not self._in_read):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -560,7 +567,18 @@ class Broker:
 
     def _upkeep(self) -> None:
         now = self.loop.time()
-        for conn in list(self.connections):
+        self._check_connections(list(self.connections), 0)
+        self._upkeep_rest(now)
+
+    def _check_connections(self, conns: list[Connection], start: int) -> None:
+        """Keepalive and CONNECT timeouts, UPKEEP_SLICE connections per loop
+        iteration: with many connections one tick would otherwise stall every
+        client for milliseconds (~1,150 instructions per connection)."""
+        now = self.loop.time()
+        end = start + UPKEEP_SLICE
+        if end < len(conns):
+            self.loop.call_soon(self._check_connections_later, conns, end)
+        for conn in conns[start:end]:
             if conn.rx_bytes != conn.rx_seen:
                 conn.rx_seen = conn.rx_bytes
                 conn.rx_seen_at = now
@@ -574,6 +592,15 @@ class Broker:
                 if now - conn.rx_seen_at > conn.keepalive * 1.5:
                     log.info("Client %s has exceeded timeout, disconnecting.", conn.client_id)
                     conn.disconnect(RC_KEEP_ALIVE_TIMEOUT)
+
+    def _check_connections_later(self, conns: list[Connection], start: int) -> None:
+        try:
+            self._check_connections(conns, start)
+        except Exception:  # never let upkeep die
+            log.exception("upkeep failed")
+        flush_logs()
+
+    def _upkeep_rest(self, now: float) -> None:
         ops: list = []
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:

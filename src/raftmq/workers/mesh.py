@@ -182,6 +182,7 @@ class Mesh:
         self._share_rr: dict[tuple[str, str], int] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
+        self._link_lost: dict[int, asyncio.Event] = {}  # set when a link we keep up breaks
         self._closed = False
         self._all_up = asyncio.Event()
         self.matched = 0  # siblings the last forward() found a matching subscription in
@@ -274,14 +275,18 @@ class Mesh:
     async def _keep_connected(self, sibling: Sibling) -> None:
         loop = self.loop
         assert loop is not None
+        # Woken by _link_down, not by polling: a linked mesh costs nothing while idle.
+        lost = self._link_lost[sibling.index] = asyncio.Event()
         while not self._closed:
             if sibling.link is None:
                 try:
                     await loop.create_unix_connection(lambda: _Link(self), sibling.path)
                 except OSError:
-                    await asyncio.sleep(CONNECT_RETRY)
-                    continue
-            await asyncio.sleep(CONNECT_RETRY)
+                    pass
+                await asyncio.sleep(CONNECT_RETRY)  # (its HELLO makes the link)
+                continue
+            lost.clear()
+            await lost.wait()
 
     def close(self) -> None:
         self._closed = True
@@ -333,6 +338,9 @@ class Mesh:
 
     def _link_down(self, sibling: Sibling) -> None:
         sibling.link = None
+        lost = self._link_lost.get(sibling.index)
+        if lost is not None:
+            lost.set()
         # Its share-group members went with it (persistent ones come back with
         # its next RESET): meanwhile the groups are served by the others.  Its
         # other filters stay: a persistent session there still wants QoS 1/2.
@@ -440,21 +448,41 @@ class Mesh:
     def forward(self, message: Message, sender_id: str | None, local_shared: list) -> list:
         """Send ``message`` to every sibling that needs it; return the shared
         groups of ``local_shared`` this worker serves itself."""
-        targets: dict[int, list | None] = {}
-        shared_remote: list = ()  # type: ignore[assignment]
-        durable: frozenset = frozenset()
+        qos = message.qos
+        retain = message.retain
         if len(self.remote):
             match = self._matches.get(message.topic)
             if match is None:
                 match = self._match_remote(message.topic)
             indexes, durable, shared_remote = match
-            for index in indexes:
-                targets[index] = None
+            if not qos and not retain and not shared_remote and not local_shared:
+                # Hot path: QoS 0, no share group: one frame (no sequence number,
+                # nothing kept for resending) for every sibling that matched.
+                self.matched = len(indexes)
+                if indexes:
+                    frame = fwd_frame(FWD, 0, sender_id.encode("utf-8", "surrogatepass")
+                                      if sender_id else b"", b"", message.topic.encode(),
+                                      message.payload, 0, False,
+                                      encode_properties(message.properties), message.expiry_at)
+                    siblings = self.siblings
+                    for index in indexes:
+                        sibling = siblings[index]
+                        if sibling.link is not None:
+                            sibling.out.append(frame)
+                    if not self._flush_scheduled:
+                        self._schedule_flush()
+                return local_shared
+        else:
+            if not qos and not retain:
+                self.matched = 0  # no sibling subscribed to anything
+                return local_shared
+            indexes = ()
+            durable = frozenset()
+            shared_remote = ()
+        targets: dict[int, list | None] = dict.fromkeys(indexes)
         # Siblings with a matching subscription (PUBACK 0x10 "no matching
         # subscribers" looks at the whole node).
         self.matched = len(targets) + len(shared_remote)
-        qos = message.qos
-        retain = message.retain
         if qos or retain:
             for sibling in self._sibling_list:
                 # Retained: every worker keeps them.  QoS 1/2: a sibling whose
