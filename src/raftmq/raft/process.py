@@ -367,7 +367,10 @@ class RaftProcess:
             elif kind == ch.HELLO:
                 proto.worker_id = ch.U32.unpack_from(body)[0]
                 proto.fanout = len(body) > 4 and bool(body[4] & 1)
-                if proto.fanout:
+                # Flags bit 1: ROLE frames without the ENTRY fan-out (an ha
+                # standby worker only needs to know who leads).
+                proto.role_watch = len(body) > 4 and bool(body[4] & 2)  # type: ignore[attr-defined]
+                if proto.fanout or proto.role_watch:  # type: ignore[attr-defined]
                     proto.send(self._role_frame())
             elif kind == ch.LOAD:
                 self._waiting_loads.append(proto)
@@ -522,7 +525,7 @@ class RaftProcess:
         if changed:
             frame = None
             for c in self._conns.values():
-                if c.fanout:
+                if c.fanout or getattr(c, "role_watch", False):
                     frame = frame or self._role_frame(hs.term if hs is not None else None)
                     c.send(frame)
         if role == Role.LEADER and not was_leader:
