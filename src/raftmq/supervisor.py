@@ -24,6 +24,12 @@ last batch and wait for its commit), then the raft process (it persists the
 Ready in progress and closes LMDB), then exit 0.  Signal handlers only set a
 flag; the watch loop does the work (as uvicorn's multiprocess supervisor).
 
+``mode = "ha"``: each worker serves only while the node is the Raft leader and
+stands by (refusing clients) otherwise; a worker whose node changes role exits
+with EXIT_ROLE_CHANGED and is started again at once, in its new role
+(raftmq.cluster.ha).  Its serving flag (shared memory, one byte per worker)
+feeds /health/leader.
+
 ``durability = "none"`` runs no raft process: the workers keep state in memory
 (MemoryStore), like Mosquitto with persistence off.
 """
