@@ -64,6 +64,7 @@ class HaNode:
         self.config_path = self.dir / "raftmq.toml"
         self.log_path = self.dir / "raftmq.log"
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
 
     @property
     def address(self) -> str:
@@ -71,13 +72,14 @@ class HaNode:
         return f"{HOST}:{self.mqtt_port}"
 
     def write_config(self, peers: list[HaNode], secret_file: Path, workers: int,
-                     election_ticks: int) -> None:
+                     election_ticks: int, extra: tuple[str, ...] = ()) -> None:
         lines = [
+            *extra,
             'mode = "ha"',
             f'data_dir = "{self.data_dir}"',
             f'log_level = "{LOG_LEVEL}"',
             f"workers = {workers}",
-            "allow_anonymous = true",
+            *(() if any(x.startswith("allow_anonymous") for x in extra) else ("allow_anonymous = true",)),
             f'http_listener = "{HOST}:{self.http_port}"',
             "[[listener]]",
             f'host = "{HOST}"',
@@ -100,7 +102,7 @@ class HaNode:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None
-        env = {**os.environ, "PYTHONPATH": SRC}
+        env = {**os.environ, "PYTHONPATH": SRC, **self.env}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "raftmq", "serve", "-c", str(self.config_path)],
@@ -181,14 +183,16 @@ def _port_open(port: int) -> bool:
 
 
 class HaCluster:
-    def __init__(self, root: Path, n: int = 3, workers: int = TEST_WORKERS, election_ticks: int = 30) -> None:
+    def __init__(self, root: Path, n: int = 3, workers: int = TEST_WORKERS, election_ticks: int = 30,
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.root = root
         self.secret_file = root / "cluster.secret"
         self.secret_file.write_text(SECRET)
         os.chmod(self.secret_file, 0o600)
         self.nodes = {i: HaNode(root, i) for i in range(1, n + 1)}
-        for node in self.nodes.values():
-            node.write_config(list(self.nodes.values()), self.secret_file, workers, election_ticks)
+        for node in self.nodes.values():  # extra: top-level TOML lines; env: the nodes' environment
+            node.write_config(list(self.nodes.values()), self.secret_file, workers, election_ticks, extra)
+            node.env = dict(env or {})
 
     def start(self) -> None:
         for node in self.nodes.values():

@@ -9,6 +9,8 @@ real kill -9.
 from __future__ import annotations
 
 import queue
+import shutil
+import subprocess
 import threading
 import time
 from typing import Any
@@ -39,7 +41,7 @@ class Client:
     """A paho-mqtt 2.x client that records its CONNACK, messages and DISCONNECT."""
 
     def __init__(self, address: str, client_id: str, version: int = 5, clean: bool = True,
-                 expiry: int = 0) -> None:
+                 expiry: int = 0, auth: tuple[str, str] | None = None) -> None:
         host, port = address.rsplit(":", 1)
         protocol = {4: mqtt.MQTTv311, 5: mqtt.MQTTv5}[version]
         kw: dict[str, Any] = {"client_id": client_id, "protocol": protocol}
@@ -47,6 +49,8 @@ class Client:
             kw["clean_session"] = clean
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
         self.client.reconnect_delay_set(60, 60)  # the test decides where to reconnect
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.connack: queue.Queue[Any] = queue.Queue()
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.subacks: queue.Queue[Any] = queue.Queue()
@@ -373,3 +377,32 @@ class _Async:
 
 def cluster_cli_async(node: HaNode, *args: str) -> _Async:
     return _Async(lambda: node.cluster_cli(*args))
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_ctrl") is None, reason="mosquitto_ctrl not installed")
+def test_dynsec_changes_survive_failover(ha_cluster: Any) -> None:
+    """dynsec is state-machine state: a client created with mosquitto_ctrl on the
+    leader can log in at the next leader after a kill -9."""
+    cluster = ha_cluster(extra=("dynsec = true", "allow_anonymous = false"),
+                         env={"RAFTMQ_DYNSEC_PASSWORD": "adminpw-123"})
+    leader = cluster.serving()
+    user = unique("alice")
+
+    def ctrl(*args: str) -> None:
+        run = subprocess.run(["mosquitto_ctrl", "-h", HOST, "-p", str(leader.mqtt_port), "-u", "admin",
+                              "-P", "adminpw-123", "dynsec", *args],
+                             capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run
+
+    ctrl("createClient", user, "-p", "alicepw")
+    c = Client(leader.address, unique("a-"), auth=(user, "alicepw"))
+    assert c.ok
+    c.close()
+    leader.kill9()
+    new_leader = cluster.serving(exclude=(leader.id,))
+    c, served_by, _ = follow(cluster, unique("a-"), auth=(user, "alicepw"))
+    assert served_by is new_leader
+    c.close()
+    bad = Client(new_leader.address, unique("a-"), auth=(user, "wrong"))
+    assert bad.rc.is_failure
+    bad.client.loop_stop()

@@ -26,9 +26,11 @@ in-memory changes that never committed), at the cost of a worker start
 
 A serving worker that learns its node is no longer leader (check-quorum
 step-down in a minority, a leadership transfer, a higher term) stops at once:
-the refusal is set before anything else, every client gets MQTT 5 DISCONNECT
-0x9C (with the Server Reference when the new leader is known) or, for 3.x, a
-plain close, and the process exits.  Its pending proposals are never
+the refusal is set and reading from every client paused before anything else;
+then, as soon as the new leader is known (at most one election timeout
+later), every client gets MQTT 5 DISCONNECT 0x9C (with the Server Reference
+when the new leader is known) or, for 3.x, a plain close, and the process
+exits.  Its pending proposals are never
 acknowledged: the raft process answers them FAILED, and a COMMITTED arriving
 after the stop finds only closed connections (a closing connection writes
 nothing).  Their clients retransmit to the new leader ([MQTT-4.4.0-1]).
@@ -113,13 +115,17 @@ class ServingGate:
         self.settings = settings
         self.flags = flags
         self.index = index
-        self.stopping = False
+        self.stopping = False  # leadership lost: nothing is served any more
+        self.finished = False  # the clients are closed, the exit is scheduled
+        self._timer: asyncio.TimerHandle | None = None
         # Until the store confirms the role after the load, refuse like a node
         # that knows no leader (a CONNECT in that window is rare and retried).
         broker.ha_refusal = (RC_SERVER_UNAVAILABLE, None)
 
     def on_role(self, role: str, leader: int, term: int) -> None:
         if self.stopping:
+            if role != "leader" and leader and not self.finished:
+                self._finish(leader)  # the new leader is known: name it
             return
         if role == "leader":
             if self.broker.ha_refusal is not None:
@@ -131,13 +137,40 @@ class ServingGate:
         self.stop(leader)
 
     def stop(self, leader: int) -> None:
-        """Leadership lost: refuse, DISCONNECT everyone, exit (see the module doc)."""
-        from raftmq._codec import Disconnect
-        from raftmq.broker.protocol import CONNECTED
-
+        """Leadership lost: stop at once (refuse, read nothing more), then
+        DISCONNECT everyone and exit (see the module doc)."""
         self.stopping = True
         if self.flags is not None:
             self.flags[self.index] = 0
+        broker = self.broker
+        broker.ha_refusal = refusal_for(self.settings, leader)
+        for conn in list(broker.connections):
+            transport = conn.transport
+            if transport is not None:
+                try:
+                    transport.pause_reading()  # no packet of theirs is handled any more
+                except (RuntimeError, AttributeError):
+                    pass
+        if leader:
+            self._finish(leader)
+            return
+        # Right after a step-down the new leader is usually unknown for a few
+        # milliseconds (a transfer: until its first append; an election: until
+        # it wins).  Wait for it up to one election timeout, so that the
+        # DISCONNECT can name it; a node cut off from the majority waits in vain
+        # and sends 0x9C without a Server Reference.
+        wait = self.settings.election_ticks * self.settings.tick_ms / 1000
+        self._timer = asyncio.get_running_loop().call_later(wait, self._finish, 0)
+
+    def _finish(self, leader: int) -> None:
+        from raftmq._codec import Disconnect
+        from raftmq.broker.protocol import CONNECTED
+
+        if self.finished:
+            return
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
         refusal = refusal_for(self.settings, leader)
         broker = self.broker
         broker.ha_refusal = refusal
@@ -228,5 +261,10 @@ def run_standby(config: Any, node: Callable[[Any], None] | None, index: int,
 
     log.info("Worker %d on standby: this node is %s (leader %s); refusing clients.",
              index + 1, first[0], first[1] or "unknown")
-    return run(config, MemoryStore(), node=attach)
+    # No dynsec on standby: it would seed or import (and consume a pending
+    # dynsec-import.json) into the throw-away in-memory store; nobody is
+    # authenticated here anyway.
+    from dataclasses import replace
+
+    return run(replace(config, dynsec_enabled=False), MemoryStore(), node=attach)
 
