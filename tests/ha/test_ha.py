@@ -91,6 +91,12 @@ class Client:
         finally:
             self.client.loop_stop()
 
+    def abandon(self) -> None:
+        """Stop a refused (or server-closed) client without waiting for paho's
+        reconnect timer: disconnect() first wakes its loop thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
 
 def follow(cluster: HaCluster, client_id: str, start: HaNode | None = None, timeout: float = 30.0,
            **kw: Any) -> tuple[Client, HaNode, int]:
@@ -109,7 +115,7 @@ def follow(cluster: HaCluster, client_id: str, start: HaNode | None = None, time
         if c is not None and c.ok:
             return c, cluster.by_address(address), refused
         if c is not None:
-            c.client.loop_stop()
+            c.abandon()
             refused += 1
             if c.rc.value == USE_ANOTHER_SERVER and c.server_reference:
                 address = c.server_reference
@@ -148,7 +154,7 @@ def test_follower_refuses_and_names_the_leader(ha_cluster: Any) -> None:
         assert c.rc.value == USE_ANOTHER_SERVER, c.rc
         assert c.server_reference == leader.address
         assert not c.session_present
-        c.client.loop_stop()
+        c.abandon()
         raw, ack = raw_connect(f, unique("raw5-"))
         assert (ack.reason, ack.props.get("server_reference")) == (USE_ANOTHER_SERVER, leader.address)
         assert_refused_and_closed(raw)
@@ -303,7 +309,7 @@ def test_minority_survivor_closes_its_clients_and_refuses(ha_cluster: Any) -> No
     rc, props = v5.disconnects.get(timeout=15)  # check-quorum step-down, then the close
     assert rc.value == USE_ANOTHER_SERVER, rc
     assert getattr(props, "ServerReference", None) is None  # no leader anywhere to name
-    v5.client.loop_stop()
+    v5.abandon()
     with pytest.raises(Closed):
         while True:
             p = v3.recv(timeout=10)  # 3.1.1: closed (no DISCONNECT in 3.1.1)
@@ -338,7 +344,7 @@ def test_transfer_leader_moves_service(ha_cluster: Any) -> None:
 
     done = cluster_cli_async(leader, "transfer-leader", str(target.id))
     rc, props = c.disconnects.get(timeout=15)
-    c.client.loop_stop()
+    c.abandon()
     assert rc.value == USE_ANOTHER_SERVER, rc
     assert getattr(props, "ServerReference", None) == target.address
     result = done.result(30)
@@ -348,7 +354,7 @@ def test_transfer_leader_moves_service(ha_cluster: Any) -> None:
     assert wait_for(lambda: leader.health_leader() == 503, 10, "old leader 503")
     old = Client(leader.address, unique("old-"))
     assert old.rc.value == USE_ANOTHER_SERVER and old.server_reference == target.address
-    old.client.loop_stop()
+    old.abandon()
     c, served_by, _ = follow(cluster, client_id, start=leader, clean=False, expiry=3600)
     assert served_by is target and c.session_present
     c.close()
@@ -405,4 +411,4 @@ def test_dynsec_changes_survive_failover(ha_cluster: Any) -> None:
     c.close()
     bad = Client(new_leader.address, unique("a-"), auth=(user, "wrong"))
     assert bad.rc.is_failure
-    bad.client.loop_stop()
+    bad.abandon()
