@@ -133,6 +133,20 @@ def raw_connect(node: HaNode, client_id: str, version: int = 5, clean: bool = Tr
     return c, c.connect(client_id, clean=clean, props=props)
 
 
+# A node whose role just changed restarts its workers: its client port is closed
+# for that start (README "High availability"), so a client right after the
+# change may be refused by TCP and retries, as a real client does.
+RESTART_WINDOW = 15.0
+
+
+def raw_connect_retry(node: HaNode, client_id: str, **kw: Any) -> tuple[RawClient, Any]:
+    return wait_for(lambda: raw_connect(node, client_id, **kw), RESTART_WINDOW, f"node {node.id} listening")
+
+
+def client_retry(address: str, client_id: str, **kw: Any) -> Client:
+    return wait_for(lambda: Client(address, client_id, **kw), RESTART_WINDOW, f"{address} listening")
+
+
 def assert_refused_and_closed(c: RawClient) -> None:
     with pytest.raises(Closed):
         c.recv(timeout=3)
@@ -324,10 +338,10 @@ def test_minority_survivor_closes_its_clients_and_refuses(ha_cluster: Any) -> No
             assert p.reason == USE_ANOTHER_SERVER
     assert wait_for(lambda: leader.health_leader() == 503, 10, "/health/leader 503")
     # New clients are refused: no leader known (0x88), 3.1.1 return code 3.
-    c, ack = raw_connect(leader, unique("late5-"))
+    c, ack = raw_connect_retry(leader, unique("late5-"))
     assert ack.reason == SERVER_UNAVAILABLE and "server_reference" not in ack.props, ack
     assert_refused_and_closed(c)
-    c, ack = raw_connect(leader, unique("late3-"), version=4)
+    c, ack = raw_connect_retry(leader, unique("late3-"), version=4)
     assert ack.reason == 3
     assert_refused_and_closed(c)
     assert leader.running
@@ -352,7 +366,7 @@ def test_transfer_leader_moves_service(ha_cluster: Any) -> None:
 
     assert cluster.serving(timeout=15) is target
     assert wait_for(lambda: leader.health_leader() == 503, 10, "old leader 503")
-    old = Client(leader.address, unique("old-"))
+    old = client_retry(leader.address, unique("old-"))
     assert old.rc.value == USE_ANOTHER_SERVER and old.server_reference == target.address
     old.abandon()
     c, served_by, _ = follow(cluster, client_id, start=leader, clean=False, expiry=3600)
