@@ -130,11 +130,22 @@ class ServingGate:
         if role == "leader":
             if self.broker.ha_refusal is not None:
                 self.broker.ha_refusal = None
-                if self.flags is not None:
-                    self.flags[self.index] = 1
-                log.info("Worker %d serving clients: this node leads (term %d).", self.index + 1, term)
+                self._mark_serving(term)
             return
         self.stop(leader)
+
+    def _mark_serving(self, term: int) -> None:
+        """Raise the /health/leader flag once the listeners are open too (the
+        store may confirm the role while Broker.start still links the mesh)."""
+        if self.stopping:
+            return
+        broker = self.broker
+        if len(broker.servers) < len(broker.config.listeners):
+            asyncio.get_running_loop().call_later(0.02, self._mark_serving, term)
+            return
+        if self.flags is not None:
+            self.flags[self.index] = 1
+        log.info("Worker %d serving clients: this node leads (term %d).", self.index + 1, term)
 
     def stop(self, leader: int) -> None:
         """Leadership lost: stop at once (refuse, read nothing more), then
