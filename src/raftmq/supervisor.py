@@ -24,6 +24,12 @@ last batch and wait for its commit), then the raft process (it persists the
 Ready in progress and closes LMDB), then exit 0.  Signal handlers only set a
 flag; the watch loop does the work (as uvicorn's multiprocess supervisor).
 
+``mode = "ha"``: each worker serves only while the node is the Raft leader and
+stands by (refusing clients) otherwise; a worker whose node changes role exits
+with EXIT_ROLE_CHANGED and is started again at once, in its new role
+(raftmq.cluster.ha).  Its serving flag (shared memory, one byte per worker)
+feeds /health/leader.
+
 ``durability = "none"`` runs no raft process: the workers keep state in memory
 (MemoryStore), like Mosquitto with persistence off.
 """
@@ -52,6 +58,7 @@ from raftmq.cluster.config import ClusterSettings, cluster_from_mapping, load_cl
 log = logging.getLogger("raftmq.supervisor")
 
 EXIT_STORE_LOST = 75  # a worker lost its durable store (EX_TEMPFAIL): restart it
+EXIT_ROLE_CHANGED = 76  # ha: the node's Raft role changed (cluster/ha.py): restart at once
 STOP_TIMEOUT = 15.0
 # The longest the watch loop sleeps with nothing to do (it wakes at once when a
 # child dies or a signal comes): a safety net, not a poll.
@@ -89,7 +96,8 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
     sys.exit(run_node(settings, data_dir, durability))
 
 
-def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str) -> None:
+def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str,
+                  serving: Any = None) -> None:
     _die_with_parent(parent_pid)
     _setup_child_logging(config.log_level, batched=True)
     import functools
@@ -105,10 +113,22 @@ def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir:
         sys.exit(run(config, MemoryStore(), node=node))
     from raftmq.raft.client import NOT_LEADER, RaftStore
 
+    ha_stopping = None
+    if config.mode == "ha":
+        # Only the leader's workers serve; the others refuse (cluster/ha.py).
+        from raftmq.cluster import ha
+
+        role = ha.probe_role(config.data_dir)
+        if role[0] != "leader":
+            sys.exit(ha.run_standby(config, node, index, role))
     store = RaftStore(config.data_dir, worker_id)
+    if config.mode == "ha":
+        node, ha_stopping = ha.attach_serving(node, store, config.cluster, serving, index)
     worker_log = logging.getLogger("raftmq.worker")
 
     def store_lost(kind: str, detail: str) -> None:
+        if ha_stopping is not None and ha_stopping():
+            return  # leadership lost: the worker is closing its clients and exits (ha.py)
         if kind == NOT_LEADER:
             # Refused before being appended: nothing durable changed.  A worker
             # on a follower must not take durable work (cluster modes refuse
@@ -145,6 +165,8 @@ class _Child:
 
 class Supervisor:
     def __init__(self, config: Any, settings: ClusterSettings) -> None:
+        if getattr(config, "cluster", settings) is not settings:
+            config = replace(config, cluster=settings)  # the workers read config.cluster (ha)
         self.config = config
         self.settings = settings
         self.ctx = multiprocessing.get_context("spawn")
@@ -158,11 +180,14 @@ class Supervisor:
                 (me, settings, config.data_dir, config.durability, config.log_level),
             )
         count = worker_count(config)
+        # mode = "ha": 1 while worker i serves clients (the node leads and the
+        # worker has loaded the state), for /health/leader.
+        self.serving: Any = self.ctx.RawArray("b", count) if config.mode == "ha" else None
         # Private (0700) and short (unix socket paths are limited to 108 bytes):
         # the workers' mesh and hand-off sockets (raftmq.workers).
         self.run_dir = tempfile.mkdtemp(prefix="raftmq-")
         self.workers = [
-            _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i, count, self.run_dir))
+            _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i, count, self.run_dir, self.serving))
             for i in range(count)
         ]
 
@@ -177,7 +202,7 @@ class Supervisor:
 
         try:  # before the children: they inherit PROMETHEUS_MULTIPROC_DIR
             self.ops = start_ops(self.config, lambda: all(c.alive() for c in children),
-                                 [c.name for c in children])
+                                 [c.name for c in children], self._serving())
         except OpsError as exc:
             log.error("Error: %s", exc)
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -222,12 +247,30 @@ class Supervisor:
             while os.read(wake_fd, 64):
                 pass
 
+    def _serving(self) -> Any:
+        """/health/leader's test in ha: every worker serves (None elsewhere)."""
+        flags = self.serving
+        if flags is None:
+            return None
+        return lambda: all(flags[i] == 1 for i in range(len(self.workers))) and all(
+            c.alive() for c in self.workers)
+
     def _watch(self, c: _Child) -> None:
         if c.alive() or self._stop_signal is not None:
             return
         now = time.monotonic()
+        if self.serving is not None and c in self.workers:
+            self.serving[self.workers.index(c)] = 0  # it cannot say so itself after a kill
+        code = c.proc.exitcode if c.proc is not None else None
+        if code == EXIT_ROLE_CHANGED and c.restart_at == 0.0:
+            # ha: the node's role changed; the worker comes back in its new role at once.
+            if self.ops is not None:
+                self.ops.child_died(c.proc.pid if c.proc else None)
+            c.start(self.ctx)
+            log.info("Child %s restarted for a role change (pid %d).", c.name,
+                     c.proc.pid if c.proc else -1)
+            return
         if c.restart_at == 0.0:
-            code = c.proc.exitcode if c.proc is not None else None
             quick = now - c.started_at < 10.0
             c.restart_delay = min(max(c.restart_delay * 2, 0.2), 5.0) if quick else 0.0
             c.restart_at = now + c.restart_delay
@@ -316,17 +359,26 @@ def cluster_settings_of(config: Any) -> ClusterSettings:
 
 def serve(config: Any) -> int:
     """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
-    # Refuse what would silently misbehave rather than serve it: in the cluster
-    # modes workers do not yet follow Raft leadership (a follower would accept
-    # clients it cannot serve).  See README "State of the work".
-    if getattr(config, "mode", "standalone") != "standalone":
-        log.error("Error: mode = %s: the cluster modes are not served by the broker yet.", config.mode)
+    # Refuse what would silently misbehave rather than serve it: in dynsec-sync
+    # the workers do not yet follow the majority (a node cut off would go on
+    # serving).  See README "State of the work".
+    mode = getattr(config, "mode", "standalone")
+    if mode == "dynsec-sync":
+        log.error("Error: mode = %s: this cluster mode is not served by the broker yet.", mode)
         return 2
     try:
         settings = cluster_settings_of(config)
     except Exception as exc:
         log.error("Error: %s", exc)
         return 2
+    if mode == "ha":
+        if settings.standalone or settings.listen is None:
+            log.error("Error: mode = \"ha\" needs a [cluster] table with 'listen' and 'peers'.")
+            return 2
+        if config.durability == "none":
+            log.error("Error: mode = \"ha\" replicates through the raft process: "
+                      "durability = \"none\" is not possible.")
+            return 2
     problem = check_listeners(config)
     if problem is not None:
         log.error(problem)

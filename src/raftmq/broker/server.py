@@ -126,6 +126,9 @@ class Broker:
         self.handoff: Any = None
         self.worker_id = 0
         self.worker_count = 1
+        # mode = "ha": (reason code, CONNACK properties) every CONNECT is refused
+        # with while this worker does not serve (raftmq.cluster.ha); None = serve.
+        self.ha_refusal: tuple[int, dict | None] | None = None
         self.stats = Stats()
         self.retained = Retained()
         self.router = Router(self)

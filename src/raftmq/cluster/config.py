@@ -7,15 +7,21 @@
     listen = "10.0.0.1:7000"          # raft peer address (host:port) this node listens on
     secret_file = "/etc/raftmq/cluster.secret"   # shared secret, mode 0600
     peers = [                         # every member (this node included) at bootstrap,
-      { id = 1, host = "10.0.0.1", port = 7000 },  # or the existing members when joining
-      { id = 2, host = "10.0.0.2", port = 7000 },
-      { id = 3, host = "10.0.0.3", port = 7000 },
+      { id = 1, host = "10.0.0.1", port = 7000, mqtt_port = 1883 },  # or the existing
+      { id = 2, host = "10.0.0.2", port = 7000, mqtt_port = 1883 },  # members when joining
+      { id = 3, host = "10.0.0.3", port = 7000, mqtt_port = 1883 },
     ]
     join = false                      # true: start empty and wait to be added (`raftmq cluster add`)
     tick_ms = 10                      # one Raft tick
     election_ticks = 20               # election timeout in ticks (randomized up to 2x by the core)
     heartbeat_ticks = 2
     snapshot_entries = 50000          # compact the log every N applied entries
+
+``mqtt_host`` / ``mqtt_port`` (optional, ``mqtt_host`` defaults to ``host``): the
+member's client listener.  In ``mode = "ha"`` a follower refuses clients with
+MQTT 5 CONNACK 0x9C *Use another server* and a *Server Reference* naming the
+leader's ``mqtt_host:mqtt_port`` (cluster/ha.py); a leader without them is
+referred to without a Server Reference.
 
 No ``[cluster]`` table (standalone): node 1, a one-member group, no peer
 listener, no secret needed -- the same code path as a cluster.
@@ -38,6 +44,8 @@ class Peer:
     id: int
     host: str
     port: int
+    mqtt_host: str | None = None  # the member's client listener (ha: Server Reference)
+    mqtt_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,14 @@ class ClusterSettings:
     @property
     def standalone(self) -> bool:
         return self.listen is None and not self.peers
+
+    def client_address(self, node_id: int) -> str | None:
+        """``host:port`` of member ``node_id``'s client listener, if configured."""
+        for p in self.peers:
+            if p.id == node_id and p.mqtt_port is not None:
+                host = p.mqtt_host or p.host
+                return f"[{host}]:{p.mqtt_port}" if ":" in host else f"{host}:{p.mqtt_port}"
+        return None
 
     def initial_voters(self) -> tuple[int, ...]:
         """Members of a new cluster: the peers list (with this node), or just this node."""
@@ -78,6 +94,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_PEER_KEYS = {"id", "host", "port", "mqtt_host", "mqtt_port"}
 _KEYS = {
     "node_id", "listen", "secret_file", "peers", "join", "tick_ms", "election_ticks",
     "heartbeat_ticks", "snapshot_entries",
@@ -104,9 +121,17 @@ def cluster_from_mapping(table: Mapping[str, Any] | None, where: str = "<config>
     if not isinstance(raw_peers, list):
         raise ClusterConfigError(f"{where}: 'cluster.peers' must be a list of {{id, host, port}}")
     for p in raw_peers:
-        if not isinstance(p, dict) or set(p) != {"id", "host", "port"}:
-            raise ClusterConfigError(f"{where}: each of 'cluster.peers' must be {{id, host, port}}, got {p!r}")
-        peers.append(Peer(_int(p, "id", 0, 1, 2**63 - 1, where), str(p["host"]), _int(p, "port", 0, 1, 65535, where)))
+        if not isinstance(p, dict) or not {"id", "host", "port"} <= set(p) <= _PEER_KEYS:
+            raise ClusterConfigError(f"{where}: each of 'cluster.peers' must be {{id, host, port}}"
+                                     f" (optionally mqtt_host, mqtt_port), got {p!r}")
+        mqtt_host = p.get("mqtt_host")
+        if mqtt_host is not None and (not isinstance(mqtt_host, str) or not mqtt_host):
+            raise ClusterConfigError(f"{where}: 'cluster.peers.mqtt_host' must be a host name or address")
+        mqtt_port = _int(p, "mqtt_port", 0, 1, 65535, where) if "mqtt_port" in p else None
+        if mqtt_host is not None and mqtt_port is None:
+            raise ClusterConfigError(f"{where}: 'cluster.peers.mqtt_host' needs 'mqtt_port'")
+        peers.append(Peer(_int(p, "id", 0, 1, 2**63 - 1, where), str(p["host"]), _int(p, "port", 0, 1, 65535, where),
+                          mqtt_host, mqtt_port))
     if len({p.id for p in peers}) != len(peers):
         raise ClusterConfigError(f"{where}: duplicate id in 'cluster.peers'")
     join = table.get("join", False)

@@ -6,8 +6,10 @@
     GET /health          200 while the node's processes (workers, raft process)
                          are all running, else 503 -- for a load balancer
     GET /health/leader   200 only on a healthy Raft leader, else 503; in
-                         standalone the node is always its own leader.  A
-                         load balancer in front of an ``ha`` cluster sends the
+                         standalone the node is always its own leader.  In
+                         ``ha``, 200 only while the node's workers serve
+                         clients (leader, state loaded; cluster/ha.py), so a
+                         load balancer in front of the cluster sends the
                          clients to the node that answers 200 (DESIGN.md §1)
 
 Bodies are small JSON documents ({"status": "ok", "role": "leader"}) for people
@@ -60,8 +62,11 @@ class OpsServer:
     """
 
     def __init__(self, host: str, port: int, metrics_dir: str, healthy: Callable[[], bool],
-                 role: Callable[[], str], children: Iterable[str] = ()) -> None:
+                 role: Callable[[], str], children: Iterable[str] = (),
+                 serving: Callable[[], bool] | None = None) -> None:
         self.host = host
+        # ha: whether the workers serve clients (the truth /health/leader tells).
+        self.serving = serving
         self.port = port
         self.metrics_dir = metrics_dir
         self.healthy = healthy
@@ -189,8 +194,13 @@ class _Handler(BaseHTTPRequestHandler):
         ok = up
         if leader:
             role = self.ops.role() if up else "unknown"
-            doc["role"] = role
             ok = up and role == "leader"
+            if self.ops.serving is not None:
+                # ha: the workers' own word, not the cached raft role: 200
+                # exactly while this node's workers serve clients.
+                ok = up and self.ops.serving()
+                role = "leader" if ok else ("leader, not serving yet" if role == "leader" else role)
+            doc["role"] = role
             if up and not ok:
                 doc["status"] = "not leader"
         return (200 if ok else 503), orjson.dumps(doc)
@@ -258,10 +268,11 @@ def node_role(config: Any) -> Callable[[], str]:
     return RaftRole(config.data_dir)
 
 
-def start_ops(config: Any, healthy: Callable[[], bool], children: Iterable[str] = ()
-              ) -> OpsServer | None:
+def start_ops(config: Any, healthy: Callable[[], bool], children: Iterable[str] = (),
+              serving: Callable[[], bool] | None = None) -> OpsServer | None:
     """Start the HTTP endpoint of ``config.http_listener`` (None when it is off).
-    ``healthy()``: whether all children run; ``children``: their names.
+    ``healthy()``: whether all children run; ``children``: their names;
+    ``serving()`` (ha): whether the workers serve clients, for /health/leader.
 
     Call before starting the children: it sets PROMETHEUS_MULTIPROC_DIR for them.
     Raises OpsError (naming the key) when the address cannot be bound.
@@ -278,7 +289,7 @@ def start_ops(config: Any, healthy: Callable[[], bool], children: Iterable[str] 
     except OSError as exc:
         raise OpsError(f"http_listener: cannot prepare the metrics directory in "
                        f"{config.data_dir}: {exc}") from exc
-    server = OpsServer(host, port, metrics_dir, healthy, node_role(config), children)
+    server = OpsServer(host, port, metrics_dir, healthy, node_role(config), children, serving)
     try:
         server.start()
     except OSError as exc:

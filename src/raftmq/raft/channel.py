@@ -7,7 +7,8 @@ node's own user may propose).  Both directions carry length-prefixed frames:
 
 Worker -> raft process
     HELLO     u32 worker id | u8 flags          first frame; id 0 = an admin/test client;
-                                                 flags bit 0: send me ENTRY frames (fan-out)
+                                                 flags bit 0: send me ENTRY frames (fan-out);
+                                                 bit 1: send me ROLE frames only (ha standby)
     PROPOSE   u64 request id | entry data         data = encode_ops(ops); many per write
     LOAD      (empty)                             "send me the committed state"
     ADMIN     u64 request id | JSON request       cluster status / add / remove / transfer
@@ -20,7 +21,8 @@ Raft process -> worker
     RELOAD    (empty)                             the state was replaced by a snapshot: the
                                                  ENTRY stream has a gap, rebuild from LOAD
     ROLE      JSON {"role", "leader", "term"}      this node's Raft role; sent after HELLO
-                                                 (fan-out connections) and on every change
+                                                 (fan-out and role-watch connections) and on
+                                                 every change
 
 Frames are gathered per loop turn and written with one ``write`` call (one
 syscall for a whole batch of proposals or commit notices).  The peers of this

@@ -367,7 +367,10 @@ class RaftProcess:
             elif kind == ch.HELLO:
                 proto.worker_id = ch.U32.unpack_from(body)[0]
                 proto.fanout = len(body) > 4 and bool(body[4] & 1)
-                if proto.fanout:
+                # Flags bit 1: ROLE frames without the ENTRY fan-out (an ha
+                # standby worker only needs to know who leads).
+                proto.role_watch = len(body) > 4 and bool(body[4] & 2)  # type: ignore[attr-defined]
+                if proto.fanout or proto.role_watch:  # type: ignore[attr-defined]
                     proto.send(self._role_frame())
             elif kind == ch.LOAD:
                 self._waiting_loads.append(proto)
@@ -441,7 +444,7 @@ class RaftProcess:
 
     def _handle_ready(self, rd: Ready) -> None:
         if rd.soft_state is not None:
-            self._on_soft_state(rd.soft_state.role, rd.soft_state.leader, rd.hard_state)
+            self._on_soft_state(rd.soft_state.role, rd.soft_state.leader, rd.hard_state, rd.entries)
         committed = rd.committed_entries
         stripped = [_strip(e) for e in committed] if committed else ()
         messages = rd.messages
@@ -512,7 +515,8 @@ class RaftProcess:
             if ok:
                 log.info("Sent a snapshot to node %d", nid)
 
-    def _on_soft_state(self, role: Role, leader: int, hs: HardState | None) -> None:
+    def _on_soft_state(self, role: Role, leader: int, hs: HardState | None,
+                       entries: list[Entry] | tuple = ()) -> None:
         was_leader = self.role == Role.LEADER
         if role != self.role or leader != self.leader:
             term = hs.term if hs is not None else self._term
@@ -522,13 +526,17 @@ class RaftProcess:
         if changed:
             frame = None
             for c in self._conns.values():
-                if c.fanout:
+                if c.fanout or getattr(c, "role_watch", False):
                     frame = frame or self._role_frame(hs.term if hs is not None else None)
                     c.send(frame)
         if role == Role.LEADER and not was_leader:
             # Entries up to the new leader's first entry may be committed but
-            # not yet known as such: a LOAD waits until they are applied.
-            self._leader_barrier = self.storage.last_index() + 1
+            # not yet known as such: a LOAD waits until they are applied.  The
+            # first entry is the no-op the core appended for the new term, in
+            # this Ready (ha: the workers serve only after it, Raft §8).
+            term = hs.term if hs is not None else self.node.term
+            own = [e.index for e in entries if e.term == term]
+            self._leader_barrier = own[0] if own else self.storage.last_index() + 1
         if was_leader and role != Role.LEADER:
             self._fail_all(ch.DROPPED)
 

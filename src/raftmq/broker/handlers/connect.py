@@ -61,10 +61,10 @@ _LOG_PROTOCOL = {3: 1, 4: 2, 5: 5}
 TOPIC_ALIAS_MAXIMUM = 10
 
 
-def refuse(conn: Connection, reason_code: int) -> None:
+def refuse(conn: Connection, reason_code: int, properties: dict | None = None) -> None:
     """CONNACK with a refusal, then close [MQTT-3.2.2-6, MQTT-3.2.2-7]."""
     if conn.version == 5:
-        conn.write(Connack(False, reason_code, None).encode(5))
+        conn.write(Connack(False, reason_code, properties).encode(5))
     else:
         conn.write(Connack(False, V3_RETURN_CODE.get(reason_code, 5), None).encode(conn.version))
     conn.close()
@@ -105,6 +105,12 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     config = broker.config
     version = p.protocol_version
     conn.version = version
+    refusal = broker.ha_refusal
+    if refusal is not None:
+        # mode = "ha", this worker does not serve (raftmq.cluster.ha): 0x9C with
+        # the leader as Server Reference, or 0x88 while no leader is known.
+        log.info("Client %s:%d refused: this node is not the cluster leader.", *conn.peer)
+        return refuse(conn, *refusal)
     raw = conn.raw_head  # what a hand-off would pass on (empty with one worker)
     conn.raw_head = b""
     props = p.properties or {}
