@@ -24,6 +24,7 @@ from typing import Any
 
 from raftmq.raft import channel as ch
 from raftmq.state.entries import LoadedState, Message, RetainSet, encode_ops
+from support.procs import stop
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 SECRET = "test-cluster-secret-0123456789"
@@ -104,16 +105,7 @@ class RaftNode:
             self.proc.wait(10)
 
     def terminate(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop(self.proc, 15)
 
     @property
     def running(self) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raftmq.raft import channel as ch
+from support.procs import stop
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 HOST = "127.0.0.1"
@@ -126,16 +127,7 @@ class HaNode:
         wait_for(lambda: not _port_open(self.mqtt_port), 10, f"node {self.id}'s workers gone")
 
     def terminate(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop(self.proc, 20)
 
     @property
     def running(self) -> bool:

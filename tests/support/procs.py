@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -34,3 +36,18 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def stop(proc: subprocess.Popen | None, grace: float) -> int | None:
+    """SIGTERM ``proc`` and wait up to ``grace`` seconds, then SIGKILL; its exit
+    status (None if it was never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
