@@ -50,8 +50,13 @@ _FAIL_KINDS = {ch.NOT_LEADER: NOT_LEADER, ch.DROPPED: LEADERSHIP_LOST, ch.SHUTTI
 
 
 class RaftStore:
-    def __init__(self, data_dir: str, worker_id: int = 1, connect_timeout: float = 60.0) -> None:
+    def __init__(self, data_dir: str, worker_id: int = 1, connect_timeout: float = 60.0,
+                 forward: bool = False) -> None:
         self.data_dir = data_dir
+        # dynsec-sync: on a follower the raft process forwards our proposals to
+        # the leader (HELLO flags bit 2) and answers COMMITTED once this node
+        # has applied them, instead of refusing them NOT_LEADER.
+        self.forward = forward
         self.worker_id = worker_id
         self.connect_timeout = connect_timeout
         self._next_id = 1
@@ -74,6 +79,8 @@ class RaftStore:
             self._blocking = ch.BlockingChannel(
                 self.data_dir, self.worker_id, timeout=self.connect_timeout, fanout=True
             )
+            if self.forward:
+                self._blocking.sock.sendall(self._hello())
         self._blocking.send(ch.frame(ch.LOAD))
         early: list[tuple[int, bytes]] = []
         while True:
@@ -178,13 +185,18 @@ class RaftStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            proto.send(ch.hello_frame(self.worker_id, True))
+            proto.send(self._hello())
             self._proto = proto
             self._down_logged = False
             log.info("Worker %d reconnected to the raft process", self.worker_id)
             # Entries committed while we were away are not replayed: the live
             # state of this worker may miss remote changes until it restarts.
             return
+
+    def _hello(self) -> bytes:
+        if not self.forward:
+            return ch.hello_frame(self.worker_id, True)
+        return ch.frame(ch.HELLO, ch.U32.pack(self.worker_id) + bytes((1 | 4,)))
 
     def _on_lost(self, proto: ch.FrameProtocol) -> None:
         if proto is not self._proto:
