@@ -36,6 +36,15 @@ origin node finds the proposer by (connection, request id) and answers
 COMMITTED; every other worker that asked for fan-out gets the op batch as an
 ENTRY frame.  The state machine only ever sees the op batch.
 
+Forwarding (dynsec-sync): a worker whose HELLO sets flags bit 2 has its
+proposals forwarded when this node is a follower that knows a leader: the
+envelope is built here (origin = this node) and sent to the leader as a
+FORWARD payload on the peer transport; the leader appends it unchanged, and
+this node answers COMMITTED when it applies the entry, as for its own.  A
+leader that cannot append answers FORWARD_REFUSED (failed NOT_LEADER here); a
+change of leader fails what is in flight (DROPPED: it may still commit, and is
+then fanned out to its proposer too).
+
 A proposal whose outcome becomes unknown (this node loses leadership before it
 commits) is answered FAILED: the worker never acknowledges it to its client.
 It may still commit under the next leader; that is safe (an unacknowledged
