@@ -113,6 +113,20 @@ def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir:
         sys.exit(run(config, MemoryStore(), node=node))
     from raftmq.raft.client import NOT_LEADER, RaftStore
 
+    if config.mode == "dynsec-sync":
+        # Every node of the majority serves; only dynsec goes through Raft (cluster/dsync.py).
+        from raftmq.cluster import dsync
+
+        dstore = dsync.DsyncStore(config.data_dir, worker_id)
+
+        def crash(detail: str) -> None:
+            logging.getLogger("raftmq.worker").error(
+                "Worker %d: durable store failed (%s); restarting the worker.", worker_id, detail)
+            logging.shutdown()
+            os._exit(EXIT_STORE_LOST)
+
+        dstore.set_failure_listener(dsync.failure_listener(dstore, worker_id, crash))
+        sys.exit(run(config, dstore, node=dsync.attach(node, dstore, index)))
     ha_stopping = None
     if config.mode == "ha":
         # Only the leader's workers serve; the others refuse (cluster/ha.py).
@@ -359,25 +373,19 @@ def cluster_settings_of(config: Any) -> ClusterSettings:
 
 def serve(config: Any) -> int:
     """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
-    # Refuse what would silently misbehave rather than serve it: in dynsec-sync
-    # the workers do not yet follow the majority (a node cut off would go on
-    # serving).  See README "State of the work".
     mode = getattr(config, "mode", "standalone")
-    if mode == "dynsec-sync":
-        log.error("Error: mode = %s: this cluster mode is not served by the broker yet.", mode)
-        return 2
     try:
         settings = cluster_settings_of(config)
     except Exception as exc:
         log.error("Error: %s", exc)
         return 2
-    if mode == "ha":
+    if mode in ("ha", "dynsec-sync"):
         if settings.standalone or settings.listen is None:
-            log.error("Error: mode = \"ha\" needs a [cluster] table with 'listen' and 'peers'.")
+            log.error("Error: mode = \"%s\" needs a [cluster] table with 'listen' and 'peers'.", mode)
             return 2
         if config.durability == "none":
-            log.error("Error: mode = \"ha\" replicates through the raft process: "
-                      "durability = \"none\" is not possible.")
+            log.error("Error: mode = \"%s\" replicates through the raft process: "
+                      "durability = \"none\" is not possible.", mode)
             return 2
     problem = check_listeners(config)
     if problem is not None:

@@ -58,5 +58,5 @@ def test_serve_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     r = _serve(tmp_path, 'mode = "ha"\ndurability = "none"\n[cluster]\nnode_id = 1\nlisten = "127.0.0.1:1"\n'
                'secret_file = "/nonexistent"\npeers = [{ id = 2, host = "127.0.0.1", port = 2 }]\n')
     assert r.returncode == 2 and "durability" in r.stderr, r.stderr
-    r = _serve(tmp_path, 'mode = "dynsec-sync"\n')  # not built yet: refused, never half served
-    assert r.returncode == 2 and "not served by the broker yet" in r.stderr, r.stderr
+    r = _serve(tmp_path, 'mode = "dynsec-sync"\n')  # no [cluster]: nothing to sync with
+    assert r.returncode == 2 and "needs a [cluster] table" in r.stderr, r.stderr

@@ -257,6 +257,10 @@ def install(broker: Any, config: Any, *, environ: dict[str, str] | None = None) 
     # One node, several workers on one store: the first worker alone seeds and
     # imports; the others get the committed result through on_remote_ops.
     seed = seed_change(loaded, data_dir, environ) if getattr(broker, "worker_id", 0) == 0 else None
+    if seed is not None and "replace" in seed and not getattr(broker.store, "may_seed", True):
+        # dynsec-sync: the seed is made once for the cluster, by the leader's
+        # worker (cluster/dsync.py); the others receive it as a committed change.
+        seed = None
     if seed is not None:
         plugin.apply(seed)  # in force at once; committed as soon as the loop runs
         plugin.pending_seed = seed

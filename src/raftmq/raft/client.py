@@ -50,8 +50,13 @@ _FAIL_KINDS = {ch.NOT_LEADER: NOT_LEADER, ch.DROPPED: LEADERSHIP_LOST, ch.SHUTTI
 
 
 class RaftStore:
-    def __init__(self, data_dir: str, worker_id: int = 1, connect_timeout: float = 60.0) -> None:
+    def __init__(self, data_dir: str, worker_id: int = 1, connect_timeout: float = 60.0,
+                 forward: bool = False) -> None:
         self.data_dir = data_dir
+        # dynsec-sync: on a follower the raft process forwards our proposals to
+        # the leader (HELLO flags bit 2) and answers COMMITTED once this node
+        # has applied them, instead of refusing them NOT_LEADER.
+        self.forward = forward
         self.worker_id = worker_id
         self.connect_timeout = connect_timeout
         self._next_id = 1
@@ -74,13 +79,18 @@ class RaftStore:
             self._blocking = ch.BlockingChannel(
                 self.data_dir, self.worker_id, timeout=self.connect_timeout, fanout=True
             )
+            if self.forward:
+                self._blocking.sock.sendall(self._hello())
         early: list[tuple[int, bytes]] = []
         # A LOAD answers what is applied, and batches that this worker's killed
         # previous process wrote may still be on their way to that: an empty
         # batch of ours committed first comes after them (refused while the
         # raft process is not the leader: nothing of ours can be in flight then).
-        self._blocking.send(ch.request_frame(ch.PROPOSE, 0, encode_ops([])))
-        while True:
+        # Not for a forwarding (dynsec-sync) store: it keeps no delivery state in
+        # Raft, and a forwarded barrier could wait on a leader change forever.
+        if not self.forward:
+            self._blocking.send(ch.request_frame(ch.PROPOSE, 0, encode_ops([])))
+        while not self.forward:
             kind, body = self._blocking.recv_frame()
             if (kind == ch.COMMITTED and 0 in ch.parse_ids(body)) or \
                     (kind == ch.FAILED and 0 in ch.parse_ids(body[1:])):
@@ -200,13 +210,18 @@ class RaftStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            proto.send(ch.hello_frame(self.worker_id, True))
+            proto.send(self._hello())
             self._proto = proto
             self._down_logged = False
             log.info("Worker %d reconnected to the raft process", self.worker_id)
             # Entries committed while we were away are not replayed: the live
             # state of this worker may miss remote changes until it restarts.
             return
+
+    def _hello(self) -> bytes:
+        if not self.forward:
+            return ch.hello_frame(self.worker_id, True)
+        return ch.frame(ch.HELLO, ch.U32.pack(self.worker_id) + bytes((1 | 4,)))
 
     def _on_lost(self, proto: ch.FrameProtocol) -> None:
         if proto is not self._proto:

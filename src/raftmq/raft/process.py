@@ -36,6 +36,15 @@ origin node finds the proposer by (connection, request id) and answers
 COMMITTED; every other worker that asked for fan-out gets the op batch as an
 ENTRY frame.  The state machine only ever sees the op batch.
 
+Forwarding (dynsec-sync): a worker whose HELLO sets flags bit 2 has its
+proposals forwarded when this node is a follower that knows a leader: the
+envelope is built here (origin = this node) and sent to the leader as a
+FORWARD payload on the peer transport; the leader appends it unchanged, and
+this node answers COMMITTED when it applies the entry, as for its own.  A
+leader that cannot append answers FORWARD_REFUSED (failed NOT_LEADER here); a
+change of leader fails what is in flight (DROPPED: it may still commit, and is
+then fanned out to its proposer too).
+
 A proposal whose outcome becomes unknown (this node loses leadership before it
 commits) is answered FAILED: the worker never acknowledges it to its client.
 It may still commit under the next leader; that is safe (an unacknowledged
@@ -112,6 +121,13 @@ PROMOTE_LAG = 64
 # (state/machine.py "Deferred queue rows"): most durable deliveries are added
 # and removed within it and never written to the queue table.
 DEFER_QUEUE_ENTRIES = 512
+# Peer transport payloads that are not Raft messages (a wire message starts with
+# its MessageType, far below these): proposals a follower forwards to the leader
+# for workers that asked for it (HELLO flags bit 2, dynsec-sync), and the
+# leader's refusal of such proposals (not appended: the follower fails them).
+FORWARD = 0xF0
+FORWARD_REFUSED = 0xF1
+_FWD_LEN = struct.Struct("<I")
 
 
 class RaftProcess:
@@ -151,6 +167,11 @@ class RaftProcess:
         self._next_conn = 1
         self._proposals: list[tuple[int, int, bytes]] = []  # (conn id, request id, ops)
         self._pending: dict[tuple[int, int], int] = {}  # (conn, req) -> proposing term
+        # A proposal forwarded to the leader is pending with the negated term it
+        # was forwarded in: the leader appends it in that term or a later one.
+        # Forwarded proposals answered FAILED (leader changed) may still commit:
+        # their entry is then fanned out to the proposer too, like a remote one.
+        self._forward_lost: set[tuple[int, int]] = set()
         self._waiting_loads: list[ch.FrameProtocol] = []
         self._admin_waits: list[tuple[Any, ch.FrameProtocol, int, float]] = []
         self._learners_to_promote: set[int] = set()
@@ -349,6 +370,9 @@ class RaftProcess:
         step = self.node.step
         decode = wire.decode
         for p in payloads:
+            if p and p[0] >= FORWARD:
+                self._on_forward_payload(src, p)
+                continue
             m = decode(p)  # a DecodeError closes that peer's connection (transport)
             try:
                 step(m)
@@ -370,6 +394,9 @@ class RaftProcess:
                 # Flags bit 1: ROLE frames without the ENTRY fan-out (an ha
                 # standby worker only needs to know who leads).
                 proto.role_watch = len(body) > 4 and bool(body[4] & 2)  # type: ignore[attr-defined]
+                # Flags bit 2: on a follower, forward this connection's proposals
+                # to the leader instead of refusing them (dynsec-sync workers).
+                proto.forward = len(body) > 4 and bool(body[4] & 4)  # type: ignore[attr-defined]
                 if proto.fanout or proto.role_watch:  # type: ignore[attr-defined]
                     proto.send(self._role_frame())
             elif kind == ch.LOAD:
@@ -419,7 +446,7 @@ class RaftProcess:
             self._fail_requests(queued, ch.SHUTTING_DOWN)
             return
         if self.role != Role.LEADER:
-            self._fail_requests(queued, ch.NOT_LEADER)
+            self._forward_or_fail(queued)
             return
         me = self.id
         pack = ENVELOPE.pack
@@ -539,6 +566,8 @@ class RaftProcess:
             self._leader_barrier = own[0] if own else self.storage.last_index() + 1
         if was_leader and role != Role.LEADER:
             self._fail_all(ch.DROPPED)
+        elif changed and role != Role.LEADER:
+            self._fail_forwarded()
 
     def _role_frame(self, term: int | None = None) -> bytes:
         """Workers learn the role (in cluster modes a follower's workers refuse clients)."""
@@ -564,7 +593,8 @@ class RaftProcess:
             # The term check: an entry left by an earlier incarnation of this
             # process (same connection and request numbers, reused after a
             # restart) has an older term than anything proposed now.
-            if origin == me and pending.get((cid, rid)) == e.term:
+            t = pending.get((cid, rid)) if origin == me else None
+            if t is not None and (t == e.term or 0 > t >= -e.term):
                 del pending[(cid, rid)]
                 lst = done.get(cid)
                 if lst is None:
@@ -575,7 +605,9 @@ class RaftProcess:
                 frame = None
                 for c in fanout:
                     if origin == me and c.conn_id == cid:  # type: ignore[attr-defined]
-                        continue
+                        if not self._forward_lost or (cid, rid) not in self._forward_lost:
+                            continue
+                        self._forward_lost.discard((cid, rid))
                     if frame is None:
                         frame = ch.frame(ch.ENTRY, data[ENVELOPE.size :])
                     c.send(frame)
@@ -649,6 +681,82 @@ class RaftProcess:
                 self.transport.set_peer(nid, *addr)
 
     # -- answers ----------------------------------------------------------------------
+
+    # -- proposals forwarded to the leader (dynsec-sync) -----------------------------
+
+    def _forward_or_fail(self, queued: list[tuple[int, int, bytes]]) -> None:
+        """On a follower: send the proposals of forwarding connections to the
+        leader, enveloped with this node as origin (so this node answers them
+        when it applies the entry); refuse the rest, and all if no leader is known."""
+        conns = self._conns
+        leader = self.leader
+        forward = [q for q in queued if getattr(conns.get(q[0]), "forward", False)]
+        if not forward or not leader or self.transport is None:
+            self._fail_requests(queued, ch.NOT_LEADER)
+            return
+        if len(forward) < len(queued):
+            self._fail_requests([q for q in queued if not getattr(conns.get(q[0]), "forward", False)],
+                                ch.NOT_LEADER)
+        me = self.id
+        pack = ENVELOPE.pack
+        parts = [bytes((FORWARD,))]
+        for cid, rid, ops in forward:
+            data = pack(ENVELOPE_VERSION, me, cid, rid) + ops
+            parts.append(_FWD_LEN.pack(len(data)))
+            parts.append(data)
+        if not self.transport.send(leader, b"".join(parts)):
+            self._fail_requests(forward, ch.NOT_LEADER)  # never left: nothing appended
+            return
+        self.transport.flush()
+        term = -self._term
+        for cid, rid, _ in forward:
+            self._pending[(cid, rid)] = term
+
+    def _on_forward_payload(self, src: int, p: bytes) -> None:
+        if p[0] == FORWARD_REFUSED:
+            # The leader we forwarded to appended nothing: refuse them here.
+            n = (len(p) - 1) // 12
+            reqs = [struct.unpack_from("<IQ", p, 1 + 12 * i) for i in range(n)]
+            failed = [(cid, rid, b"") for cid, rid in reqs if self._pending.pop((cid, rid), 0) < 0]
+            self._fail_requests(failed, ch.NOT_LEADER)
+            return
+        if p[0] != FORWARD:
+            return
+        datas: list[bytes] = []
+        pos = 1
+        while pos + 4 <= len(p):
+            (n,) = _FWD_LEN.unpack_from(p, pos)
+            datas.append(p[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        # Only well-formed envelopes naming the sender as origin.
+        datas = [d for d in datas if len(d) >= ENVELOPE.size and d[0] == ENVELOPE_VERSION
+                 and ENVELOPE.unpack_from(d)[1] == src]
+        if not datas:
+            return
+        try:
+            if self.role != Role.LEADER:
+                raise NotLeader(self.leader)
+            self.node.propose_many(datas)
+        except ProposalDropped:  # NotLeader included
+            body = b"".join(struct.pack("<IQ", *ENVELOPE.unpack_from(d)[2:]) for d in datas)
+            if self.transport is not None and self.transport.send(src, bytes((FORWARD_REFUSED,)) + body):
+                self.transport.flush()
+            return
+        self.proposals_total += len(datas)
+
+    def _fail_forwarded(self) -> None:
+        """The leader changed (or is unknown): a forwarded proposal's outcome is
+        unknown (it may still commit): answer it FAILED (leadership lost)."""
+        by_conn: dict[int, list[int]] = {}
+        for (cid, rid), t in list(self._pending.items()):
+            if t < 0:
+                del self._pending[(cid, rid)]
+                if len(self._forward_lost) > 10_000:
+                    self._forward_lost.clear()  # long gone: never committed
+                self._forward_lost.add((cid, rid))
+                by_conn.setdefault(cid, []).append(rid)
+        if by_conn:
+            self._send_failed(by_conn, ch.DROPPED)
 
     def _fail_requests(self, reqs: list[tuple[int, int, bytes]], reason: int) -> None:
         by_conn: dict[int, list[int]] = {}

@@ -109,7 +109,8 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     if refusal is not None:
         # mode = "ha", this worker does not serve (raftmq.cluster.ha): 0x9C with
         # the leader as Server Reference, or 0x88 while no leader is known.
-        log.info("Client %s:%d refused: this node is not the cluster leader.", *conn.peer)
+        # mode = "dynsec-sync": 0x88 while the node is outside a working majority.
+        log.info("Client %s:%d refused: this node does not serve clients now (cluster role).", *conn.peer)
         return refuse(conn, *refusal)
     raw = conn.raw_head  # what a hand-off would pass on (empty with one worker)
     conn.raw_head = b""
