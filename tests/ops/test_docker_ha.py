@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,10 @@ def loopback_haproxy(cluster: HaCluster, front_port: int, stats_port: int) -> st
 @pytest.fixture
 def docker_cluster(tmp_path: Path) -> Any:
     front_port = free_port()
-    cluster = HaCluster(tmp_path, 3)  # ports, data dirs, a 0600 secret file
+    cluster = HaCluster(tmp_path, 3)  # ports, data dirs
+    # The secret as the compose file makes it: by the secret-init script.
+    run_secret_init(tmp_path / "secret", "--uid", str(os.geteuid()))
+    cluster.secret_file = tmp_path / "secret" / "cluster.secret"
     for i, node in cluster.nodes.items():
         node.config_path.write_text(loopback_config(i, cluster, front_port))
     try:
@@ -332,3 +336,42 @@ def test_haproxy_from_the_docker_config_follows_the_leader(docker_cluster: Any, 
             proxy.kill()
             proxy.wait(5)
         log.close()
+
+
+def test_rotating_the_secret_one_node_at_a_time(docker_cluster: Any, tmp_path: Path) -> None:
+    """docker/README.md's rotation: secret-init --rotate, then restart the nodes
+    one by one, followers first.  The majority always shares one secret."""
+    cluster, _ = docker_cluster
+    leader = cluster.stable_leader()
+    c, _ = raw_connect(leader.mqtt_port, unique("dockerha-rot-"))
+    c.publish("dockerha/retained", b"kept", 1, pid=1, retain=True)
+    assert c.expect(PUBACK).reason in (0, 0x10)  # 0x10: no subscribers (it is retained all the same)
+    c.close()
+    old = read_secret_file(str(cluster.secret_file))
+    run_secret_init(tmp_path / "secret", "--uid", str(os.geteuid()), "--rotate")
+    assert read_secret_file(str(cluster.secret_file)) != old
+    first, second = cluster.others(leader)
+    # One node on the new secret: the two on the old one keep serving, and it
+    # cannot join them (the peer handshake fails), so it never learns the leader.
+    first.terminate()
+    first.start()
+    first.wait_listening()
+    time.sleep(3)  # many election timeouts (0.5-1 s)
+    assert first.status()["leader"] != leader.id
+    assert leader.health_leader() == 200
+    # The second: now the new secret holds the majority; service moves once.
+    second.terminate()
+    second.start()
+    new = cluster.serving(exclude=(leader.id,), timeout=30)
+    # The old leader last: it joins on the new secret.
+    leader.terminate()
+    leader.start()
+    leader.wait_listening()
+    wait_for(lambda: all(n.status()["leader"] == new.id for n in cluster.nodes.values()), 30,
+             "all three nodes following one leader")
+    wait_for(lambda: sorted(new.status()["connected"]) == sorted(n.id for n in cluster.others(new)), 30,
+             "the leader linked to both others")
+    c, ack = wait_for(lambda: served(new.mqtt_port, unique("dockerha-rot-")), 15, "the new leader serving")
+    assert c.subscribe(1, [("dockerha/retained", 1)]).codes == [1]
+    assert c.expect(PUBLISH).payload == b"kept"
+    c.close()
