@@ -63,16 +63,19 @@ def test_node_configs_load_and_agree() -> None:
         assert cl.secret_file == f"{SECRET_DIR}/cluster.secret"
         assert cl.initial_voters() == NODES
         own = next(p for p in peers if p.id == i)
-        # The peers reach this node's Raft listener by its compose service name.
-        assert (own.host, own.port) == (f"raftmq{i}", cl.listen[1]) and cl.listen[0] == "0.0.0.0"
+        # The peers reach this node's Raft listener by its compose service name,
+        # and it listens (and tells its peers it listens) on that name: a
+        # wildcard would be advertised as 0.0.0.0, where each peer finds itself.
+        assert (own.host, own.port) == (f"raftmq{i}", 7000) and cl.listen == (own.host, own.port)
         assert c.http_listener == ("0.0.0.0", 9883)  # HAProxy's check port, Prometheus' target
         assert [(lst.host, lst.port) for lst in c.listeners] == [("0.0.0.0", 1883)]
         # Clients reach only HAProxy: every Server Reference names its published address.
         assert cl.client_address(own.id) == "localhost:1883"
-    # Only node_id differs between the files: everything else in one place.
+    # Only node_id and listen differ between the files: everything else in one place.
     raw = {i: tomllib.loads(node_file(i).read_text()) for i in NODES}
     for i in NODES:
         assert raw[i]["cluster"].pop("node_id") == i
+        assert raw[i]["cluster"].pop("listen") == f"raftmq{i}:7000"
     assert raw[1] == raw[2] == raw[3]
 
 
@@ -211,7 +214,11 @@ def loopback_config(i: int, cluster: HaCluster, front_port: int) -> str:
     data["http_listener"] = f"{HOST}:{node.http_port}"
     data["listener"] = [{**lst, "host": HOST, "port": node.mqtt_port} for lst in data["listener"]]
     cl = data["cluster"]
-    cl["listen"] = f"{HOST}:{node.raft_port}"
+    # The service names become 127.0.0.1; any other listen host (a wildcard) stays,
+    # so that the peer addresses check below sees what it would advertise.
+    own = next(p for p in cl["peers"] if p["id"] == i)
+    listen_host = cl["listen"].rpartition(":")[0]
+    cl["listen"] = f"{HOST if listen_host == own['host'] else listen_host}:{node.raft_port}"
     cl["secret_file"] = str(cluster.secret_file)
     cl["peers"] = [{**p, "host": HOST, "port": cluster.nodes[p["id"]].raft_port,
                     "mqtt_host": HOST, "mqtt_port": front_port} for p in cl["peers"]]
@@ -278,6 +285,11 @@ def test_three_nodes_from_the_docker_configs_elect_one_serving_leader(docker_clu
     cluster, front_port = docker_cluster
     leader = cluster.stable_leader()
     assert [n.health_leader() for n in cluster.nodes.values()].count(200) == 1
+    # Every node dials its peers where the configs say (what a peer advertises
+    # when it dials replaces the configured address, and is kept in peers.json).
+    for n in cluster.nodes.values():
+        expect = {str(o.id): f"{HOST}:{o.raft_port}" for o in cluster.others(n)}
+        wait_for(lambda n=n, expect=expect: n.status()["peers"] == expect, 10, f"node {n.id}'s peer addresses")
     for other in cluster.others(leader):
         assert other.health_leader() == 503
         # A follower reached directly refers the client to the front (HAProxy) address.
