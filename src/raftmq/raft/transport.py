@@ -381,7 +381,11 @@ class PeerTransport:
         addr = b""
         if self.sockname is not None:
             host = self.listen[0] if self.listen and self.listen[0] not in ("", "0.0.0.0", "::") else self.sockname[0]
-            addr = f"{host}:{self.sockname[1]}".encode()
+            # A wildcard listener (0.0.0.0 / ::) has no address a peer could dial:
+            # advertising it would make the peer dial itself.  Say nothing; the
+            # peer keeps the address from its config.
+            if host not in ("", "0.0.0.0", "::"):
+                addr = f"{host}:{self.sockname[1]}".encode()
         writer.write(_HELLO.pack(MAGIC, self.id, p.id, nd, len(addr)) + addr)
         magic, lid, nl, mac_l = _REPLY.unpack(await reader.readexactly(_REPLY.size))
         ids = _ids(self.id, p.id)
