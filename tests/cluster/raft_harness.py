@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,12 @@ from typing import Any
 
 from raftmq.raft import channel as ch
 from raftmq.state.entries import LoadedState, Message, RetainSet, encode_ops
+from support.ports import free_port
 from support.procs import stop
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 SECRET = "test-cluster-secret-0123456789"
 LOG_LEVEL = os.environ.get("RAFTMQ_TEST_LOG_LEVEL", "info")  # "debug" to chase a failure
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:

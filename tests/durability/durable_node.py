@@ -22,15 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from support.ports import free_port
 from support.procs import descendants
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raftmq.raft import channel as ch
+from support.ports import free_port
 from support.procs import stop
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -31,12 +32,6 @@ SECRET = "ha-test-cluster-secret-0123456789"
 LOG_LEVEL = os.environ.get("RAFTMQ_TEST_LOG_LEVEL", "debug")
 # Workers per node (as tests/support/brokers.py): `RAFTMQ_TEST_WORKERS=2 pytest tests/ha`.
 TEST_WORKERS = int(os.environ.get("RAFTMQ_TEST_WORKERS", "1"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from support.ports import free_port
+
 HOST = "127.0.0.1"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 REPO = Path(__file__).resolve().parents[2]
@@ -27,12 +29,6 @@ START_TIMEOUT = 15.0
 # ``workers`` option wins.
 TEST_WORKERS = int(os.environ.get("RAFTMQ_TEST_WORKERS", "1"))
 STOP_TIMEOUT = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _toml_value(value: Any) -> str:
