@@ -10,29 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ha_harness import HaCluster  # noqa: E402
+from ha_harness import (  # noqa: E402, F401
+    HaCluster,
+    cluster_factory,
+    pytest_runtest_makereport,
+)
 
 
 @pytest.fixture
 def ha_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., HaCluster]]:
-    made: list[HaCluster] = []
-
-    def make(n: int = 3, **kw: object) -> HaCluster:
-        cluster = HaCluster(tmp_path, n, **kw)  # type: ignore[arg-type]
-        made.append(cluster)
-        cluster.start()
-        return cluster
-
-    yield make
-    failed = getattr(request.node, "rep_call", None)
-    for cluster in made:
-        cluster.close()
-        if failed is not None and failed.failed:
-            print(cluster.logs())
-
-
-@pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, "rep_" + rep.when, rep)
+    yield from cluster_factory(HaCluster, tmp_path, request)

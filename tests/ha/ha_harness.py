@@ -19,8 +19,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from raftmq.raft import channel as ch
 from support.ports import free_port
@@ -228,3 +231,31 @@ class HaCluster:
 
     def logs(self) -> str:
         return "\n".join(f"--- node {n.id}\n{n.log_tail()}" for n in self.nodes.values())
+
+
+def cluster_factory(cls: type, tmp_path: Path, request: Any) -> Iterator[Callable[..., Any]]:
+    """Body of a pytest fixture making 3-node clusters of ``cls`` (HaCluster or a
+    subclass): each is closed at teardown, its logs printed when the test failed
+    (``rep_call``, set by ``pytest_runtest_makereport`` below)."""
+    made: list[Any] = []
+
+    def make(n: int = 3, **kw: object) -> Any:
+        cluster = cls(tmp_path, n, **kw)
+        made.append(cluster)
+        cluster.start()
+        return cluster
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for cluster in made:
+        cluster.close()
+        if failed is not None and failed.failed:
+            print(cluster.logs())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    """Import into a conftest: keeps each phase's report on the test item."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
