@@ -28,7 +28,7 @@ class Stats:
 
     __slots__ = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
                  "publish_received", "publish_sent", "publish_dropped", "connections",
-                 "clients_maximum", "clients_expired")
+                 "clients_maximum", "clients_expired", "clients_moved")
 
     def __init__(self) -> None:
         self.bytes_received = 0
@@ -41,12 +41,13 @@ class Stats:
         self.connections = 0
         self.clients_maximum = 0
         self.clients_expired = 0
+        self.clients_moved = 0  # connections moved here from a sibling (workers/colocate.py)
 
 
 # Counters summed over the workers of a node (workers/mesh.py sends them).
 NODE_COUNTERS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
              "publish_received", "publish_sent", "publish_dropped", "connections",
-             "clients_expired")
+             "clients_expired", "clients_moved")
 
 _LOAD_SOURCES = {
     "messages/received": "messages_received",
@@ -144,5 +145,7 @@ class SysTopics:
             per_worker = mesh.connected_per_worker()
             for index, n in sorted(per_worker.items()):
                 p(f"$SYS/broker/workers/{index}/clients/connected", str(n))
+            # Connections moved between workers by co-location (workers/colocate.py).
+            p("$SYS/broker/clients/moved", str(stats["clients_moved"]))
         for key, value in self.loads.items():
             p(f"$SYS/broker/load/{key}", f"{value:.2f}")
