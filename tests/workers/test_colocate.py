@@ -360,3 +360,28 @@ def test_kill_target_right_after_move(tmp_path):
             assert sub2.get(timeout=5).payload == b"back"
     finally:
         b.stop()
+
+
+def test_fan_in_does_not_pile_onto_one_worker(node):
+    """20 publishers on worker 1, one subscriber on worker 0: some move, but the
+    load rule stops the moves while worker 1 still holds several of them."""
+    pids = worker_pids(node, 2)
+    topic = unique("coloc/fanin/")
+    mark = len(log_text(node))
+    with Paho(node, owned_id(0, 2, "fsub"), 4) as sub:
+        sub.subscribe(topic, 0)
+        pubs = [_raw(node, owned_id(1, 2, "fpub"), 4) for _ in range(20)]
+        try:
+            for _ in range(250):  # 5 s at 50 msg/s each
+                for c in pubs:
+                    c.publish(topic, b"x")
+                time.sleep(0.02)
+            time.sleep(1.5)
+            where = [accepting_worker(node, c.sock, pids) for c in pubs]
+            moved = len(re.findall(r"Client fpub\S* moved from worker 1 to worker 0",
+                                   log_text(node)[mark:]))
+            assert where.count(0) == moved >= 1, where
+            assert where.count(1) >= 4, where
+        finally:
+            for c in pubs:
+                c.close()

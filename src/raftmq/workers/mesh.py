@@ -536,11 +536,16 @@ class Mesh:
         """Tell colocate where a message of ``sender_id`` went: to ``indexes``,
         and here if ``local`` or a normal subscription of ours matched (the
         router's match of this topic, just made by route())."""
+        if not indexes:
+            # Delivered here (or nowhere): only a sender with a tally cares.
+            t = self.colocate.tally.get(sender_id)
+            if t is not None:
+                t[0] = -1
+            return
         if not local:
             match = self.broker.router._matches.get(topic)
             local = match is None or bool(match[0])
-        if indexes or local:
-            self.colocate.note(sender_id, topic, indexes, local)
+        self.colocate.note(sender_id, topic, indexes, local)
 
     def send_moved(self, sibling: Sibling, move_id: int, client_id: str) -> None:
         """MOVED after the frames already queued for ``sibling`` (colocate.py)."""
