@@ -81,7 +81,9 @@ MIN_STAY = 10.0  # seconds a moved connection stays before it may move again
 MAX_PER_ROUND = 128  # moves per window and worker (a move costs ~0.1 ms of the tick)
 RATIO, SLACK = 1.25, 4  # refuse X when it would hold more than RATIO x ours + SLACK
 RELEASE_RATIO = 1.1  # ... until it holds at most RELEASE_RATIO x ours + SLACK / 2
-ARRIVAL_TIMEOUT = 5.0  # a socket or marker whose other half does not come
+# A marker whose socket did not come, or a socket whose marker did not come
+# while the link to its sender stayed up (a broken link serves it at once).
+ARRIVAL_TIMEOUT = 60.0
 
 RC_SESSION_TAKEN_OVER = 0x8E
 
@@ -289,8 +291,9 @@ class Colocate:
 
     # -- the move (target side) -----------------------------------------------------
 
-    def on_socket(self, sock: Any, body: bytes) -> None:
-        """The socket and state of a move, from the hand-off socket."""
+    def on_socket(self, sock: Any, sender: int, body: bytes) -> None:
+        """The socket and state of a move from worker ``sender``, from the
+        hand-off socket."""
         try:
             move_id, state, will, raw = _decode_state(body)
         except Exception:  # noqa: BLE001 - a bad datagram must not stop the loop
@@ -302,7 +305,10 @@ class Colocate:
         if arrival is None:
             arrival = self.arrivals[move_id] = _Arrival()
         arrival.sock, arrival.state, arrival.will, arrival.raw = sock, state, will, raw
-        if arrival.marker:
+        arrival.source = sender
+        sibling = self.mesh.siblings.get(sender)
+        if arrival.marker or sibling is None or sibling.link is None:
+            # (No link: the sender died after sending it; no marker will come.)
             self._adopt(move_id)
 
     def on_marker(self, sibling: Sibling, move_id: int, client_id: str) -> None:
@@ -358,7 +364,8 @@ class Colocate:
 
     def _expire_arrivals(self, now: float) -> None:
         """A marker whose socket never came is forgotten; a socket whose marker
-        never came (its sender died before writing it) is served anyway."""
+        never came is served anyway (not expected: a sender that dies breaks
+        its link, which serves it at once; a backed-up link only delays it)."""
         for move_id in [m for m, a in self.arrivals.items() if now - a.since > ARRIVAL_TIMEOUT]:
             arrival = self.arrivals[move_id]
             if arrival.sock is None:
@@ -435,13 +442,18 @@ class Colocate:
         return out
 
     def on_link_down(self, sibling: Sibling) -> None:
-        """The sibling died: its connections, ours by id, went with it."""
+        """The sibling died: its connections, ours by id, went with it; one it
+        was moving here is served."""
         index = sibling.index
         for client_id in [c for c, (w, _m) in self.away.items() if w == index]:
             del self.away[client_id]
-        for move_id in [m for m, a in self.arrivals.items() if a.source == index
-                        and a.sock is None]:
-            del self.arrivals[move_id]
+        for move_id in [m for m, a in self.arrivals.items() if a.source == index]:
+            if self.arrivals[move_id].sock is None:
+                del self.arrivals[move_id]
+            else:
+                # Its marker will not come (what it forwarded before is lost
+                # with the link, as any QoS 0 message in flight there).
+                self._adopt(move_id)
 
 
 def _encode_state(conn: Connection, move_id: int) -> bytes:

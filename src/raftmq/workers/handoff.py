@@ -120,7 +120,7 @@ class Handoff:
         # sender worker -> (descriptor, address family, total bytes, chunks so far)
         self.assembling: dict[int, tuple[int, int, list[bytes]]] = {}
         self._adopting: set[Any] = set()  # connect_accepted_socket coroutines under way
-        # colocate.py's receiver of moved connections: (socket, state datagram body)
+        # colocate.py's receiver of moved connections: (socket, sender, state datagram body)
         self.on_moved: Any = None
 
     def start(self) -> None:
@@ -328,7 +328,7 @@ class Handoff:
                     if self.on_moved is None:
                         client.close()
                     else:
-                        self.on_moved(client, raw)
+                        self.on_moved(client, sender, raw)
                     continue
                 # Family and type given: no getsockname/getsockopt to find them.
                 # No setblocking/TCP_NODELAY either: the accepting worker's loop
