@@ -84,6 +84,7 @@ RELEASE_RATIO = 1.1  # ... until it holds at most RELEASE_RATIO x ours + SLACK /
 # A marker whose socket did not come, or a socket whose marker did not come
 # while the link to its sender stayed up (a broken link serves it at once).
 ARRIVAL_TIMEOUT = 60.0
+ROUND_PAUSE = 0.002  # seconds before a round goes on after a target's queue was full
 
 RC_SESSION_TAKEN_OVER = 0x8E
 
@@ -167,6 +168,7 @@ class Colocate:
         self.away: dict[str, tuple[int, int]] = {}
         self.arrivals: dict[int, _Arrival] = {}  # move id -> what came so far
         self.refused: set[int] = set()  # siblings refused by the load rule (hysteresis)
+        self._pending_round: Any = None  # the rest of a round, after a full queue
         self.moved_out = 0
         self.moved_in = 0
         mesh.colocate = self
@@ -189,35 +191,54 @@ class Colocate:
     def tick(self) -> None:
         now = time.monotonic()
         self._expire_arrivals(now)
-        if now - self.window_start < WINDOW:
+        if now - self.window_start < WINDOW or self._pending_round is not None:
             return
         self.window_start = now
         tally = self.tally
         if not tally:
             return
         self.tally = {}
-        broker = self.broker
-        if broker.pending_ops or broker._pending_actions or broker.outstanding_batches \
-                or self.mesh._waiters or broker._stopping:
-            return
         candidates = [(cid, t[0]) for cid, t in tally.items() if t[0] >= 0 and t[1] >= MIN_MESSAGES]
         if not candidates:
             return
-        counts = self.mesh.connected_per_worker()
-        budget = MAX_PER_ROUND
-        for client_id, dest in candidates:
-            if budget <= 0:
+        self._round(candidates, 0, self.mesh.connected_per_worker(), [0, 0, 0])
+
+    def _round(self, candidates: list, start: int, counts: dict[int, int], done: list) -> None:
+        """Move candidates from ``start`` on; when a target's hand-off queue is
+        full (it reads it once per loop turn) go on a moment later.
+        ``done``: moved, cannot move now, kept by the load rule."""
+        self._pending_round = None
+        broker = self.broker
+        if broker.pending_ops or broker._pending_actions or broker.outstanding_batches \
+                or self.mesh._waiters or broker._stopping:
+            return  # an acknowledgement may wait to be written to one of them
+        now = time.monotonic()
+        for i in range(start, len(candidates)):
+            if done[0] >= MAX_PER_ROUND:
                 break
+            client_id, dest = candidates[i]
             session = broker.sessions.get(client_id)
             conn = session.conn if session is not None else None
-            if conn is None or not self._movable(conn, session, now):
+            if conn is None:
+                continue  # gone (or moved already, after the window was counted)
+            if not self._movable(conn, session, now):
+                done[1] += 1
                 continue
             if not self._balanced(counts, dest):
+                done[2] += 1
                 continue
-            if self.move(conn, dest):
-                budget -= 1
+            moved = self.move(conn, dest)
+            if moved is None and not broker._stopping:
+                self._pending_round = broker.loop.call_later(
+                    ROUND_PAUSE, self._round, candidates, i, counts, done)
+                return
+            if moved:
+                done[0] += 1
                 counts[dest] = counts.get(dest, 0) + 1
                 counts[self.index] -= 1
+        if broker.debug:
+            log.debug("Worker %d: %d candidates to move, %d moved, %d cannot move now, %d kept "
+                      "by the load rule.", self.index, len(candidates), *done)
 
     def _movable(self, conn: Connection, session: Any, now: float) -> bool:
         if conn.state != CONNECTED or not conn.online or conn.paused or conn.out or conn.dirty:
@@ -249,8 +270,9 @@ class Colocate:
 
     # -- the move (source side) ---------------------------------------------------
 
-    def move(self, conn: Connection, dest: int) -> bool:
-        """Move ``conn`` to sibling ``dest``; False (and untouched) if it cannot."""
+    def move(self, conn: Connection, dest: int) -> bool | None:
+        """Move ``conn`` to sibling ``dest``; False (and untouched) if it cannot,
+        None (untouched) if not now: the target's hand-off queue is full."""
         mesh = self.mesh
         broker = self.broker
         sibling = mesh.siblings.get(dest)
@@ -264,9 +286,10 @@ class Colocate:
         body = _encode_state(conn, move_id)
         transport = conn.transport
         transport.pause_reading()
-        if not self.handoff.move(conn, dest, body):
+        sent = self.handoff.move(conn, dest, body)
+        if not sent:
             transport.resume_reading()
-            return False
+            return sent
         # After the FWD frames of everything this client published here.
         mesh.send_moved(sibling, move_id, client_id)
         session = conn.session

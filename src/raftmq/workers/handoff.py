@@ -198,10 +198,12 @@ class Handoff:
             return False
         return True
 
-    def move(self, conn: Connection, target: int, body: bytes) -> bool:
+    def move(self, conn: Connection, target: int, body: bytes) -> bool | None:
         """Send ``conn``'s socket with ``body`` (its state, colocate.py) to worker
-        ``target`` now, in one datagram; False if that cannot be done at once
-        (nothing was sent; the caller keeps the connection)."""
+        ``target`` now, in one datagram.  False if that cannot be done, None if
+        not now (the target's queue is full: it holds net.unix.max_dgram_qlen
+        datagrams, 10 by default, until it reads them); either way nothing was
+        sent and the caller keeps the connection."""
         transport = conn.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is None or len(body) > CHUNK:
@@ -210,9 +212,9 @@ class Handoff:
         if route is None:
             route = self.routes[target] = _Route(os.path.join(self.run_dir, f"w{target}.handoff"))
         if route.pending:
-            return False  # hand-offs wait for it: its queue is full
+            return None  # hand-offs wait for it: its queue is full
         head = _DGRAM_HEAD.pack(self.index, FIRST | LAST | MOVE, sock.family, len(body))
-        return self._send(route, sock.fileno(), head + body) is True
+        return self._send(route, sock.fileno(), head + body)
 
     def _send(self, route: _Route, fd: int, data: bytes) -> bool | None:
         """True: sent; None: the owner's queue is full; False: it is not there."""
