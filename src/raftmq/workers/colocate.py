@@ -85,6 +85,7 @@ RELEASE_RATIO = 1.1  # ... until it holds at most RELEASE_RATIO x ours + SLACK /
 # while the link to its sender stayed up (a broken link serves it at once).
 ARRIVAL_TIMEOUT = 60.0
 ROUND_PAUSE = 0.002  # seconds before a round goes on after a target's queue was full
+ROUND_RETRIES = 100  # pauses per round before the rest waits for the next window
 
 RC_SESSION_TAKEN_OVER = 0x8E
 
@@ -201,12 +202,12 @@ class Colocate:
         candidates = [(cid, t[0]) for cid, t in tally.items() if t[0] >= 0 and t[1] >= MIN_MESSAGES]
         if not candidates:
             return
-        self._round(candidates, 0, self.mesh.connected_per_worker(), [0, 0, 0])
+        self._round(candidates, 0, self.mesh.connected_per_worker(), [0, 0, 0, 0])
 
     def _round(self, candidates: list, start: int, counts: dict[int, int], done: list) -> None:
         """Move candidates from ``start`` on; when a target's hand-off queue is
         full (it reads it once per loop turn) go on a moment later.
-        ``done``: moved, cannot move now, kept by the load rule."""
+        ``done``: moved, cannot move now, kept by the load rule, pauses."""
         self._pending_round = None
         broker = self.broker
         if broker.pending_ops or broker._pending_actions or broker.outstanding_batches \
@@ -228,7 +229,8 @@ class Colocate:
                 done[2] += 1
                 continue
             moved = self.move(conn, dest)
-            if moved is None and not broker._stopping:
+            if moved is None and not broker._stopping and done[3] < ROUND_RETRIES:
+                done[3] += 1
                 self._pending_round = broker.loop.call_later(
                     ROUND_PAUSE, self._round, candidates, i, counts, done)
                 return
@@ -238,7 +240,7 @@ class Colocate:
                 counts[self.index] -= 1
         if broker.debug:
             log.debug("Worker %d: %d candidates to move, %d moved, %d cannot move now, %d kept "
-                      "by the load rule.", self.index, len(candidates), *done)
+                      "by the load rule.", self.index, len(candidates), *done[:3])
 
     def _movable(self, conn: Connection, session: Any, now: float) -> bool:
         if conn.state != CONNECTED or not conn.online or conn.paused or conn.out or conn.dirty:
