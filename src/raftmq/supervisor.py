@@ -373,12 +373,18 @@ def cluster_settings_of(config: Any) -> ClusterSettings:
 
 def serve(config: Any) -> int:
     """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
-    mode = getattr(config, "mode", "standalone")
     try:
         settings = cluster_settings_of(config)
     except Exception as exc:
         log.error("Error: %s", exc)
         return 2
+    return run_node(config, settings)
+
+
+def run_node(config: Any, settings: ClusterSettings) -> int:
+    """Check what would only fail later in a child (mode, listeners, secret
+    file), then run the supervisor; exit status."""
+    mode = getattr(config, "mode", "standalone")
     if mode in ("ha", "dynsec-sync"):
         if settings.standalone or settings.listen is None:
             log.error("Error: mode = \"%s\" needs a [cluster] table with 'listen' and 'peers'.", mode)
@@ -444,15 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     _setup_child_logging(config.log_level)
-    if settings.secret_file is not None:
-        from raftmq.raft.transport import SecretFileError, read_secret_file
-
-        try:
-            read_secret_file(settings.secret_file)
-        except SecretFileError as exc:
-            log.error("Error: %s", exc)
-            return 1
-    return Supervisor(config, settings).run()
+    return run_node(config, settings)
 
 
 if __name__ == "__main__":
