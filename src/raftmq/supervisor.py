@@ -1,7 +1,7 @@
 """The supervisor: starts, watches and restarts the processes of one node.
 
     raftmq serve
-     └─ supervisor        this module: no sockets of its own, only children and signals
+     └─ supervisor        this module: children, signals and the listening sockets
          ├─ raft process  raftmq.raft.process.run_node (the only LMDB writer)
          └─ worker × N    raftmq.broker.server.run with a RaftStore (raft/client.py)
 
@@ -29,6 +29,15 @@ stands by (refusing clients) otherwise; a worker whose node changes role exits
 with EXIT_ROLE_CHANGED and is started again at once, in its new role
 (raftmq.cluster.ha).  Its serving flag (shared memory, one byte per worker)
 feeds /health/leader.
+
+The listening sockets belong to the supervisor: for each worker slot and
+listener one socket (SO_REUSEPORT when there are several workers), handed to
+the worker at every start.  A worker that dies or restarts (a crash, an ha
+role change) thus never closes its port: connections that arrive meanwhile
+wait in the socket's backlog and are accepted by the next worker of that slot
+instead of being refused (one worker: the port never closes at all).  The
+supervisor only binds them; a worker's listen() opens the port, so at start-up
+an open port still means a worker is serving.
 
 ``durability = "none"`` runs no raft process: the workers keep state in memory
 (MemoryStore), like Mosquitto with persistence off.
@@ -97,7 +106,7 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
 
 
 def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str,
-                  serving: Any = None) -> None:
+                  serving: Any = None, sockets: tuple[socket.socket, ...] = ()) -> None:
     _die_with_parent(parent_pid)
     _setup_child_logging(config.log_level, batched=True)
     import functools
@@ -105,7 +114,8 @@ def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir:
     from raftmq.broker.server import run
     from raftmq.workers.node import attach_worker
 
-    node = functools.partial(attach_worker, index=index, count=count, run_dir=run_dir)
+    node = functools.partial(attach_worker, index=index, count=count, run_dir=run_dir,
+                             sockets=sockets)
     worker_id = index + 1  # the raft process numbers its channel clients from 1
     if config.durability == "none":
         from raftmq.state.store import MemoryStore
@@ -200,10 +210,28 @@ class Supervisor:
         # Private (0700) and short (unix socket paths are limited to 108 bytes):
         # the workers' mesh and hand-off sockets (raftmq.workers).
         self.run_dir = tempfile.mkdtemp(prefix="raftmq-")
+        self.count = count
+        self.sockets: list[tuple[socket.socket, ...]] = []  # per worker slot (open_listeners)
         self.workers = [
             _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i, count, self.run_dir, self.serving))
             for i in range(count)
         ]
+
+    def open_listeners(self) -> str | None:
+        """Bind every listener once per worker slot; an error message if one cannot be."""
+        try:
+            self.sockets = listen_sockets(self.config, self.count)
+        except OSError as exc:
+            return f"Error: {exc.strerror or exc} (listener: {exc.filename or '?'})."
+        for child, socks in zip(self.workers, self.sockets, strict=True):
+            child.args = (*child.args, socks)
+        return None
+
+    def close_listeners(self) -> None:
+        for socks in self.sockets:
+            for sock in socks:
+                sock.close()
+        self.sockets = []
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -219,6 +247,13 @@ class Supervisor:
                                  [c.name for c in children], self._serving())
         except OpsError as exc:
             log.error("Error: %s", exc)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 1
+        problem = self.open_listeners()
+        if problem is not None:
+            log.error(problem)
+            if self.ops is not None:
+                self.ops.stop()
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return 1
         for c in children:
@@ -300,6 +335,7 @@ class Supervisor:
     def shutdown(self) -> int:
         # Workers first: each flushes its last batch and waits for its commit.
         self._stop(self.workers)
+        self.close_listeners()
         if self.raft is not None:
             self._stop([self.raft])
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -343,6 +379,43 @@ def check_listeners(config: Any) -> str | None:
                 except OSError as exc:
                     return f"Error: {exc.strerror} ({listener.host}:{listener.port})."
     return None
+
+
+def listen_sockets(config: Any, count: int) -> list[tuple[socket.socket, ...]]:
+    """For each of ``count`` worker slots, one bound socket per listener
+    address (SO_REUSEPORT when ``count`` > 1: the kernel spreads connections
+    over the slots).  A listener on port 0 gets one port, the same in every slot.
+    OSError (``filename`` set to "host:port") if an address cannot be bound."""
+    slots: list[list[socket.socket]] = [[] for _ in range(count)]
+    try:
+        for listener in getattr(config, "listeners", ()):
+            for family, kind, proto, _name, address in socket.getaddrinfo(
+                    listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                for socks in slots:
+                    sock = socket.socket(family, kind, proto)
+                    socks.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if count > 1:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    try:
+                        sock.bind(address)
+                    except OSError as exc:
+                        exc.filename = f"{listener.host}:{listener.port}"
+                        raise
+                    # Not listen(): the worker does, when it is ready to serve.  Until
+                    # the first worker of a slot starts, the kernel refuses connections
+                    # there (or gives them to a listening sibling slot); afterwards the
+                    # socket listens for as long as the supervisor holds it.
+                    sock.setblocking(False)
+                    address = sock.getsockname()  # port 0: the same port in every slot
+    except BaseException:
+        for socks in slots:
+            for sock in socks:
+                sock.close()
+        raise
+    return [tuple(socks) for socks in slots]
 
 
 def worker_count(config: Any) -> int:

@@ -138,6 +138,9 @@ class Broker:
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: list[int] = []
+        # Listening sockets held by the supervisor for this worker's slot (they
+        # outlive the worker); empty: bind the configured listeners here.
+        self.listen_sockets: tuple = ()
         # Writes gathered per connection, flushed once per loop turn.
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
@@ -699,12 +702,16 @@ class Broker:
             # Linked to the siblings before accepting anyone (workers/mesh.py).
             self.handoff.start()
             await self.mesh.start()
-        for listener in self.config.listeners:
-            server = await self.loop.create_server(lambda: Connection(self), listener.host,
-                                                   listener.port, reuse_address=True,
-                                                   reuse_port=self.mesh is not None,
-                                                   backlog=1024)
-            self.servers.append(server)
+        if self.listen_sockets:
+            for sock in self.listen_sockets:
+                self.servers.append(await self.loop.create_server(
+                    lambda: Connection(self), sock=sock, backlog=1024))
+        else:
+            for listener in self.config.listeners:
+                self.servers.append(await self.loop.create_server(
+                    lambda: Connection(self), listener.host, listener.port, reuse_address=True,
+                    reuse_port=self.mesh is not None, backlog=1024))
+        for server in self.servers:
             for sock in server.sockets:
                 port = sock.getsockname()[1]
                 self.ports.append(port)
