@@ -1,6 +1,8 @@
 """Build the Cython hot path (ext/*.pyx) into the raftmq package.
 
 Every module under ext/ becomes ``raftmq._<name>``: ext/codec.pyx -> raftmq._codec.
+A module's cdef interface (its .pxd) lives where Cython looks for the module
+``raftmq._<name>``: src/raftmq/_<name>.pxd (so other Cython code can cimport it).
 There is no pure-Python fallback: the package does not import without them.
 """
 
@@ -25,7 +27,7 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["ext"],
+        include_path=["ext", "src"],
         language_level=3,
         compiler_directives={
             "boundscheck": DEBUG,

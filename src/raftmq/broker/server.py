@@ -59,9 +59,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from raftmq import _connection as _core
 from raftmq._trie import parse_shared
 from raftmq.broker.auth import ACCESS_PUBLISH_SEND, DefaultAuth
-from raftmq.broker.protocol import CLOSING, CONNECTED, NEW, Connection
+from raftmq.broker.protocol import CONNECTED, NEW, Connection
 from raftmq.broker.retained import Retained
 from raftmq.broker.router import Router
 from raftmq.broker.session import EXPIRY_NEVER, SHARE_UNKNOWN, Outgoing, Session, Subscription
@@ -259,68 +260,13 @@ class Broker:
 
     # -- write gathering --------------------------------------------------------
 
-    def mark_dirty(self, conn: Connection) -> None:
-        self._dirty.append(conn)
-        if not self._flush_scheduled and (self._per_turn or not self._in_read):
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def schedule_flush(self) -> None:
-        """After connections were appended to ``_dirty`` directly (the QoS 0 fan-out)."""
-        if not self._flush_scheduled and (self._per_turn or not self._in_read):
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def end_read(self) -> None:
-        """After each read.  Writes are gathered per loop turn when several
-        connections are read per turn (closed-loop load, fan-in: one write per
-        destination per turn).  When the sampled turns show about one read per
-        turn (open-loop, many slow clients) the extra loop iteration a
-        ``call_soon`` costs buys nothing, so for a while each read's writes are
-        flushed at its end -- still one write per destination per read."""
-        self._in_read = False
-        if self._per_turn:
-            self._reads += 1
-            return
-        if self._dirty:
-            self._flush()
-        self._reads += 1
-        if self._reads >= 2048:  # sample the load again
-            self._reads = 0
-            self._per_turn = True
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        flush_logs()  # this turn's log lines before what they tell the clients
-        if self.mesh is not None:
-            # Siblings first: they deliver in parallel with our own writes below.
-            self.mesh.flush()
-        if self._per_turn and self._reads:
-            self._sample_reads += self._reads
-            self._reads = 0
-            self._sample_flushes += 1
-            if self._sample_flushes >= 64:
-                if self._sample_reads < 80:  # under 1.25 reads per turn
-                    self._per_turn = False
-                self._sample_reads = self._sample_flushes = 0
-        dirty = self._dirty
-        self._dirty = []
-        stats = self.stats
-        sent = 0
-        nbytes = 0
-        for conn in dirty:
-            conn.dirty = False
-            out = conn.out
-            if not out or conn.state == CLOSING:
-                out.clear()
-                continue
-            sent += len(out)
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            nbytes += len(data)
-            conn.transport.write(data)
-        stats.messages_sent += sent
-        stats.bytes_sent += nbytes
+    # mark_dirty(conn), schedule_flush(), end_read() and _flush(): run per read
+    # and per turn, so compiled with the connection (ext/connection.pyx, where
+    # their docstrings say how writes are gathered).
+    mark_dirty = _core.mark_dirty
+    schedule_flush = _core.schedule_flush
+    end_read = _core.end_read
+    _flush = _core.flush
 
     # -- store batching ---------------------------------------------------------
 
