@@ -81,6 +81,27 @@ def known_protocol_name(data) -> bool:
     return data[pos + 2:pos + 2 + name_len] in (b"MQTT", b"MQIsdp")
 
 
+cdef class Stats:
+    """Counters bumped on the hot path (C integers: the cheapest thing)."""
+
+    def __init__(self) -> None:
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.publish_received = 0
+        self.publish_sent = 0
+        self.publish_dropped = 0
+        self.connections = 0
+        self.clients_maximum = 0
+        self.clients_expired = 0
+
+
+cdef class BrokerCore:
+    """The fields of raftmq.broker.server.Broker that the compiled path reads
+    and writes per message (declared in _connection.pxd); Broker sets them."""
+
+
 cdef class Connection:
     """One TCP client (the asyncio protocol; see raftmq.broker.protocol)."""
 
@@ -129,7 +150,7 @@ cdef class Connection:
         cdef int state = self.state
         if state == C_CLOSING:
             return
-        broker = self.broker
+        cdef BrokerCore broker = self.broker
         cdef Py_ssize_t n = len(data)
         self.rx_bytes += n
         broker.stats.bytes_received += n
@@ -174,15 +195,14 @@ cdef class Connection:
 
 # -- packets of one read ------------------------------------------------------
 
-def handle_packets(broker, Connection conn, list packets) -> None:
+def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
     """Handle every packet parsed from one read, in order.
 
     A QoS 0 PUBLISH of the common kind is handled here; any other packet goes
     to its handler, so a read mixing both keeps its order.  A handler's
     ``MQTTError`` is the client's protocol violation (dispatch.protocol_error);
     any other exception is a bug that costs this one connection."""
-    stats = broker.stats
-    stats.messages_received += len(packets)
+    broker.stats.messages_received += len(packets)
     if broker.acl_enabled and \
             broker.acl_generation_source.acl_generation != broker.acl_cache_generation:
         broker.acl_caches_current()
@@ -214,7 +234,8 @@ def handle_packets(broker, Connection conn, list packets) -> None:
         conn.disconnect(RC_IMPLEMENTATION_SPECIFIC)
 
 
-cdef bint _publish_qos0(broker, Connection conn, packet, Py_ssize_t size_limit) except -1:
+cdef bint _publish_qos0(BrokerCore broker, Connection conn, packet,
+                        Py_ssize_t size_limit) except -1:
     """handlers/publish.py handle_publish for a QoS 0 PUBLISH without retain,
     properties or a '$' topic (False, untouched, for any other: its handler
     takes it).  The same steps in the same order: count, check the topic name,
@@ -249,7 +270,7 @@ def check_topic_name(str topic) -> None:
         raise MQTTError(RC_TOPIC_NAME_INVALID, "wildcard in topic name")
 
 
-def publish_acl(broker, Connection conn, topic, int qos, bint retain):
+def publish_acl(BrokerCore broker, Connection conn, topic, int qos, bint retain):
     """publish_client_send of ``conn`` to ``topic`` (call only when the broker's
     ACLs apply): False if refused, else the topic's current publish_client_receive
     decisions for route (None: a hook that cannot be cached).
@@ -303,7 +324,7 @@ cdef Py_ssize_t _route(router, message, topic, payload, int qos, bint retain, pr
                        assigned) except -1:
     """route, given the message's fields; ``message`` may be None (the PUBLISH
     fast path): it is made only if a step needs the object."""
-    broker = router.broker
+    cdef BrokerCore broker = router.broker
     if retain:
         message = _message(message, topic, payload, qos, retain, props, expiry_at)
         broker.retained.store(message, ops if ops is not None else broker.pending_ops,
@@ -387,7 +408,7 @@ cdef Py_ssize_t _route(router, message, topic, payload, int qos, bint retain, pr
     return delivered
 
 
-cdef Py_ssize_t _fanout_qos0(router, broker, message, topic, payload, bint message_retain,
+cdef Py_ssize_t _fanout_qos0(router, BrokerCore broker, message, topic, payload, bint message_retain,
                              props, expiry_at, list normal, sender_id,
                              receive_decisions) except -1:
     """QoS 0 to the online subscribers: the hot loop.  The PUBLISH is encoded
@@ -465,26 +486,26 @@ cdef Py_ssize_t _fanout_qos0(router, broker, message, topic, payload, bint messa
 # transport.write per connection: per loop turn (``_flush`` by call_soon) or,
 # when the load shows about one read per turn, at the end of each read.
 
-def mark_dirty(broker, conn) -> None:
+def mark_dirty(BrokerCore broker, conn) -> None:
     """Broker.mark_dirty: ``conn`` has bytes queued; it is written at the next flush."""
     broker._dirty.append(conn)
     _schedule_flush(broker)
 
 
-def schedule_flush(broker) -> None:
+def schedule_flush(BrokerCore broker) -> None:
     """Broker.schedule_flush: after connections were appended to ``_dirty``
     directly (the QoS 0 fan-out)."""
     _schedule_flush(broker)
 
 
-cdef int _schedule_flush(broker) except -1:
+cdef int _schedule_flush(BrokerCore broker) except -1:
     if not broker._flush_scheduled and (broker._per_turn or not broker._in_read):
         broker._flush_scheduled = True
         broker.loop.call_soon(broker._flush)
     return 0
 
 
-def end_read(broker) -> None:
+def end_read(BrokerCore broker) -> None:
     """Broker.end_read, after each read.  Writes are gathered per loop turn when
     several connections are read per turn (closed-loop load, fan-in: one write
     per destination per turn).  When the sampled turns show about one read per
@@ -494,45 +515,40 @@ def end_read(broker) -> None:
     _end_read(broker)
 
 
-cdef int _end_read(broker) except -1:
+cdef int _end_read(BrokerCore broker) except -1:
     broker._in_read = False
     if broker._per_turn:
         broker._reads += 1
         return 0
     if broker._dirty:
         _flush(broker)
-    reads = broker._reads + 1
-    if reads >= 2048:  # sample the load again
-        reads = 0
+    broker._reads += 1
+    if broker._reads >= 2048:  # sample the load again
+        broker._reads = 0
         broker._per_turn = True
-    broker._reads = reads
     return 0
 
 
-def flush(broker) -> None:
+def flush(BrokerCore broker) -> None:
     """Broker._flush: this turn's (or read's) writes, one per connection."""
     _flush(broker)
 
 
-cdef int _flush(broker) except -1:
+cdef int _flush(BrokerCore broker) except -1:
     broker._flush_scheduled = False
     flush_logs()  # this turn's log lines before what they tell the clients
     mesh = broker.mesh
     if mesh is not None:
         # Siblings first: they deliver in parallel with our own writes below.
         mesh.flush()
-    if broker._per_turn:
-        reads = broker._reads
-        if reads:
-            broker._reads = 0
-            sample_reads = broker._sample_reads + reads
-            sample_flushes = broker._sample_flushes + 1
-            if sample_flushes >= 64:
-                if sample_reads < 80:  # under 1.25 reads per turn
-                    broker._per_turn = False
-                sample_reads = sample_flushes = 0
-            broker._sample_reads = sample_reads
-            broker._sample_flushes = sample_flushes
+    if broker._per_turn and broker._reads:
+        broker._sample_reads += broker._reads
+        broker._reads = 0
+        broker._sample_flushes += 1
+        if broker._sample_flushes >= 64:
+            if broker._sample_reads < 80:  # under 1.25 reads per turn
+                broker._per_turn = False
+            broker._sample_reads = broker._sample_flushes = 0
     cdef list dirty = broker._dirty
     broker._dirty = []
     cdef Connection conn
@@ -551,7 +567,6 @@ cdef int _flush(broker) except -1:
         out.clear()
         nbytes += len(data)
         conn.transport.write(data)
-    stats = broker.stats
-    stats.messages_sent += sent
-    stats.bytes_sent += nbytes
+    broker.stats.messages_sent += sent
+    broker.stats.bytes_sent += nbytes
     return 0

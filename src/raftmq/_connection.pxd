@@ -7,8 +7,48 @@
 # ``Connection`` subclasses this with the methods that are not per message.
 
 
+cdef class Stats:
+    # Counters bumped on the hot path (raftmq.broker.sys_topics re-exports it).
+    cdef public long long bytes_received
+    cdef public long long bytes_sent
+    cdef public long long messages_received
+    cdef public long long messages_sent
+    cdef public long long publish_received
+    cdef public long long publish_sent
+    cdef public long long publish_dropped
+    cdef public long long connections
+    cdef public long long clients_maximum
+    cdef public long long clients_expired
+
+
+cdef class BrokerCore:
+    # The broker's state that every read and every turn touches (server.py's
+    # Broker subclasses it; each field stays a plain attribute there).
+    cdef public object loop
+    cdef public object config
+    cdef public Stats stats
+    cdef public object router
+    cdef public object mesh            # sibling workers (raftmq.workers), or None
+    cdef public object handoff
+    cdef public bint debug             # debug logging on (checked per PUBLISH)
+    cdef public bint acl_enabled
+    cdef public object acl_generation_source
+    cdef public object acl_cache_generation
+    # Write gathering (end_read, _flush).
+    cdef public list _dirty            # connections with bytes queued
+    cdef public bint _flush_scheduled
+    cdef public bint _per_turn         # flush once per loop turn (else at the end of each read)
+    cdef public bint _in_read
+    cdef public long _reads
+    cdef public long _sample_reads
+    cdef public long _sample_flushes
+    # Store batching (server.py commit / flush_ops).
+    cdef public list pending_ops
+    cdef public list _pending_actions
+
+
 cdef class Connection:
-    cdef public object broker
+    cdef public BrokerCore broker
     cdef public object transport
     cdef public object parser
     cdef public int state              # NEW / CONNECTED / CLOSING

@@ -101,7 +101,7 @@ class _NoGeneration:
     acl_generation = object()
 
 
-class Broker:
+class Broker(_core.BrokerCore):
     # handle_connect drops the subscriptions of a resumed session that the ACLs
     # no longer allow (dynsec does it itself for a broker without this).
     rechecks_resumed_subscriptions = True
