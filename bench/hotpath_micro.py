@@ -9,10 +9,12 @@ publisher's ``data_received`` gets one 64-byte QoS 0 PUBLISH (the conns-500
 case: one read per message); every ``batch`` reads the loop turns once, so
 the broker's per-turn flush runs as in the server.  Prints ns per message.
 
-Under ``valgrind --tool=callgrind`` (``--count-only``, two runs with different
-``-n``) the difference of the instruction totals divided by the difference of
-``n`` is the instructions per message of the broker's own code, free of the
-machine's noise: that is the figure to compare before/after a change.
+Under ``valgrind --tool=callgrind`` (two runs with different ``-n``, with
+``--no-empty``) the difference of the instruction totals divided by the
+difference of ``n`` is the instructions per message, free of the machine's
+noise: that is the figure to compare before/after a change.  The same with
+``--empty-only`` gives the benchmark's own loop (the loop turn it awaits every
+``batch`` messages), to subtract for the broker's share.
 """
 
 from __future__ import annotations
@@ -90,16 +92,19 @@ async def main(args: argparse.Namespace) -> None:
                 conn.data_received(subscribe_packet(f"bench/{i}"))
             lst.append(conn)
     await asyncio.sleep(0)
-    if args.mode != "auto":  # pin the broker's write gathering (server.py end_read)
-        per_turn = args.mode == "per-turn"
-        broker.end_read = lambda: None if per_turn else broker._flush() if broker._dirty else None
-        type(broker)._per_turn = property(lambda self: per_turn, lambda self, v: None)
+    pinned = args.mode != "auto"
+    per_turn = args.mode == "per-turn"
     packets = [publish_packet(f"bench/{i}", bytes(64)) for i in range(args.pairs)]
-    n, batch, pairs = args.n, args.batch, args.pairs
+    n, batch, pairs = 0 if args.empty_only else args.n, args.batch, args.pairs
     before = sum(c.transport.writes for c in subs)
     t0 = time.perf_counter()
     for k in range(n):
         i = k % pairs
+        if pinned:
+            # Pin the broker's write gathering (connection.pyx end_read / _flush):
+            # the mode, with its load sampling kept from switching it.
+            broker._per_turn = per_turn
+            broker._reads = broker._sample_flushes = broker._sample_reads = 0
         pubs[i].data_received(packets[i])
         if k % batch == batch - 1:
             await asyncio.sleep(0)
@@ -108,12 +113,16 @@ async def main(args: argparse.Namespace) -> None:
     writes = sum(c.transport.writes for c in subs) - before
     # The benchmark's own loop (the await of a loop turn, the indexing), to subtract.
     t0 = time.perf_counter()
+    n = args.n
     for k in range(0 if args.no_empty else n):
         i = k % pairs
         packets[i]
         if k % batch == batch - 1:
             await asyncio.sleep(0)
     empty = time.perf_counter() - t0
+    if args.empty_only:
+        print(f"{n} turns of the benchmark's loop alone, batch {batch}")
+        return
     print(f"{n} messages, batch {batch}: {(elapsed - empty) / n * 1e9:.0f} ns/msg "
           f"(+ {empty / n * 1e9:.0f} ns/msg of the benchmark's loop); subscriber writes {writes}")
 
@@ -126,4 +135,6 @@ if __name__ == "__main__":
     ap.add_argument("--mode", choices=("auto", "per-turn", "per-read"), default="auto",
                     help="pin the broker's write gathering mode")
     ap.add_argument("--no-empty", action="store_true", help="skip the empty loop (for callgrind)")
+    ap.add_argument("--empty-only", action="store_true",
+                    help="run only the empty loop (callgrind: the benchmark's own instructions)")
     uvloop.run(main(ap.parse_args()))
