@@ -102,6 +102,11 @@ cdef class BrokerCore:
     and writes per message (declared in _connection.pxd); Broker sets them."""
 
 
+cdef class RouterCore:
+    """The fields of raftmq.broker.router.Router that route reads per message
+    (declared in _connection.pxd); Router sets them."""
+
+
 cdef class Connection:
     """One TCP client (the asyncio protocol; see raftmq.broker.protocol)."""
 
@@ -294,7 +299,7 @@ def publish_acl(BrokerCore broker, Connection conn, topic, int qos, bint retain)
 
 # -- routing ------------------------------------------------------------------
 
-def route(router, message, sender_id, ops, retain_durable=True, acl_receive=None,
+def route(RouterCore router, message, sender_id, ops, retain_durable=True, acl_receive=None,
           forward=True, assigned=None) -> int:
     """Router.route: store the retained message and deliver to every matching subscription.
 
@@ -319,22 +324,22 @@ cdef inline object _message(message, topic, payload, int qos, bint retain, props
     return message
 
 
-cdef Py_ssize_t _route(router, message, topic, payload, int qos, bint retain, props, expiry_at,
+cdef Py_ssize_t _route(RouterCore router, message, topic, payload, int qos, bint retain, props, expiry_at,
                        sender_id, ops, retain_durable, acl_receive, bint forward,
                        assigned) except -1:
     """route, given the message's fields; ``message`` may be None (the PUBLISH
     fast path): it is made only if a step needs the object."""
     cdef BrokerCore broker = router.broker
+    cdef dict sessions = router.sessions
     if retain:
         message = _message(message, topic, payload, qos, retain, props, expiry_at)
         broker.retained.store(message, ops if ops is not None else broker.pending_ops,
                               retain_durable)
-    cdef dict matches = router._matches
-    match = matches.get(topic)
+    match = router._matches.get(topic)
     if match is None:
-        if len(matches) >= _MATCH_CACHE_LIMIT:
-            matches.clear()
-        match = matches[topic] = router.trie.match(topic)
+        if len(router._matches) >= _MATCH_CACHE_LIMIT:
+            router._matches.clear()
+        match = router._matches[topic] = router.trie.match(topic)
     normal, shared = <tuple>match  # shared between calls: never modified in place
     mesh = broker.mesh
     if mesh is not None:
@@ -364,7 +369,6 @@ cdef Py_ssize_t _route(router, message, topic, payload, int qos, bint retain, pr
             message = _message(message, topic, payload, qos, retain, props, expiry_at)
             normal, shared = router._receive_allowed(message, normal, shared)
             receive_decisions = None
-    sessions = router.sessions
     cdef Connection conn
     if qos == 0:
         if normal:
@@ -408,7 +412,7 @@ cdef Py_ssize_t _route(router, message, topic, payload, int qos, bint retain, pr
     return delivered
 
 
-cdef Py_ssize_t _fanout_qos0(router, BrokerCore broker, message, topic, payload, bint message_retain,
+cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topic, payload, bint message_retain,
                              props, expiry_at, list normal, sender_id,
                              receive_decisions) except -1:
     """QoS 0 to the online subscribers: the hot loop.  The PUBLISH is encoded
@@ -570,3 +574,32 @@ cdef int _flush(BrokerCore broker) except -1:
     broker.stats.messages_sent += sent
     broker.stats.bytes_sent += nbytes
     return 0
+
+
+# -- upkeep -------------------------------------------------------------------
+
+def timed_out(list conns, Py_ssize_t start, Py_ssize_t end, double now,
+              double connect_timeout) -> list:
+    """The upkeep tick's walk over ``conns[start:end]`` (Broker._check_connections):
+    notes which connections received bytes since the last walk, and returns
+    those to close, in order: no CONNECT within ``connect_timeout`` of the
+    accept (still NEW), or nothing received for 1.5 x their keepalive
+    [MQTT-3.1.2-24] (CONNECTED).  A C loop: it visits every connection twice a
+    second, and the walk is most of a quiet broker's work."""
+    cdef list result = []
+    cdef Connection conn
+    cdef Py_ssize_t i
+    if end > len(conns):
+        end = len(conns)
+    for i in range(start, end):
+        conn = <Connection>conns[i]
+        if conn.rx_bytes != conn.rx_seen:
+            conn.rx_seen = conn.rx_bytes
+            conn.rx_seen_at = now
+        if conn.state == C_NEW:
+            if now - conn.accepted_at > connect_timeout:
+                result.append(conn)
+        elif conn.state == C_CONNECTED and conn.keepalive:
+            if now - conn.rx_seen_at > conn.keepalive * 1.5:
+                result.append(conn)
+    return result

@@ -21,13 +21,24 @@ cdef class Stats:
     cdef public long long clients_expired
 
 
+cdef class BrokerCore
+
+
+cdef class RouterCore:
+    # What route reads per message of raftmq.broker.router.Router.
+    cdef public BrokerCore broker
+    cdef public dict sessions          # client id -> Session (the broker's)
+    cdef public object trie            # TopicTrie of the subscriptions
+    cdef public dict _matches          # topic -> trie.match(topic), bounded
+
+
 cdef class BrokerCore:
     # The broker's state that every read and every turn touches (server.py's
     # Broker subclasses it; each field stays a plain attribute there).
     cdef public object loop
     cdef public object config
     cdef public Stats stats
-    cdef public object router
+    cdef public RouterCore router
     cdef public object mesh            # sibling workers (raftmq.workers), or None
     cdef public object handoff
     cdef public bint debug             # debug logging on (checked per PUBLISH)

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from raftmq._codec import encode_publish
+from raftmq._connection import RouterCore
 from raftmq._connection import route as compiled_route
 from raftmq._trie import TopicTrie
 from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmq.broker")
 
 
-class Router:
+class Router(RouterCore):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.sessions: dict[str, Session] = broker.sessions
