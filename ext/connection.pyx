@@ -353,7 +353,7 @@ cdef Py_ssize_t _route(RouterCore router, message, topic, payload, int qos, bint
     if not normal and not shared:
         return 0
     if len(normal) > 1:
-        normal = router._merge_v3_overlaps(normal)
+        normal = _merge_v3_overlaps(sessions, normal)
     cdef Py_ssize_t delivered = 0
     # QoS 0 to normal subscriptions: the receive decisions checked in the fan-out.
     receive_decisions = acl_receive  # None without ACLs
@@ -410,6 +410,34 @@ cdef Py_ssize_t _route(RouterCore router, message, topic, payload, int qos, bint
     if add.deliveries:
         ops.append(add)
     return delivered
+
+
+cdef list _merge_v3_overlaps(dict sessions, list normal):
+    """MQTT 3.1.1 [MQTT-3.3.5-1]: a client with overlapping subscriptions gets
+    the message once, at the highest QoS of them.  (MQTT 5 clients get one
+    copy per subscription, each with its own identifier, as Mosquitto does.)"""
+    cdef set seen = set()
+    for match in normal:
+        client_id = (<tuple>match)[0]
+        if client_id in seen:
+            break
+        seen.add(client_id)
+    else:
+        return normal
+    cdef list result = []
+    cdef dict where = {}
+    for match in normal:
+        client_id = (<tuple>match)[0]
+        if sessions[client_id].protocol_version == 5:
+            result.append(match)
+            continue
+        i = where.get(client_id)
+        if i is None:
+            where[client_id] = len(result)
+            result.append(match)
+        elif (<tuple>match)[1].qos > (<tuple>result[i])[1].qos:
+            result[i] = match
+    return result
 
 
 cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topic, payload, bint message_retain,

@@ -196,33 +196,6 @@ class Router(RouterCore):
                 result.append((group, topic_filter, allowed_members))
         return result
 
-    def _merge_v3_overlaps(self, normal: list) -> list:
-        """MQTT 3.1.1 [MQTT-3.3.5-1]: a client with overlapping subscriptions gets
-        the message once, at the highest QoS of them.  (MQTT 5 clients get one
-        copy per subscription, each with its own identifier, as Mosquitto does.)"""
-        seen = set()
-        for match in normal:
-            if match[0] in seen:
-                break
-            seen.add(match[0])
-        else:
-            return normal
-        sessions = self.sessions
-        result: list = []
-        where: dict[str, int] = {}
-        for match in normal:
-            client_id = match[0]
-            if sessions[client_id].protocol_version == 5:
-                result.append(match)
-                continue
-            i = where.get(client_id)
-            if i is None:
-                where[client_id] = len(result)
-                result.append(match)
-            elif match[1].qos > result[i][1].qos:
-                result[i] = match
-        return result
-
     def _pick_member(self, group: str, topic_filter: str, members: list, online_only: bool):
         """Round-robin over a share group's members, connected ones first."""
         n = len(members)
