@@ -1,6 +1,7 @@
 """The broker's per-message Python path in one process, without sockets.
 
     PYTHONPATH=src python bench/hotpath_micro.py [-n 200000] [--batch 1] [--pairs 500]
+                                                 [--layout pairs|fanout]
 
 A real ``Broker`` (MemoryStore, no listener) on a uvloop loop gets ``pairs``
 publisher/subscriber connections (CONNECT and SUBSCRIBE fed through
@@ -79,6 +80,10 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
 
 
 async def main(args: argparse.Namespace) -> None:
+    def topic(i: int) -> str:
+        # pairs: publisher i -> bench/i <- subscriber i; fanout: all on bench/0.
+        return f"bench/{i}" if args.layout == "pairs" else "bench/0"
+
     config = config_from_mapping({"allow_anonymous": True}, "<bench>")
     broker = Broker(config, MemoryStore())
     broker.loop = asyncio.get_running_loop()
@@ -89,12 +94,12 @@ async def main(args: argparse.Namespace) -> None:
             conn.connection_made(FakeTransport())
             conn.data_received(connect_packet(f"bench-{kind}{i}"))
             if kind == "s":
-                conn.data_received(subscribe_packet(f"bench/{i}"))
+                conn.data_received(subscribe_packet(topic(i)))
             lst.append(conn)
     await asyncio.sleep(0)
     pinned = args.mode != "auto"
     per_turn = args.mode == "per-turn"
-    packets = [publish_packet(f"bench/{i}", bytes(64)) for i in range(args.pairs)]
+    packets = [publish_packet(topic(i), bytes(64)) for i in range(args.pairs)]
     n, batch, pairs = 0 if args.empty_only else args.n, args.batch, args.pairs
     before = sum(c.transport.writes for c in subs)
     t0 = time.perf_counter()
@@ -132,6 +137,8 @@ if __name__ == "__main__":
     ap.add_argument("-n", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=500)
+    ap.add_argument("--layout", choices=("pairs", "fanout"), default="pairs",
+                    help="fanout: every subscriber on the one topic every publisher uses")
     ap.add_argument("--mode", choices=("auto", "per-turn", "per-read"), default="auto",
                     help="pin the broker's write gathering mode")
     ap.add_argument("--no-empty", action="store_true", help="skip the empty loop (for callgrind)")
