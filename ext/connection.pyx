@@ -56,7 +56,6 @@ cdef Py_ssize_t _MATCH_CACHE_LIMIT = MATCH_CACHE_LIMIT
 # Shared, never written (handle_connect gives a connection its own dict once
 # the client announces a Topic Alias Maximum).
 cdef dict _NO_ALIASES = {}
-NO_ALIASES = _NO_ALIASES
 
 # Packet type -> handler(broker, conn, packet), and dispatch.protocol_error:
 # set by raftmq.broker.dispatch (install), which owns the mapping.
