@@ -5,7 +5,9 @@ dispatch and the message path from a PUBLISH to the subscribers' buffers.
 In the manner of asyncpg's and uvloop's protocol cores: the per-message work is
 C, the Python modules around it stay the API.
 
-- ``Connection`` (a cdef class, fields in connection.pxd): ``data_received``
+- ``Connection`` (a cdef class; its fields, and those of ``BrokerCore``,
+  ``RouterCore`` and ``Stats``, the hot state of server.py's Broker, router.py's
+  Router and the counters, are declared in src/raftmq/_connection.pxd): ``data_received``
   feeds the Cython parser and hands the packets to ``handle_packets``; ``write``
   queues bytes for the broker's one write per connection per turn.
   raftmq.broker.protocol subclasses it with the methods that are not per message.
@@ -20,6 +22,7 @@ C, the Python modules around it stay the API.
 - ``check_topic_name`` and ``publish_acl``: the PUBLISH checks that both the
   fast case and handlers/publish.py apply (one implementation each).
 - write gathering: Broker.mark_dirty, schedule_flush, end_read and _flush.
+- ``timed_out``: the upkeep tick's keepalive / CONNECT-timeout walk.
 """
 
 import logging
