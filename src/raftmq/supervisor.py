@@ -32,7 +32,9 @@ feeds /health/leader.
 
 The listening sockets belong to the supervisor: for each worker slot and
 listener one socket (SO_REUSEPORT when there are several workers), handed to
-the worker at every start.  A worker that dies or restarts (a crash, an ha
+the worker at every start with the index of its listener (TLS and WebSocket
+settings are per listener; the TLS files are checked here before any child
+starts: broker/tls.py).  A worker that dies or restarts (a crash, an ha
 role change) thus never closes its port: connections that arrive meanwhile
 wait in the socket's backlog and are accepted by the next worker of that slot
 instead of being refused (one worker: the port never closes at all).  The
