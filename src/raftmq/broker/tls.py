@@ -63,9 +63,10 @@ def server_context(listener: Any, where: str = "<config>") -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS.get(listener.tls_version or "tlsv1.2",
                                             ssl.TLSVersion.TLSv1_2)
-    # Fresh keys per session, no compression (CRIME), the server's cipher order.
+    # Fresh keys per session, no compression (CRIME), the server's cipher order,
+    # no client-initiated TLS 1.2 renegotiation (a cheap way to make a server work).
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE \
-        | ssl.OP_SINGLE_ECDH_USE
+        | ssl.OP_SINGLE_ECDH_USE | ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(listener.certfile, listener.keyfile)
     except ssl.SSLError as exc:
