@@ -21,6 +21,7 @@ steadier figure.
 
     python bench/listeners.py                       # 3 rounds, both brokers
     python bench/listeners.py --rounds 5 --relay
+    python bench/listeners.py --brokers none --relay --msgs 200000   # the relay only
 """
 
 from __future__ import annotations
@@ -156,11 +157,12 @@ def bench_connect(b: ListenerBroker, transport: str, ctx: ssl.SSLContext, n: int
 
 
 def pubsub(b: ListenerBroker, ctx: ssl.SSLContext, msgs: int, sub_s: Stream, pub_s: Stream,
-           topic: str) -> dict:
+           topic: str, burst: int = 200, window: int = 2000) -> dict:
+    """``burst`` messages per write, at most ``window`` in flight (burst 1,
+    window 0: one message at a time, every read and write carries one)."""
     sub_s.send(subscribe(1, [(topic, 0)]))
     sub_s.read_exactly(5)  # SUBACK
     packet = publish(topic, b"x" * 64, 0)
-    burst = 200
     blob = packet * burst
     received = [0]
     done = threading.Event()
@@ -181,8 +183,8 @@ def pubsub(b: ListenerBroker, ctx: ssl.SSLContext, msgs: int, sub_s: Stream, pub
     t.start()
     sent = 0
     while sent < msgs:
-        while sent - received[0] > 2000:
-            time.sleep(0.0005)
+        while sent - received[0] > window:
+            time.sleep(0.0005 if window else 0)
         pub_s.send(blob)
         sent += burst
     if not done.wait(60):
@@ -194,7 +196,8 @@ def pubsub(b: ListenerBroker, ctx: ssl.SSLContext, msgs: int, sub_s: Stream, pub
 
 def bench_pubsub(b: ListenerBroker, transport: str, ctx: ssl.SSLContext, msgs: int,
                  ids: tuple[str, str] = ("bsub", "bpub"),
-                 socks: tuple[socket.socket | None, socket.socket | None] = (None, None)) -> dict:
+                 socks: tuple[socket.socket | None, socket.socket | None] = (None, None),
+                 **flow: int) -> dict:
     port = b.port if transport == "plain" else b.ports[transport]
     streams = []
     for client_id, sock in zip(ids, socks, strict=True):
@@ -203,7 +206,8 @@ def bench_pubsub(b: ListenerBroker, transport: str, ctx: ssl.SSLContext, msgs: i
         s.read_exactly(4)
         streams.append(s)
     try:
-        return pubsub(b, ctx, msgs, streams[0], streams[1], f"bench/{transport}/{time.time_ns()}")
+        return pubsub(b, ctx, msgs, streams[0], streams[1], f"bench/{transport}/{time.time_ns()}",
+                      **flow)
     finally:
         for s in streams:
             s.send(disconnect())
@@ -279,10 +283,14 @@ def run_relay(certs, workdir: Path, args) -> dict:
         for transport in ("plain", "tls", "ws"):
             port = b.port if transport == "plain" else b.ports[transport]
             for mode, acceptor in (("local", 0), ("relayed", 1)):
-                socks = (accepted_on(b, port, pids, acceptor), accepted_on(b, port, pids, acceptor))
-                stamp = time.time_ns()
-                ids = (id_owned_by(0, f"sub{stamp}-"), id_owned_by(0, f"pub{stamp}-"))
-                out[f"{transport}-{mode}"] = bench_pubsub(b, transport, ctx, args.msgs, ids, socks)
+                for flow, msgs, kw in (("batched", args.msgs, {}),
+                                       ("one-by-one", args.msgs // 10, {"burst": 1, "window": 0})):
+                    socks = (accepted_on(b, port, pids, acceptor),
+                             accepted_on(b, port, pids, acceptor))
+                    stamp = time.time_ns()
+                    ids = (id_owned_by(0, f"sub{stamp}-"), id_owned_by(0, f"pub{stamp}-"))
+                    out[f"{transport}-{mode}-{flow}"] = bench_pubsub(b, transport, ctx, msgs, ids,
+                                                                     socks, **kw)
     finally:
         b.stop()
     return out
@@ -301,7 +309,7 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     relays: list[dict] = []
     for r in range(args.rounds):
-        for kind in args.brokers.split(","):
+        for kind in [k for k in args.brokers.split(",") if k not in ("", "none")]:
             results.setdefault(kind, []).append(run_broker(kind, certs, tmp / f"{kind}{r}", args))
             print(f"round {r} {kind}: done", file=sys.stderr)
         if args.relay:
@@ -309,6 +317,8 @@ def main() -> int:
     keys = [("rate", "connects/s", ",.0f"), ("cpu_ms", "CPU ms/connect", ".2f"),
             ("pub_rate", "msgs/s", ",.0f"), ("pub_cpu_us", "CPU µs/msg", ".2f")]
     print(f"\n{args.rounds} rounds, medians (min–max); {args.conns} connects, {args.msgs} msgs")
+    if not results:
+        keys = []
     print("| transport | " + " | ".join(f"{k} {label}" for k in results for _, label, _ in keys) + " |")
     for t in TRANSPORTS:
         cells = []
