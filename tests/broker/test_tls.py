@@ -12,18 +12,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from support.brokers import REPO
 from support.certs import Certs, make_certs
-from support.helpers import assert_serves, unique
+from support.helpers import assert_serves, raw, unique
 from support.listeners import ListenerBroker, ListenerPaho, client_context, tls_raw, tls_socket
-from support.mqttraw import CONNACK, PUBLISH, SUBACK, Closed
+from support.mqttraw import CONNACK, PUBLISH, SUBACK, Closed, connect
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -135,11 +137,7 @@ def test_plain_mqtt_on_a_tls_port_is_closed_and_disturbs_nobody(start, certs, ki
     b = start(kind, {"tls": _tls(certs)})
     bystander = tls_raw(b.host, b.ports["tls"], client_context(certs))
     assert bystander.connect(unique("by")).reason == 0
-    import socket
-
     with socket.create_connection((b.host, b.ports["tls"]), timeout=5) as s:
-        from support.mqttraw import connect
-
         s.sendall(connect(unique("plain")))
         s.settimeout(5)
         data = b""
@@ -239,8 +237,6 @@ def test_identity_user_gets_its_dynsec_roles(start, certs, kind):
     assert [(p.topic, p.payload) for p in seen if p.type == PUBLISH] == [("sensors/t1", b"reading")]
     alice.close()
     # The plain listener still checks passwords: a user name without one is refused.
-    from support.helpers import raw
-
     c = raw(b, 5)
     assert c.connect(unique("nopw"), username="alice").reason in (0x86, 0x87)
     c.close()
@@ -298,8 +294,6 @@ def test_world_readable_keyfile_is_warned_about(tmp_path, certs):
                              str(tmp_path / "data"), "--workers", "1"], stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
-        import time
-
         deadline = time.monotonic() + 20
         seen = ""
         while time.monotonic() < deadline:
