@@ -318,3 +318,19 @@ def test_closed_stream_on_refusal_is_not_a_tls_error(start, certs):
     assert c.connect(unique("anon")).reason == 5  # not authorised (3.1.1)
     with pytest.raises(Closed):
         c.recv(3)
+
+
+def test_capath_verifies_client_certificates(start, certs, tmp_path):
+    """``capath``: a directory of CA certificates named by hash (``openssl rehash``)."""
+    capath = tmp_path / "capath"
+    capath.mkdir()
+    shutil.copyfile(certs.ca, capath / "ca.pem")
+    subprocess.run(["openssl", "rehash", str(capath)], check=True, capture_output=True, timeout=30)
+    b = start("raftmq", {"tls": _tls(certs, capath=capath, require_certificate=True)})
+    good = tls_raw(b.host, b.ports["tls"], client_context(certs, (certs.client_cert, certs.client_key)))
+    assert good.connect(unique("capath")).reason == 0
+    good.close()
+    with pytest.raises((ssl.SSLError, ConnectionError, Closed)):
+        rogue = tls_raw(b.host, b.ports["tls"],
+                        client_context(certs, (certs.rogue_cert, certs.rogue_key)))
+        rogue.connect(unique("rogue"))  # (TLS 1.3: the refusal shows on the first read)
