@@ -3,8 +3,8 @@
 - ``ListenerBroker``: a raftmq or Mosquitto process with its usual plain
   listener (``port``) plus named extra listeners (``ports[name]``), each a dict
   of mosquitto.conf / raftmq ``[[listener]]`` keys (``protocol``, ``certfile``,
-  ``require_certificate``, ...).  Mosquitto reads its certificates after
-  dropping to the ``mosquitto`` user, so it gets world-readable copies.
+  ``require_certificate``, ...).  Mosquitto runs with ``user root`` (as root)
+  so that it can read the certificates in the tests' private directories.
 - ``tls_raw`` / ``ws_raw``: support.mqttraw ``RawClient``s over TLS and over a
   WebSocket (the latter through ``WSSocket``, a socket look-alike that frames
   what is sent and unframes what is received, and keeps control frames).
@@ -18,12 +18,10 @@ import base64
 import json
 import os
 import queue
-import shutil
 import socket
 import ssl
 import struct
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,28 +56,20 @@ class ListenerBroker(BrokerProcess):
                 (data / "dynsec-import.json").write_text(json.dumps(dynsec))
                 self.options["dynsec"] = True
 
-    def _mosquitto_path(self, value: Any) -> Any:
-        if isinstance(value, (str, Path)) and os.path.isfile(value):
-            public = Path(tempfile.gettempdir()) / f"raftmq-mosq-certs-{os.getpid()}"
-            public.mkdir(exist_ok=True)
-            os.chmod(public, 0o755)
-            target = public / f"{Path(value).parent.name}-{Path(value).name}"
-            shutil.copyfile(value, target)
-            os.chmod(target, 0o644)
-            return target
-        return value
-
     def command(self) -> list[str]:
         opts = {"allow_anonymous": True, **self.options}
         if self.kind == "mosquitto":
+            # user root: Mosquitto would otherwise drop to the ``mosquitto`` user
+            # before reading the certificates (kept in the 0700 test directories).
             lines = ["persistence false", "log_dest stderr", "log_type all"]
+            if os.geteuid() == 0 and "user" not in opts:
+                lines.append("user root")
             lines += [f"{k} {'true' if v is True else 'false' if v is False else v}"
                       for k, v in opts.items()]
             lines.append(f"listener {self.port} {self.host}")
             for name, keys in self.listeners.items():
                 lines.append(f"listener {self.ports[name]} {self.host}")
                 for k, v in keys.items():
-                    v = self._mosquitto_path(v)
                     lines.append(f"{k} {'true' if v is True else 'false' if v is False else v}")
             conf = self.workdir / "mosquitto.conf"
             conf.write_text("\n".join(lines) + "\n")
