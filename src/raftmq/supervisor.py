@@ -32,7 +32,9 @@ feeds /health/leader.
 
 The listening sockets belong to the supervisor: for each worker slot and
 listener one socket (SO_REUSEPORT when there are several workers), handed to
-the worker at every start.  A worker that dies or restarts (a crash, an ha
+the worker at every start with the index of its listener (TLS and WebSocket
+settings are per listener; the TLS files are checked here before any child
+starts: broker/tls.py).  A worker that dies or restarts (a crash, an ha
 role change) thus never closes its port: connections that arrive meanwhile
 wait in the socket's backlog and are accepted by the next worker of that slot
 instead of being refused (one worker: the port never closes at all).  The
@@ -106,7 +108,7 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
 
 
 def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str,
-                  serving: Any = None, sockets: tuple[socket.socket, ...] = ()) -> None:
+                  serving: Any = None, sockets: tuple[tuple[int, socket.socket], ...] = ()) -> None:
     _die_with_parent(parent_pid)
     _setup_child_logging(config.log_level, batched=True)
     import functools
@@ -211,7 +213,8 @@ class Supervisor:
         # the workers' mesh and hand-off sockets (raftmq.workers).
         self.run_dir = tempfile.mkdtemp(prefix="raftmq-")
         self.count = count
-        self.sockets: list[tuple[socket.socket, ...]] = []  # per worker slot (open_listeners)
+        # per worker slot (open_listeners): (listener index, socket) pairs
+        self.sockets: list[tuple[tuple[int, socket.socket], ...]] = []
         self.workers = [
             _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i, count, self.run_dir, self.serving))
             for i in range(count)
@@ -229,7 +232,7 @@ class Supervisor:
 
     def close_listeners(self) -> None:
         for socks in self.sockets:
-            for sock in socks:
+            for _index, sock in socks:
                 sock.close()
         self.sockets = []
 
@@ -381,19 +384,21 @@ def check_listeners(config: Any) -> str | None:
     return None
 
 
-def listen_sockets(config: Any, count: int) -> list[tuple[socket.socket, ...]]:
+def listen_sockets(config: Any, count: int) -> list[tuple[tuple[int, socket.socket], ...]]:
     """For each of ``count`` worker slots, one bound socket per listener
-    address (SO_REUSEPORT when ``count`` > 1: the kernel spreads connections
-    over the slots).  A listener on port 0 gets one port, the same in every slot.
+    address, in listener order, as ``(listener index, socket)``: the worker
+    serves each with its listener's protocol and TLS settings (Broker.start).
+    SO_REUSEPORT when ``count`` > 1: the kernel spreads connections over the
+    slots.  A listener on port 0 gets one port, the same in every slot.
     OSError (``filename`` set to "host:port") if an address cannot be bound."""
-    slots: list[list[socket.socket]] = [[] for _ in range(count)]
+    slots: list[list[tuple[int, socket.socket]]] = [[] for _ in range(count)]
     try:
-        for listener in getattr(config, "listeners", ()):
+        for index, listener in enumerate(getattr(config, "listeners", ())):
             for family, kind, proto, _name, address in socket.getaddrinfo(
                     listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
                 for socks in slots:
                     sock = socket.socket(family, kind, proto)
-                    socks.append(sock)
+                    socks.append((index, sock))
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if count > 1:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -412,7 +417,7 @@ def listen_sockets(config: Any, count: int) -> list[tuple[socket.socket, ...]]:
                     address = sock.getsockname()  # port 0: the same port in every slot
     except BaseException:
         for socks in slots:
-            for sock in socks:
+            for _index, sock in socks:
                 sock.close()
         raise
     return [tuple(socks) for socks in slots]
@@ -470,6 +475,13 @@ def run_node(config: Any, settings: ClusterSettings) -> int:
     if problem is not None:
         log.error(problem)
         return 1
+    from raftmq.broker.tls import check_listeners as check_tls
+
+    problems = check_tls(config)  # certificates and keys, before any child needs them
+    if problems:
+        for problem in problems:
+            log.error("Error: %s", problem)
+        return 2
     if settings.secret_file is not None:
         from raftmq.raft.transport import SecretFileError, read_secret_file
 

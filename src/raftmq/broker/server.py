@@ -644,20 +644,29 @@ class Broker(_core.BrokerCore):
             # Linked to the siblings before accepting anyone (workers/mesh.py).
             self.handoff.start()
             await self.mesh.start()
+        from raftmq.broker.streams import protocol_factory
+
+        listeners = self.config.listeners
         if self.listen_sockets:
-            for sock in self.listen_sockets:
+            # (listener index, socket) pairs of this worker's slot (supervisor.py).
+            for index, sock in self.listen_sockets:
                 self.servers.append(await self.loop.create_server(
-                    lambda: Connection(self), sock=sock, backlog=1024))
+                    protocol_factory(self, listeners[index]), sock=sock, backlog=1024))
         else:
-            for listener in self.config.listeners:
+            for listener in listeners:
                 self.servers.append(await self.loop.create_server(
-                    lambda: Connection(self), listener.host, listener.port, reuse_address=True,
-                    reuse_port=self.mesh is not None, backlog=1024))
-        for server in self.servers:
+                    protocol_factory(self, listener), listener.host, listener.port,
+                    reuse_address=True, reuse_port=self.mesh is not None, backlog=1024))
+        kinds = [index for index, _sock in self.listen_sockets] if self.listen_sockets \
+            else list(range(len(listeners)))
+        for server, index in zip(self.servers, kinds, strict=True):
+            listener = listeners[index]
+            kind = "websockets" if listener.websockets else "ipv4"
             for sock in server.sockets:
                 port = sock.getsockname()[1]
                 self.ports.append(port)
-                log.info("Opening ipv4 listen socket on port %d%s.", port,
+                log.info("Opening %s listen socket on port %d%s%s.", kind, port,
+                         " (TLS)" if listener.tls else "",
                          f" (worker {self.worker_id})" if self.mesh is not None else "")
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 
