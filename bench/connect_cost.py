@@ -107,6 +107,15 @@ def run_loadgen(port: int, n: int, hold: float, timeout: float) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def dump_profiles(pids: list[int], label: str, tmp: Path, before: set[Path]) -> list[Path]:
+    """Have callgrind dump every process's counters now; the new profile files."""
+    for pid in pids:
+        subprocess.run(["callgrind_control", "-d", label, str(pid)], capture_output=True,
+                       check=False)
+    time.sleep(2.0)
+    return sorted(set(tmp.glob("cg.*")) - before)
+
+
 def callgrind_totals(files: list[Path]) -> int:
     total = 0
     for path in files:
@@ -176,11 +185,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             lg.communicate(timeout=60)
             result["syscalls"] = parse_strace(strace_out.read_text(), args.conns)
             return result
-        for pid in pids:
-            subprocess.run(["callgrind_control", "-d", "connect", str(pid)], capture_output=True,
-                           check=False)
-        time.sleep(2.0)
-        connect_files = sorted(set(tmp.glob("cg.*")) - before)
+        connect_files = dump_profiles(pids, "connect", tmp, before)
         result["instr_per_connect"] = callgrind_totals(connect_files) // args.conns
         timers = timer_instructions(connect_files)
         result["of_which_timers"] = timers // args.conns
@@ -189,12 +194,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         lg.communicate(timeout=120 * slow)
         wait_established(port, 0, 60 * slow, above=False)
         time.sleep(3.0)
-        seen = set(tmp.glob("cg.*"))
-        for pid in pids:
-            subprocess.run(["callgrind_control", "-d", "close", str(pid)], capture_output=True,
-                           check=False)
-        time.sleep(2.0)
-        close_files = sorted(set(tmp.glob("cg.*")) - seen)
+        close_files = dump_profiles(pids, "close", tmp, set(tmp.glob("cg.*")))
         result["instr_per_close"] = callgrind_totals(close_files) // args.conns
         result["files"] = [str(p) for p in connect_files]
         return result

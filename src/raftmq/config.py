@@ -30,6 +30,7 @@ Extending: a new top-level key is one row in ``_TOP_KEYS`` plus one field of
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -53,10 +54,34 @@ class ConfigError(Exception):
     """A configuration file or option is invalid; the message names the key."""
 
 
+LISTENER_PROTOCOLS = ("mqtt", "websockets")
+TLS_VERSIONS = ("tlsv1.2", "tlsv1.3")  # the lowest accepted (Mosquitto's meaning)
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
+    """One ``[[listener]]`` table; the TLS keys are mosquitto.conf's (broker/tls.py)."""
+
     host: str
     port: int
+    protocol: str = "mqtt"  # "mqtt" | "websockets" (broker/websocket.py)
+    certfile: str | None = None  # set: TLS (mqtts / wss)
+    keyfile: str | None = None
+    cafile: str | None = None  # CAs that client certificates are verified against
+    capath: str | None = None
+    require_certificate: bool = False
+    use_identity_as_username: bool = False  # the client certificate's CN is the user name
+    use_subject_as_username: bool = False  # its subject (RFC 2253) is the user name
+    tls_version: str | None = None  # the lowest TLS version accepted; None = TLS 1.2
+    ciphers: str | None = None  # OpenSSL cipher list for TLS <= 1.2
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
+
+    @property
+    def websockets(self) -> bool:
+        return self.protocol == "websockets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,15 +191,80 @@ def _listeners(value: Any, key: str, where: str) -> tuple[Listener, ...]:
     for item in items:
         if not isinstance(item, dict):
             raise _error(key, where, f"expected a table {{host, port}}, got {item!r}")
-        unknown = set(item) - {"host", "port"}
+        unknown = set(item) - set(_LISTENER_KEYS)
         if unknown:
             raise ConfigError(f"{where}: unknown key 'listener.{sorted(unknown)[0]}'")
         if "port" not in item:
             raise _error(key, where, "a listener needs a port")
-        port = _int_range(0, 65535)(item["port"], "listener.port", where)
-        host = _string(item.get("host", "0.0.0.0"), "listener.host", where)
-        result.append(Listener(host, port))
+        values = {name: _LISTENER_KEYS[name](raw, f"listener.{name}", where)
+                  for name, raw in item.items()}
+        values.setdefault("host", "0.0.0.0")
+        result.append(_check_listener(Listener(**values), where))
     return tuple(result)
+
+
+def _readable_file(value: Any, key: str, where: str) -> str:
+    path = _string(value, key, where)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise _error(key, where, f"cannot read {path}: {exc.strerror}") from exc
+    return path
+
+
+def _readable_dir(value: Any, key: str, where: str) -> str:
+    path = _string(value, key, where)
+    if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
+        raise _error(key, where, f"{path} is not a readable directory")
+    return path
+
+
+# [[listener]] key -> checker (the Listener field has the key's name)
+_LISTENER_KEYS: dict[str, Checker] = {
+    "host": _string,
+    "port": _int_range(0, 65535),
+    "protocol": _choice(LISTENER_PROTOCOLS),
+    "certfile": _readable_file,
+    "keyfile": _readable_file,
+    "cafile": _readable_file,
+    "capath": _readable_dir,
+    "require_certificate": _bool,
+    "use_identity_as_username": _bool,
+    "use_subject_as_username": _bool,
+    "tls_version": _choice(TLS_VERSIONS),
+    "ciphers": _string,
+}
+
+
+def _check_listener(listener: Listener, where: str) -> Listener:
+    """The combinations Mosquitto refuses (or silently ignores) stop the start here."""
+    def need(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}: listener {listener.host}:{listener.port}: "
+                           f"invalid value for 'listener.{key}': {why}")
+
+    if listener.keyfile is not None and listener.certfile is None:
+        raise need("keyfile", "keyfile without certfile")
+    if listener.certfile is not None and listener.keyfile is None:
+        raise need("certfile", "certfile without keyfile")
+    if not listener.tls:
+        # Without certfile the listener is plain: a TLS key there would be ignored.
+        for name in ("cafile", "capath", "require_certificate", "use_identity_as_username",
+                     "use_subject_as_username", "tls_version", "ciphers"):
+            if getattr(listener, name) not in (None, False):
+                raise need(name, "needs certfile and keyfile (a TLS listener)")
+    if listener.require_certificate and listener.cafile is None and listener.capath is None:
+        raise need("require_certificate", "needs cafile or capath to verify certificates with")
+    if listener.use_identity_as_username and listener.use_subject_as_username:
+        raise need("use_subject_as_username", "use_identity_as_username is set too")
+    if (listener.use_identity_as_username or listener.use_subject_as_username) \
+            and not listener.require_certificate:
+        # Without it no client certificate is asked for, so every client would
+        # be refused (Mosquitto starts and refuses them all).
+        name = "use_identity_as_username" if listener.use_identity_as_username \
+            else "use_subject_as_username"
+        raise need(name, "needs require_certificate = true")
+    return listener
 
 
 def _http_listener(value: Any, key: str, where: str) -> tuple[str, int] | None:

@@ -1,7 +1,7 @@
 """The supervisor: starts, watches and restarts the processes of one node.
 
     raftmq serve
-     └─ supervisor        this module: no sockets of its own, only children and signals
+     └─ supervisor        this module: children, signals and the listening sockets
          ├─ raft process  raftmq.raft.process.run_node (the only LMDB writer)
          └─ worker × N    raftmq.broker.server.run with a RaftStore (raft/client.py)
 
@@ -29,6 +29,17 @@ stands by (refusing clients) otherwise; a worker whose node changes role exits
 with EXIT_ROLE_CHANGED and is started again at once, in its new role
 (raftmq.cluster.ha).  Its serving flag (shared memory, one byte per worker)
 feeds /health/leader.
+
+The listening sockets belong to the supervisor: for each worker slot and
+listener one socket (SO_REUSEPORT when there are several workers), handed to
+the worker at every start with the index of its listener (TLS and WebSocket
+settings are per listener; the TLS files are checked here before any child
+starts: broker/tls.py).  A worker that dies or restarts (a crash, an ha
+role change) thus never closes its port: connections that arrive meanwhile
+wait in the socket's backlog and are accepted by the next worker of that slot
+instead of being refused (one worker: the port never closes at all).  The
+supervisor only binds them; a worker's listen() opens the port, so at start-up
+an open port still means a worker is serving.
 
 ``durability = "none"`` runs no raft process: the workers keep state in memory
 (MemoryStore), like Mosquitto with persistence off.
@@ -97,7 +108,7 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
 
 
 def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str,
-                  serving: Any = None) -> None:
+                  serving: Any = None, sockets: tuple[tuple[int, socket.socket], ...] = ()) -> None:
     _die_with_parent(parent_pid)
     _setup_child_logging(config.log_level, batched=True)
     import functools
@@ -105,7 +116,8 @@ def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir:
     from raftmq.broker.server import run
     from raftmq.workers.node import attach_worker
 
-    node = functools.partial(attach_worker, index=index, count=count, run_dir=run_dir)
+    node = functools.partial(attach_worker, index=index, count=count, run_dir=run_dir,
+                             sockets=sockets)
     worker_id = index + 1  # the raft process numbers its channel clients from 1
     if config.durability == "none":
         from raftmq.state.store import MemoryStore
@@ -200,10 +212,29 @@ class Supervisor:
         # Private (0700) and short (unix socket paths are limited to 108 bytes):
         # the workers' mesh and hand-off sockets (raftmq.workers).
         self.run_dir = tempfile.mkdtemp(prefix="raftmq-")
+        self.count = count
+        # per worker slot (open_listeners): (listener index, socket) pairs
+        self.sockets: list[tuple[tuple[int, socket.socket], ...]] = []
         self.workers = [
             _Child(f"raftmq-worker-{i}", _worker_child, (me, config, i, count, self.run_dir, self.serving))
             for i in range(count)
         ]
+
+    def open_listeners(self) -> str | None:
+        """Bind every listener once per worker slot; an error message if one cannot be."""
+        try:
+            self.sockets = listen_sockets(self.config, self.count)
+        except OSError as exc:
+            return f"Error: {exc.strerror or exc} (listener: {exc.filename or '?'})."
+        for child, socks in zip(self.workers, self.sockets, strict=True):
+            child.args = (*child.args, socks)
+        return None
+
+    def close_listeners(self) -> None:
+        for socks in self.sockets:
+            for _index, sock in socks:
+                sock.close()
+        self.sockets = []
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
@@ -219,6 +250,13 @@ class Supervisor:
                                  [c.name for c in children], self._serving())
         except OpsError as exc:
             log.error("Error: %s", exc)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return 1
+        problem = self.open_listeners()
+        if problem is not None:
+            log.error(problem)
+            if self.ops is not None:
+                self.ops.stop()
             shutil.rmtree(self.run_dir, ignore_errors=True)
             return 1
         for c in children:
@@ -300,6 +338,7 @@ class Supervisor:
     def shutdown(self) -> int:
         # Workers first: each flushes its last batch and waits for its commit.
         self._stop(self.workers)
+        self.close_listeners()
         if self.raft is not None:
             self._stop([self.raft])
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -345,6 +384,45 @@ def check_listeners(config: Any) -> str | None:
     return None
 
 
+def listen_sockets(config: Any, count: int) -> list[tuple[tuple[int, socket.socket], ...]]:
+    """For each of ``count`` worker slots, one bound socket per listener
+    address, in listener order, as ``(listener index, socket)``: the worker
+    serves each with its listener's protocol and TLS settings (Broker.start).
+    SO_REUSEPORT when ``count`` > 1: the kernel spreads connections over the
+    slots.  A listener on port 0 gets one port, the same in every slot.
+    OSError (``filename`` set to "host:port") if an address cannot be bound."""
+    slots: list[list[tuple[int, socket.socket]]] = [[] for _ in range(count)]
+    try:
+        for index, listener in enumerate(getattr(config, "listeners", ())):
+            for family, kind, proto, _name, address in socket.getaddrinfo(
+                    listener.host, listener.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                for socks in slots:
+                    sock = socket.socket(family, kind, proto)
+                    socks.append((index, sock))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if count > 1:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    try:
+                        sock.bind(address)
+                    except OSError as exc:
+                        exc.filename = f"{listener.host}:{listener.port}"
+                        raise
+                    # Not listen(): the worker does, when it is ready to serve.  Until
+                    # the first worker of a slot starts, the kernel refuses connections
+                    # there (or gives them to a listening sibling slot); afterwards the
+                    # socket listens for as long as the supervisor holds it.
+                    sock.setblocking(False)
+                    address = sock.getsockname()  # port 0: the same port in every slot
+    except BaseException:
+        for socks in slots:
+            for _index, sock in socks:
+                sock.close()
+        raise
+    return [tuple(socks) for socks in slots]
+
+
 def worker_count(config: Any) -> int:
     """``workers`` from the config; 0 (the default) means one per CPU."""
     return getattr(config, "workers", 0) or os.cpu_count() or 1
@@ -373,12 +451,18 @@ def cluster_settings_of(config: Any) -> ClusterSettings:
 
 def serve(config: Any) -> int:
     """Run the node (raft process + workers) until SIGTERM/SIGINT; exit status."""
-    mode = getattr(config, "mode", "standalone")
     try:
         settings = cluster_settings_of(config)
     except Exception as exc:
         log.error("Error: %s", exc)
         return 2
+    return run_node(config, settings)
+
+
+def run_node(config: Any, settings: ClusterSettings) -> int:
+    """Check what would only fail later in a child (mode, listeners, secret
+    file), then run the supervisor; exit status."""
+    mode = getattr(config, "mode", "standalone")
     if mode in ("ha", "dynsec-sync"):
         if settings.standalone or settings.listen is None:
             log.error("Error: mode = \"%s\" needs a [cluster] table with 'listen' and 'peers'.", mode)
@@ -391,6 +475,13 @@ def serve(config: Any) -> int:
     if problem is not None:
         log.error(problem)
         return 1
+    from raftmq.broker.tls import check_listeners as check_tls
+
+    problems = check_tls(config)  # certificates and keys, before any child needs them
+    if problems:
+        for problem in problems:
+            log.error("Error: %s", problem)
+        return 2
     if settings.secret_file is not None:
         from raftmq.raft.transport import SecretFileError, read_secret_file
 
@@ -444,15 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     _setup_child_logging(config.log_level)
-    if settings.secret_file is not None:
-        from raftmq.raft.transport import SecretFileError, read_secret_file
-
-        try:
-            read_secret_file(settings.secret_file)
-        except SecretFileError as exc:
-            log.error("Error: %s", exc)
-            return 1
-    return Supervisor(config, settings).run()
+    return run_node(config, settings)
 
 
 if __name__ == "__main__":

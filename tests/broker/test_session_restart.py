@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sessionclients import Mq, session_present, until
 
 from support.helpers import unique
+from support.sessionclients import Mq, session_present, until
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.waits]
 

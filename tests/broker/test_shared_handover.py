@@ -26,10 +26,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from sessionclients import Mq
 
 from raftmq.workers.ownership import owner_of
 from support.helpers import unique
+from support.sessionclients import Mq
 
 pytestmark = pytest.mark.timeout(90)
 

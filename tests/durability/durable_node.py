@@ -48,7 +48,10 @@ def _alive(pid: int) -> bool:
 
 
 class DurableNode:
-    def __init__(self, root: Path, durability: str = "sync") -> None:
+    host = "127.0.0.1"
+
+    def __init__(self, root: Path, durability: str = "sync", extra: str = "") -> None:
+        """``extra``: more top-level config lines (e.g. ``persistent_client_expiration = 9``)."""
         self.root = root
         self.port = free_port()
         self.data_dir = root / "data"
@@ -60,7 +63,8 @@ class DurableNode:
             "allow_anonymous = true\n"
             "max_inflight_messages = 100\n"
             "max_queued_messages = 100000\n"
-            "[[listener]]\n"
+            + (extra + "\n" if extra else "")
+            + "[[listener]]\n"
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
         )

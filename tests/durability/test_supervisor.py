@@ -86,3 +86,27 @@ def _not_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_killed_worker_port_stays_open_and_the_next_worker_accepts(node_factory) -> None:
+    """The supervisor holds the listening socket: while the only worker is dead
+    (kill -9, restart pending), a client's TCP connect is not refused; its
+    CONNECT is answered by the restarted worker."""
+    node = node_factory()
+    publish_retained(node.port, "hold/1", b"x")
+    worker = next(p for p in descendants(node.proc.pid)
+                  if not _is_raft(p) and "spawn_main" in _cmdline(p))
+    os.kill(worker, signal.SIGKILL)
+    # Connect at once: the restart waits at least 0.2 s (supervisor.py).
+    client = RawClient(node.port, "hold-early", clean=True, timeout=30)
+    assert not client.session_present
+    client.close()
+    assert read_retained(node.port, "hold/1") == b"x"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

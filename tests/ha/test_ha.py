@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -372,6 +373,43 @@ def test_transfer_leader_moves_service(ha_cluster: Any) -> None:
     c, served_by, _ = follow(cluster, client_id, start=leader, clean=False, expiry=3600)
     assert served_by is target and c.session_present
     c.close()
+
+
+def test_role_change_never_closes_the_client_port(ha_cluster: Any) -> None:
+    """The workers of a node that becomes leader restart (a fresh process in the
+    new role), but the supervisor holds the listening sockets: a client that
+    connects meanwhile is queued, never refused."""
+    cluster = ha_cluster()
+    leader = cluster.serving()
+    target = cluster.others(leader)[0]
+    refused: list[float] = []
+    tried = [0]
+    stop = threading.Event()
+
+    def knock() -> None:
+        while not stop.is_set():
+            tried[0] += 1
+            try:
+                with socket.create_connection((HOST, target.mqtt_port), timeout=2):
+                    pass
+            except ConnectionRefusedError:
+                refused.append(time.monotonic())
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    knocker = threading.Thread(target=knock, daemon=True)
+    knocker.start()
+    try:
+        result = cluster_cli_async(leader, "transfer-leader", str(target.id)).result(30)
+        assert result.returncode == 0, result.stderr
+        assert cluster.serving(timeout=15) is target
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        knocker.join(5)
+    assert tried[0] > 50, tried  # it knocked all through the role change
+    assert not refused, f"{len(refused)} of {tried[0]} connects refused during the role change"
 
 
 class _Async:

@@ -2,6 +2,10 @@
 errors to DISCONNECT reason codes (in the manner of Mosquitto's
 ``handle__packet``).
 
+``handle_packets`` (the loop over one read's packets) is compiled with the
+connection (ext/connection.pyx): it handles the common QoS 0 PUBLISH itself and
+calls ``HANDLERS`` for every other packet, in order.
+
 Handlers (broker/handlers/<packet>.py) raise ``MQTTError(reason_code, why)``
 for a protocol violation of the client; ``handle_packets`` turns it into the
 standard's reaction: MQTT 5 DISCONNECT with that reason code then close
@@ -17,7 +21,6 @@ from raftmq._codec import (
     Auth,
     Connect,
     Disconnect,
-    MQTTError,
     Pingreq,
     Puback,
     Pubcomp,
@@ -27,6 +30,7 @@ from raftmq._codec import (
     Subscribe,
     Unsubscribe,
 )
+from raftmq._connection import install
 from raftmq.broker.handlers.auth import handle_auth
 from raftmq.broker.handlers.connect import handle_connect
 from raftmq.broker.handlers.disconnect import handle_disconnect
@@ -42,7 +46,6 @@ from raftmq.broker.handlers.subscribe import handle_subscribe, handle_unsubscrib
 
 if TYPE_CHECKING:
     from raftmq.broker.protocol import Connection
-    from raftmq.broker.server import Broker
 
 log = logging.getLogger("raftmq.broker")
 
@@ -66,34 +69,6 @@ HANDLERS: dict[type, Any] = {
 }
 
 
-def handle_packets(broker: Broker, conn: Connection, packets: list) -> None:
-    """Handle every packet parsed from one read, in order."""
-    stats = broker.stats
-    stats.messages_received += len(packets)
-    handlers = HANDLERS
-    if broker.acl_enabled and \
-            broker.acl_generation_source.acl_generation != broker.acl_cache_generation:
-        broker.acl_caches_current()
-    try:
-        if conn.state == 0:  # NEW: the first packet must be CONNECT [MQTT-3.1.0-1]
-            first = packets[0]
-            if type(first) is not Connect:
-                log.info("Client %s sent %s before CONNECT, disconnecting.",
-                         conn.label(), type(first).__name__.upper())
-                conn.close()
-                return
-        for packet in packets:
-            if conn.state == 2:  # CLOSING: ignore what follows
-                return
-            handlers[type(packet)](broker, conn, packet)
-    except MQTTError as e:
-        protocol_error(conn, e.reason_code, str(e))
-    except Exception:
-        # A bug must cost one connection, never the broker or other clients.
-        log.exception("Error handling a packet from %s, disconnecting.", conn.label())
-        conn.disconnect(RC_IMPLEMENTATION_SPECIFIC)
-
-
 def protocol_error(conn: Connection, reason_code: int, why: str) -> None:
     """React to a protocol violation: 5.0 DISCONNECT(reason) and close; 3.x close."""
     if conn.state == 2:
@@ -108,3 +83,6 @@ def protocol_error(conn: Connection, reason_code: int, why: str) -> None:
         refuse_unparsable_connect(conn, reason_code)
         return
     conn.disconnect(reason_code)
+
+
+install(HANDLERS, protocol_error)

@@ -1,11 +1,15 @@
 """The uvloop adapter: one ``Connection`` per TCP client.
 
-It does as little as possible: ``data_received`` feeds the Cython parser and
-hands every packet of the read to ``dispatch.handle_packets``; everything the
-broker sends to the client is appended to ``out`` and written with ONE
-``transport.write`` per connection per event-loop turn (``Broker._flush``,
-scheduled with ``loop.call_soon`` the first time a connection becomes dirty in
-a turn) -- not one system call per packet (issue 2, point 7).
+Its state and its per-read work are compiled (ext/connection.pyx, the cdef
+class ``raftmq._connection.Connection``): ``data_received`` feeds the Cython
+parser and hands every packet of the read to ``dispatch.handle_packets``, which
+routes the common QoS 0 PUBLISH itself; everything the broker sends to the
+client is appended to ``out`` and written with ONE ``transport.write`` per
+connection per event-loop turn (``Broker._flush``, scheduled with
+``loop.call_soon`` the first time a connection becomes dirty in a turn) -- not
+one system call per packet (issue 2, point 7).  This class adds what is not
+per message: the asyncio callbacks, MQTT 5 encoding with properties and topic
+aliases, close and disconnect.
 """
 
 from __future__ import annotations
@@ -16,86 +20,29 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from raftmq._codec import Disconnect, MQTTError, Parser, encode_publish
-from raftmq.broker import dispatch
-from raftmq.broker.dispatch import handle_packets
+from raftmq._codec import Disconnect, encode_publish
+from raftmq._connection import (  # noqa: F401 (re-exported: the states are used everywhere)
+    CLOSING,
+    CONNECTED,
+    NEW,
+    PROTOCOL_MAX_PACKET,
+)
+from raftmq._connection import Connection as ConnectionCore
+from raftmq.broker import dispatch  # noqa: F401 (installs the packet handlers in the core)
 
 if TYPE_CHECKING:
-    from raftmq.broker.server import Broker
-    from raftmq.broker.session import Outgoing, Session
+    from raftmq.broker.session import Outgoing
     from raftmq.state.entries import Message
 
 log = logging.getLogger("raftmq.broker")
 
-# Connection states.
-NEW = 0  # accepted, no CONNECT yet
-CONNECTED = 1  # CONNECT accepted (CONNACK may still wait for the store)
-CLOSING = 2  # closing: nothing more is read or written
-
-_NO_ALIASES: dict[str, int] = {}  # shared, never written (see handle_connect)
-
-# Highest packet size the protocol can express (MQTT 5 §2.1.4, 256 MB).
-PROTOCOL_MAX_PACKET = 268435455
+__all__ = ["CLOSING", "CONNECTED", "NEW", "PROTOCOL_MAX_PACKET", "Connection"]
 
 
-def _known_protocol_name(data: bytes) -> bool:
-    """Whether a CONNECT's bytes name MQTT ("MQTT" or 3.1's "MQIsdp")."""
-    pos = 1
-    while pos < len(data) and data[pos] & 0x80:  # skip the Remaining Length
-        pos += 1
-    pos += 1
-    name_len = int.from_bytes(data[pos:pos + 2], "big")
-    return data[pos + 2:pos + 2 + name_len] in (b"MQTT", b"MQIsdp")
+class Connection(ConnectionCore, asyncio.Protocol):
+    """One TCP client: the compiled core's state and read path, plus the rest."""
 
-
-class Connection(asyncio.Protocol):
-    __slots__ = ("broker", "transport", "parser", "state", "out", "dirty", "session", "client_id",
-                 "username", "version", "keepalive", "peer", "rx_bytes", "rx_seen", "rx_seen_at",
-                 "accepted_at", "will", "graceful", "client_receive_max", "client_max_packet",
-                 "client_alias_max", "alias_in", "qos1_in_pending", "problem_info", "paused",
-                 "clean_start", "alias_out", "next_alias_out", "online", "raw_head", "acl_topic",
-                 "acl_receive")
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.transport: asyncio.Transport | None = None
-        max_packet = broker.config.max_packet_size or PROTOCOL_MAX_PACKET
-        self.parser = Parser(max_packet, True)
-        self.state = NEW
-        self.out: list[bytes] = []
-        self.dirty = False
-        self.session: Session | None = None
-        self.client_id = ""
-        self.username: str | None = None
-        self.version = 4
-        self.keepalive = 0
-        self.peer = ("?", 0)
-        self.rx_bytes = 0  # bytes received, for keepalive sweeps
-        self.rx_seen = -1
-        self.rx_seen_at = 0.0
-        self.accepted_at = 0.0
-        self.will: tuple[int, Message] | None = None
-        self.graceful = False  # DISCONNECT 0x00 received: discard the will
-        self.client_receive_max = 65535
-        self.client_max_packet = PROTOCOL_MAX_PACKET
-        self.client_alias_max = 0
-        self.alias_in: dict[int, str] | None = None  # created on first use
-        self.alias_out: dict[str, int] = _NO_ALIASES  # own dict once client_alias_max > 0
-        self.next_alias_out = 1
-        self.qos1_in_pending = 0  # QoS 1 PUBLISHes received whose PUBACK waits for the store
-        self.problem_info = True
-        self.paused = False
-        self.clean_start = True
-        # CONNACK written: messages may be delivered (none may precede CONNACK,
-        # which can wait for the store) [MQTT-3.2.0-1].
-        self.online = False
-        # Bytes read before CONNECT was handled, kept only when the node has
-        # sibling workers: they travel with a hand-off (raftmq.workers.handoff).
-        self.raw_head = b""
-        # The last topic this client was allowed to publish to, and that topic's
-        # publish_client_receive decisions (handle_publish, Broker.acl_caches_current).
-        self.acl_topic: str | None = None
-        self.acl_receive: dict | None = None
+    __slots__ = ()
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -109,43 +56,6 @@ class Connection(asyncio.Protocol):
         # (No "New connection from" line: a log line costs about a third of
         # accepting a client; "New client connected" follows CONNECT.)
         self.broker.on_connection_made(self)
-
-    def data_received(self, data: bytes) -> None:
-        state = self.state
-        if state == CLOSING:
-            return
-        broker = self.broker
-        n = len(data)
-        self.rx_bytes += n
-        broker.stats.bytes_received += n
-        broker._in_read = True
-        if state == NEW and broker.handoff is not None:
-            self.raw_head += data
-        try:
-            packets = self.parser.feed(data)
-        except MQTTError as e:
-            # Packets parsed before the bad one are handled first, in order.
-            if e.packets:
-                dispatch.handle_packets(broker, self, e.packets)
-            if self.state == NEW and e.reason_code == 0x84 and not _known_protocol_name(data):
-                # [MQTT-3.1.2-1]: not MQTT at all: close without a CONNACK (as Mosquitto).
-                self.close()
-            else:
-                dispatch.protocol_error(self, e.reason_code, str(e))
-            broker.flush_ops()
-            broker.end_read()
-            return
-        if packets:
-            handle_packets(broker, self, packets)
-            # (flush_ops and end_read's per-turn case inlined: this runs once per
-            # read, and a read is often one message.)
-            if broker.pending_ops or broker._pending_actions:
-                broker.flush_ops()
-        if broker._per_turn:
-            broker._in_read = False
-            broker._reads += 1
-        else:
-            broker.end_read()
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -162,15 +72,6 @@ class Connection(asyncio.Protocol):
         self.paused = False
 
     # -- output -------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes for this turn's single write."""
-        if self.state == CLOSING:
-            return
-        self.out.append(data)
-        if not self.dirty:
-            self.dirty = True
-            self.broker.mark_dirty(self)
 
     def send_packet(self, packet: Any) -> None:
         self.write(packet.encode(self.version))

@@ -24,6 +24,8 @@ import time
 from typing import TYPE_CHECKING
 
 from raftmq._codec import encode_publish
+from raftmq._connection import RouterCore
+from raftmq._connection import route as compiled_route
 from raftmq._trie import TopicTrie
 from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
 from raftmq.broker.session import SHARE_UNKNOWN, Outgoing, Session, Subscription
@@ -41,17 +43,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("raftmq.broker")
 
-MATCH_CACHE_LIMIT = 10_000
 
-
-class Router:
+class Router(RouterCore):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.sessions: dict[str, Session] = broker.sessions
         self.trie = TopicTrie()
         # topic -> trie.match(topic), valid until the next subscription change:
         # a publisher sends to the same topics again and again, and a dict hit
-        # costs a fraction of a trie walk.  Bounded (cleared when full).
+        # costs a fraction of a trie walk.  Bounded (route clears it when full,
+        # raftmq._connection.MATCH_CACHE_LIMIT).
         self._matches: dict[str, tuple[list, list]] = {}
         self.subscription_count = 0
         self._rr: dict[tuple[str, str], int] = {}
@@ -112,155 +113,14 @@ class Router:
 
     # -- publishing -------------------------------------------------------------
 
-    def route(self, message: Message, sender_id: str | None, ops: list | None,
-              retain_durable: bool = True, acl_receive: dict | None = None,
-              forward: bool = True, assigned: set | None = None) -> int:
-        """Store the retained message and deliver to every matching subscription.
-
-        ``ops`` collects store operations (None for QoS 0 messages, which never
-        create any).  ``acl_receive``: the broker's publish_client_receive cache for
-        this topic, just seen current by the caller (handle_publish); without it
-        route fetches it.  With sibling workers (``broker.mesh``) the message is
-        also forwarded to those with a matching subscription unless ``forward``
-        is False (it came from one, or it is this worker's own ``$SYS``); a
-        forwarded message serves only the share groups in ``assigned``.
-        Returns the number of deliveries in this worker.
-        """
-        broker = self.broker
-        if message.retain:
-            broker.retained.store(message, ops if ops is not None else broker.pending_ops,
-                                  retain_durable)
-        match = self._matches.get(message.topic)
-        if match is None:
-            if len(self._matches) >= MATCH_CACHE_LIMIT:
-                self._matches.clear()
-            match = self._matches[message.topic] = self.trie.match(message.topic)
-        normal, shared = match  # shared between calls: never modified in place
-        mesh = broker.mesh
-        if mesh is not None:
-            if forward:
-                shared = mesh.forward(message, sender_id, shared)
-            elif assigned is not None:
-                shared = mesh.assigned_shared(message, shared, assigned)
-            elif shared:
-                shared = []  # the sending worker served those groups
-        if not normal and not shared:
-            return 0
-        sessions = self.sessions
-        if len(normal) > 1:
-            normal = self._merge_v3_overlaps(normal)
-        qos = message.qos
-        stats = broker.stats
-        delivered = 0
-        # QoS 0 to normal subscriptions: the receive decisions checked in the fan-out.
-        receive_decisions = acl_receive  # None without ACLs
-        if broker.acl_enabled and (receive_decisions is None or shared or qos):
-            # publish_client_receive.  Hot path (not here): this topic's cached
-            # decisions (Connection -> allowed), current for the hook's generation,
-            # from handle_publish, handed to the QoS 0 fan-out, which checks each
-            # subscriber on the connection it loads anyway.  Otherwise (a hook
-            # without a generation, QoS 1/2, shared groups): filter the matches first.
-            if receive_decisions is None:
-                receive_decisions = broker.acl_receive_decisions(message.topic)
-            if receive_decisions is None or shared or qos:
-                normal, shared = self._receive_allowed(message, normal, shared)
-                receive_decisions = None
-        if qos == 0:
-            delivered = self._fanout_qos0(message, normal, sender_id, receive_decisions) \
-                if normal else 0
-            for _group, _filter, members in shared:
-                member = self._pick_member(_group, _filter, members, online_only=True)
-                if member is None:
-                    continue
-                client_id, sub = member
-                conn = sessions[client_id].conn
-                data = self._encode_v5(conn, message, 0, False, sub.sub_id) if conn.version == 5 \
-                    else encode_publish(message.topic, message.payload, 0, False, False, 0, None,
-                                        conn.version)
-                if data is not None and not conn.paused and len(data) <= conn.client_max_packet:
-                    conn.write(data)
-                    delivered += 1
-            stats.publish_sent += delivered
-            return delivered
-
-        add = QueueAdd([], message)
-        for client_id, sub, _filter in normal:
-            if sub.no_local and client_id == sender_id:
-                continue
-            self.deliver(sessions[client_id], message, sub, message.retain and sub.retain_as_published,
-                         add, ops)
-            delivered += 1
-        for group, topic_filter, members in shared:
-            member = self._pick_member(group, topic_filter, members, online_only=False)
-            if member is None:
-                continue
-            client_id, sub = member
-            self.deliver(sessions[client_id], message, sub, False, add, ops)
-            delivered += 1
-        if add.deliveries:
-            ops.append(add)
-        return delivered
-
-    def _fanout_qos0(self, message: Message, normal: list, sender_id: str | None,
-                     receive_decisions: dict | None = None) -> int:
-        """QoS 0 to the online subscribers: the hot loop.  The PUBLISH is encoded
-        once per (MQTT 5 or not, retain flag) and the same bytes are appended to
-        every subscriber's buffer; only an MQTT 5 delivery that needs its own
-        properties (subscription identifier, expiry, topic alias) is encoded alone.
-
-        ``receive_decisions``: the broker's current publish_client_receive cache for
-        this topic when the ACLs apply (None: no check, already filtered or no hook)."""
-        sessions = self.sessions
-        plain = message.properties is None and not message.expiry_at
-        message_retain = message.retain
-        topic = message.topic
-        payload = message.payload
-        encoded: list = [None, None, None, None]  # [v5 * 2 + retain]
-        broker = self.broker
-        dirty = broker._dirty  # (Broker.mark_dirty inlined: one call less per delivery)
-        marked = False
-        delivered = dropped = 0
-        for client_id, sub, _filter in normal:
-            if sub.no_local and client_id == sender_id:
-                continue  # [MQTT-3.8.3-3]
-            conn = sessions[client_id].conn
-            if conn is None or not conn.online:
-                continue
-            if receive_decisions is not None:
-                try:
-                    allowed = receive_decisions[conn]
-                except KeyError:
-                    allowed = self._receive_decision(receive_decisions, conn, message)
-                if not allowed:
-                    continue
-            retain = message_retain and sub.retain_as_published
-            version = conn.version
-            if version == 5 and (not plain or sub.sub_id or conn.client_alias_max):
-                data = conn.encode_publish_v5(message, 0, retain, False, 0,
-                                              [sub.sub_id] if sub.sub_id else None)
-                if data is None:
-                    dropped += 1
-                    continue
-            else:
-                slot = (2 if version == 5 else 0) + retain
-                data = encoded[slot]
-                if data is None:
-                    data = encoded[slot] = encode_publish(topic, payload, 0, retain, False, 0,
-                                                          None, version)
-            if conn.paused or len(data) > conn.client_max_packet:
-                dropped += 1  # slow reader (QoS 0 is dropped) or too big for it
-                continue
-            conn.out.append(data)
-            if not conn.dirty:
-                conn.dirty = True
-                dirty.append(conn)
-                marked = True
-            delivered += 1
-        if marked and not broker._flush_scheduled:
-            broker.schedule_flush()
-        if dropped:
-            broker.stats.publish_dropped += dropped
-        return delivered
+    # Router.route(message, sender_id, ops, retain_durable=True, acl_receive=None,
+    # forward=True, assigned=None) -> int: store the retained message, forward to
+    # sibling workers, deliver to every matching subscription (QoS 0 fan-out to the
+    # online subscribers' buffers, QoS 1/2 through ``deliver``).  The per-message
+    # path, so it is compiled with the connection: ext/connection.pyx ``route``
+    # (its docstring says the arguments).  It uses ``_matches`` / ``trie`` and
+    # calls back the helpers below off its hot path.
+    route = compiled_route
 
     def _receive_decision(self, decisions: dict, conn, message: Message) -> bool:
         """A miss in the fan-out: ask the hook, remember the answer."""
@@ -334,33 +194,6 @@ class Router:
                     allowed_members.append(member)
             if allowed_members:
                 result.append((group, topic_filter, allowed_members))
-        return result
-
-    def _merge_v3_overlaps(self, normal: list) -> list:
-        """MQTT 3.1.1 [MQTT-3.3.5-1]: a client with overlapping subscriptions gets
-        the message once, at the highest QoS of them.  (MQTT 5 clients get one
-        copy per subscription, each with its own identifier, as Mosquitto does.)"""
-        seen = set()
-        for match in normal:
-            if match[0] in seen:
-                break
-            seen.add(match[0])
-        else:
-            return normal
-        sessions = self.sessions
-        result: list = []
-        where: dict[str, int] = {}
-        for match in normal:
-            client_id = match[0]
-            if sessions[client_id].protocol_version == 5:
-                result.append(match)
-                continue
-            i = where.get(client_id)
-            if i is None:
-                where[client_id] = len(result)
-                result.append(match)
-            elif match[1].qos > result[i][1].qos:
-                result[i] = match
         return result
 
     def _pick_member(self, group: str, topic_filter: str, members: list, online_only: bool):

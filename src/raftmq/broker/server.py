@@ -59,9 +59,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from raftmq import _connection as _core
 from raftmq._trie import parse_shared
 from raftmq.broker.auth import ACCESS_PUBLISH_SEND, DefaultAuth
-from raftmq.broker.protocol import CLOSING, CONNECTED, NEW, Connection
+from raftmq.broker.protocol import CONNECTED, NEW, Connection
 from raftmq.broker.retained import Retained
 from raftmq.broker.router import Router
 from raftmq.broker.session import EXPIRY_NEVER, SHARE_UNKNOWN, Outgoing, Session, Subscription
@@ -100,7 +101,7 @@ class _NoGeneration:
     acl_generation = object()
 
 
-class Broker:
+class Broker(_core.BrokerCore):
     # handle_connect drops the subscriptions of a resumed session that the ACLs
     # no longer allow (dynsec does it itself for a broker without this).
     rechecks_resumed_subscriptions = True
@@ -138,6 +139,9 @@ class Broker:
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.servers: list[asyncio.AbstractServer] = []
         self.ports: list[int] = []
+        # Listening sockets held by the supervisor for this worker's slot (they
+        # outlive the worker); empty: bind the configured listeners here.
+        self.listen_sockets: tuple = ()
         # Writes gathered per connection, flushed once per loop turn.
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
@@ -259,68 +263,13 @@ class Broker:
 
     # -- write gathering --------------------------------------------------------
 
-    def mark_dirty(self, conn: Connection) -> None:
-        self._dirty.append(conn)
-        if not self._flush_scheduled and (self._per_turn or not self._in_read):
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def schedule_flush(self) -> None:
-        """After connections were appended to ``_dirty`` directly (the QoS 0 fan-out)."""
-        if not self._flush_scheduled and (self._per_turn or not self._in_read):
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def end_read(self) -> None:
-        """After each read.  Writes are gathered per loop turn when several
-        connections are read per turn (closed-loop load, fan-in: one write per
-        destination per turn).  When the sampled turns show about one read per
-        turn (open-loop, many slow clients) the extra loop iteration a
-        ``call_soon`` costs buys nothing, so for a while each read's writes are
-        flushed at its end -- still one write per destination per read."""
-        self._in_read = False
-        if self._per_turn:
-            self._reads += 1
-            return
-        if self._dirty:
-            self._flush()
-        self._reads += 1
-        if self._reads >= 2048:  # sample the load again
-            self._reads = 0
-            self._per_turn = True
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        flush_logs()  # this turn's log lines before what they tell the clients
-        if self.mesh is not None:
-            # Siblings first: they deliver in parallel with our own writes below.
-            self.mesh.flush()
-        if self._per_turn and self._reads:
-            self._sample_reads += self._reads
-            self._reads = 0
-            self._sample_flushes += 1
-            if self._sample_flushes >= 64:
-                if self._sample_reads < 80:  # under 1.25 reads per turn
-                    self._per_turn = False
-                self._sample_reads = self._sample_flushes = 0
-        dirty = self._dirty
-        self._dirty = []
-        stats = self.stats
-        sent = 0
-        nbytes = 0
-        for conn in dirty:
-            conn.dirty = False
-            out = conn.out
-            if not out or conn.state == CLOSING:
-                out.clear()
-                continue
-            sent += len(out)
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            nbytes += len(data)
-            conn.transport.write(data)
-        stats.messages_sent += sent
-        stats.bytes_sent += nbytes
+    # mark_dirty(conn), schedule_flush(), end_read() and _flush(): run per read
+    # and per turn, so compiled with the connection (ext/connection.pyx, where
+    # their docstrings say how writes are gathered).
+    mark_dirty = _core.mark_dirty
+    schedule_flush = _core.schedule_flush
+    end_read = _core.end_read
+    _flush = _core.flush
 
     # -- store batching ---------------------------------------------------------
 
@@ -576,25 +525,21 @@ class Broker:
     def _check_connections(self, conns: list[Connection], start: int) -> None:
         """Keepalive and CONNECT timeouts, UPKEEP_SLICE connections per loop
         iteration: with many connections one tick would otherwise stall every
-        client for milliseconds (~1,150 instructions per connection)."""
+        client for milliseconds (~1,150 instructions per connection in Python)."""
         now = self.loop.time()
         end = start + UPKEEP_SLICE
         if end < len(conns):
             self.loop.call_soon(self._check_connections_later, conns, end)
-        for conn in conns[start:end]:
-            if conn.rx_bytes != conn.rx_seen:
-                conn.rx_seen = conn.rx_bytes
-                conn.rx_seen_at = now
+        # (The walk itself is compiled: _core.timed_out.)
+        for conn in _core.timed_out(conns, start, end, now, self.connect_timeout):
             if conn.state == NEW:
-                if now - conn.accepted_at > self.connect_timeout:
-                    log.info("Client %s:%d did not send CONNECT in time, disconnecting.",
-                             *conn.peer)
-                    conn.close()
-            elif conn.state == CONNECTED and conn.keepalive:
+                log.info("Client %s:%d did not send CONNECT in time, disconnecting.",
+                         *conn.peer)
+                conn.close()
+            else:
                 # [MQTT-3.1.2-24]: nothing received for 1.5 x keepalive: close.
-                if now - conn.rx_seen_at > conn.keepalive * 1.5:
-                    log.info("Client %s has exceeded timeout, disconnecting.", conn.client_id)
-                    conn.disconnect(RC_KEEP_ALIVE_TIMEOUT)
+                log.info("Client %s has exceeded timeout, disconnecting.", conn.client_id)
+                conn.disconnect(RC_KEEP_ALIVE_TIMEOUT)
 
     def _check_connections_later(self, conns: list[Connection], start: int) -> None:
         try:
@@ -699,16 +644,29 @@ class Broker:
             # Linked to the siblings before accepting anyone (workers/mesh.py).
             self.handoff.start()
             await self.mesh.start()
-        for listener in self.config.listeners:
-            server = await self.loop.create_server(lambda: Connection(self), listener.host,
-                                                   listener.port, reuse_address=True,
-                                                   reuse_port=self.mesh is not None,
-                                                   backlog=1024)
-            self.servers.append(server)
+        from raftmq.broker.streams import protocol_factory
+
+        listeners = self.config.listeners
+        if self.listen_sockets:
+            # (listener index, socket) pairs of this worker's slot (supervisor.py).
+            for index, sock in self.listen_sockets:
+                self.servers.append(await self.loop.create_server(
+                    protocol_factory(self, listeners[index]), sock=sock, backlog=1024))
+        else:
+            for listener in listeners:
+                self.servers.append(await self.loop.create_server(
+                    protocol_factory(self, listener), listener.host, listener.port,
+                    reuse_address=True, reuse_port=self.mesh is not None, backlog=1024))
+        kinds = [index for index, _sock in self.listen_sockets] if self.listen_sockets \
+            else list(range(len(listeners)))
+        for server, index in zip(self.servers, kinds, strict=True):
+            listener = listeners[index]
+            kind = "websockets" if listener.websockets else "ipv4"
             for sock in server.sockets:
                 port = sock.getsockname()[1]
                 self.ports.append(port)
-                log.info("Opening ipv4 listen socket on port %d%s.", port,
+                log.info("Opening %s listen socket on port %d%s%s.", kind, port,
+                         " (TLS)" if listener.tls else "",
                          f" (worker {self.worker_id})" if self.mesh is not None else "")
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+# Stats: the counters bumped on the hot path, C integers of the compiled core.
+from raftmq._connection import Stats  # noqa: F401 (re-exported)
 from raftmq.state.entries import Message
 
 if TYPE_CHECKING:
@@ -21,27 +23,6 @@ try:
     VERSION = _pkg_version("raftmq")
 except Exception:  # pragma: no cover - not installed (running from the tree)
     VERSION = "0.1.0"
-
-
-class Stats:
-    """Counters bumped on the hot path (plain attributes: the cheapest thing)."""
-
-    __slots__ = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
-                 "publish_received", "publish_sent", "publish_dropped", "connections",
-                 "clients_maximum", "clients_expired", "clients_moved")
-
-    def __init__(self) -> None:
-        self.bytes_received = 0
-        self.bytes_sent = 0
-        self.messages_received = 0
-        self.messages_sent = 0
-        self.publish_received = 0
-        self.publish_sent = 0
-        self.publish_dropped = 0
-        self.connections = 0
-        self.clients_maximum = 0
-        self.clients_expired = 0
-        self.clients_moved = 0  # connections moved here from a sibling (workers/colocate.py)
 
 
 # Counters summed over the workers of a node (workers/mesh.py sends them).

@@ -336,6 +336,12 @@ class Handoff:
                 # No setblocking/TCP_NODELAY either: the accepting worker's loop
                 # set both on this same socket, and the adopting transport sets
                 # them again (uv_tcp_open); the object only carries the descriptor.
+                if family == socket.AF_UNIX:
+                    # A TLS / WebSocket client the sibling relays (workers/relay.py).
+                    from raftmq.workers.relay import adopt_relayed
+
+                    adopt_relayed(self.broker, fd, raw)
+                    continue
                 client = _AdoptedSocket(family, socket.SOCK_STREAM, 0, fileno=fd)
                 self._adopt(client, raw)
 

@@ -10,9 +10,13 @@ from raftmq.workers.handoff import Handoff
 from raftmq.workers.mesh import Mesh
 
 
-def attach_worker(broker: Any, index: int, count: int, run_dir: str) -> None:
+def attach_worker(broker: Any, index: int, count: int, run_dir: str,
+                  sockets: tuple = ()) -> None:
     """Worker ``index`` (0-based) of ``count``: with siblings, link it to them
-    (mesh) and let it pass connections on (handoff)."""
+    (mesh) and let it pass connections on (handoff).  ``sockets``: the
+    listening sockets of its slot, held by the supervisor (supervisor.py), as
+    (listener index, socket) pairs."""
+    broker.listen_sockets = sockets
     broker.worker_id = index
     broker.worker_count = count
     if count > 1:

@@ -186,11 +186,22 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
 
     # -- authentication ---------------------------------------------------------
     username = p.username
-    rc = broker.auth.authenticate(client_id, username, p.password)
-    if rc != 0:
-        log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
-                 client_id)
-        return refuse(conn, rc if rc >= 0x80 else RC_NOT_AUTHORIZED)
+    identity = getattr(conn, "cert_identity", None)
+    if identity is not None:
+        # use_identity_as_username / use_subject_as_username (broker/tls.py): as
+        # Mosquitto, the certificate names the user, the CONNECT's user name and
+        # password are ignored and no password check is made; ACLs see the name.
+        if not identity:
+            log.info("Client %s:%d refused: no usable client certificate (%s).", conn.peer[0],
+                     conn.peer[1], client_id)
+            return refuse(conn, RC_BAD_USER_PASS)
+        username = identity
+    else:
+        rc = broker.auth.authenticate(client_id, username, p.password)
+        if rc != 0:
+            log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
+                     client_id)
+            return refuse(conn, rc if rc >= 0x80 else RC_NOT_AUTHORIZED)
 
     # -- accepted: take over / resume / create the session ------------------------
     conn.client_id = client_id

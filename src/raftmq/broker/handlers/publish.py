@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from raftmq._codec import MQTTError, Puback, Pubcomp, Pubrec, Pubrel
+from raftmq._connection import check_topic_name, publish_acl
 from raftmq.state.entries import PUBREC_RECEIVED, Message, Qos2InAdd, Qos2InRemove, QueueUpdate
 
 if TYPE_CHECKING:
@@ -82,10 +83,7 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
                 topic = conn.alias_in.get(alias) if conn.alias_in is not None else None
                 if topic is None:
                     raise MQTTError(RC_PROTOCOL_ERROR, "unknown topic alias")
-    if not topic:
-        raise MQTTError(RC_PROTOCOL_ERROR, "empty topic name")  # [MQTT-3.3.2-1]
-    if "+" in topic or "#" in topic:
-        raise MQTTError(RC_TOPIC_NAME_INVALID, "wildcard in topic name")  # [MQTT-3.3.2-2]
+    check_topic_name(topic)
 
     packet_id = p.packet_id
     if qos:
@@ -145,23 +143,8 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
     refused = dollar and topic.startswith("$SYS")
     acl_receive = None  # False: refused; else this topic's current receive decisions, if cached
     if broker.acl_enabled and not refused:
-        # publish_client_send, hot path: most publishers publish to one topic
-        # again and again, so the connection remembers its last allowed topic and
-        # that topic's receive decisions (forgotten when the hook's generation
-        # moves, server.py acl_caches_current).  Else the broker's cache: one
-        # lookup gives both answers; the hook is asked on a miss.
-        if topic == conn.acl_topic:
-            acl_receive = conn.acl_receive
-        else:
-            try:
-                acl_receive = broker.acl_send_cache[topic][conn]
-            except KeyError:
-                acl_receive = broker.acl_publish_decision(conn, topic, qos, p.retain)
-            if acl_receive is False:
-                refused = True
-            elif acl_receive is not None:  # cached: remember it
-                conn.acl_topic = topic
-                conn.acl_receive = acl_receive
+        acl_receive = publish_acl(broker, conn, topic, qos, p.retain)
+        refused = acl_receive is False
     if refused:
         # $SYS belongs to the broker (Mosquitto refuses client publishes there too).
         # 5.0: the ack tells why; 3.x: acknowledged and dropped (Mosquitto).
@@ -171,7 +154,9 @@ def handle_publish(broker: Broker, conn: Connection, p: Publish) -> None:
 
     message = Message(topic, payload, qos, p.retain, props, expiry_at)
     if qos == 0 and not dollar:
-        broker.router.route(message, conn.client_id, None, True, acl_receive)  # hot path
+        # (Most such messages never get here: the compiled core routes them itself,
+        # raftmq._connection.handle_packets.)
+        broker.router.route(message, conn.client_id, None, True, acl_receive)
         return
     on_accepted_publish(broker, conn, message, packet_id)
 

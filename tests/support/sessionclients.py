@@ -1,6 +1,7 @@
-"""A paho-mqtt client for the session tests (restart clocks, shared hand-over).
+"""A paho-mqtt client for the session tests (restart clocks, shared hand-over,
+session clocks across a kill -9).
 
-``Mq(broker, client_id, ...)`` connects (MQTT 5 by default, or 3.1.1) and runs
+``Mq(broker, client_id, ...)`` connects to ``broker.host``:``broker.port`` (MQTT 5 by default, or 3.1.1) and runs
 paho's network loop; ``hold=True`` turns paho's automatic acknowledgements off,
 so QoS 1/2 messages stay unacknowledged (in flight) at the broker for as long as
 the test wants -- a real client that is slow to acknowledge.
@@ -21,7 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 class Mq:
     def __init__(self, broker: Any, client_id: str, *, version: int = 5, clean: bool = True,
                  expiry: int | None = None, receive_max: int | None = None,
-                 hold: bool = False) -> None:
+                 hold: bool = False, will: tuple[str, bytes, int] | None = None) -> None:
         if version == 5:
             self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                       protocol=mqtt.MQTTv5)
@@ -37,6 +38,11 @@ class Mq:
         self.client.on_message = lambda c, u, m: self.messages.put(
             (time.monotonic(), m.topic, m.payload))
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put(rcs)
+        if will is not None:  # (topic, payload, Will Delay Interval)
+            topic, payload, delay = will
+            wprops = Properties(PacketTypes.WILLMESSAGE)
+            wprops.WillDelayInterval = delay
+            self.client.will_set(topic, payload, 1, False, wprops)
         kw: dict[str, Any] = {}
         if version == 5:
             props = Properties(PacketTypes.CONNECT)
@@ -75,6 +81,10 @@ class Mq:
             self.client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
         else:
             self.client.disconnect()
+        self.client.loop_stop()
+
+    def abandon(self) -> None:
+        """The broker died under it: stop the network loop (no reconnects)."""
         self.client.loop_stop()
 
     def drop(self) -> None:

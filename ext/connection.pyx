@@ -1,0 +1,636 @@
+# cython: language_level=3
+"""The compiled protocol core: the per-connection object, the per-read packet
+dispatch and the message path from a PUBLISH to the subscribers' buffers.
+
+In the manner of asyncpg's and uvloop's protocol cores: the per-message work is
+C, the Python modules around it stay the API.
+
+- ``Connection`` (a cdef class; its fields, and those of ``BrokerCore``,
+  ``RouterCore`` and ``Stats``, the hot state of server.py's Broker, router.py's
+  Router and the counters, are declared in src/raftmq/_connection.pxd): ``data_received``
+  feeds the Cython parser and hands the packets to ``handle_packets``; ``write``
+  queues bytes for the broker's one write per connection per turn.
+  raftmq.broker.protocol subclasses it with the methods that are not per message.
+- ``handle_packets``: every packet of one read, in order.  The dominant case -- a
+  QoS 0 PUBLISH (3.1.1, or 5.0 without properties) from a connected client, not
+  retained, topic not starting with '$', no debug logging -- is handled here
+  (``_publish_qos0``); every other packet goes to its Python handler
+  (dispatch.HANDLERS), one by one in the order they were read.
+- ``route``: Router.route (retained store, match cache, sibling forwarding, ACL
+  receive decisions, QoS 0 fan-out, QoS 1/2 delivery through the session).
+  The QoS 0 fan-out (``_fanout_qos0``) is the hot loop.
+- ``check_topic_name`` and ``publish_acl``: the PUBLISH checks that both the
+  fast case and handlers/publish.py apply (one implementation each).
+- write gathering: Broker.mark_dirty, schedule_flush, end_read and _flush.
+- ``timed_out``: the upkeep tick's keepalive / CONNECT-timeout walk.
+"""
+
+import logging
+
+from raftmq._codec import Connect, MQTTError, Parser, Publish, encode_publish
+from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
+from raftmq.logsetup import flush_logs
+from raftmq.state.entries import Message, QueueAdd
+
+cdef object log = logging.getLogger("raftmq.broker")
+
+# Connection states.
+cdef enum:
+    C_NEW = 0        # accepted, no CONNECT yet
+    C_CONNECTED = 1  # CONNECT accepted (CONNACK may still wait for the store)
+    C_CLOSING = 2    # closing: nothing more is read or written
+
+NEW = C_NEW
+CONNECTED = C_CONNECTED
+CLOSING = C_CLOSING
+
+# Highest packet size the protocol can express (MQTT 5 §2.1.4, 256 MB).
+PROTOCOL_MAX_PACKET = 268435455
+
+# Reason codes (MQTT 5 §2.4).
+cdef int RC_PROTOCOL_ERROR = 0x82
+cdef int RC_IMPLEMENTATION_SPECIFIC = 0x83
+cdef int RC_TOPIC_NAME_INVALID = 0x90
+
+# topic -> trie match, per Router: bounded (cleared when full).
+MATCH_CACHE_LIMIT = 10_000
+cdef Py_ssize_t _MATCH_CACHE_LIMIT = MATCH_CACHE_LIMIT
+
+# Shared, never written (handle_connect gives a connection its own dict once
+# the client announces a Topic Alias Maximum).
+cdef dict _NO_ALIASES = {}
+
+# Packet type -> handler(broker, conn, packet), and dispatch.protocol_error:
+# set by raftmq.broker.dispatch (install), which owns the mapping.
+cdef dict _handlers = {}
+cdef object _protocol_error = None
+
+
+def install(dict handlers, protocol_error) -> None:
+    """Give the core the packet handlers and the protocol-error reaction."""
+    global _handlers, _protocol_error
+    _handlers = handlers
+    _protocol_error = protocol_error
+
+
+def known_protocol_name(data) -> bool:
+    """Whether a CONNECT's bytes name MQTT ("MQTT" or 3.1's "MQIsdp")."""
+    cdef Py_ssize_t pos = 1
+    while pos < len(data) and data[pos] & 0x80:  # skip the Remaining Length
+        pos += 1
+    pos += 1
+    name_len = int.from_bytes(data[pos:pos + 2], "big")
+    return data[pos + 2:pos + 2 + name_len] in (b"MQTT", b"MQIsdp")
+
+
+cdef class Stats:
+    """Counters bumped on the hot path (C integers: the cheapest thing)."""
+
+    def __init__(self) -> None:
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.messages_received = 0
+        self.messages_sent = 0
+        self.publish_received = 0
+        self.publish_sent = 0
+        self.publish_dropped = 0
+        self.connections = 0
+        self.clients_maximum = 0
+        self.clients_expired = 0
+        self.clients_moved = 0
+
+
+cdef class BrokerCore:
+    """The fields of raftmq.broker.server.Broker that the compiled path reads
+    and writes per message (declared in _connection.pxd); Broker sets them."""
+
+
+cdef class RouterCore:
+    """The fields of raftmq.broker.router.Router that route reads per message
+    (declared in _connection.pxd); Router sets them."""
+
+
+cdef class Connection:
+    """One TCP client (the asyncio protocol; see raftmq.broker.protocol)."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+        self.transport = None
+        max_packet = broker.config.max_packet_size or PROTOCOL_MAX_PACKET
+        self.parser = Parser(max_packet, True)
+        self.state = C_NEW
+        self.out = []
+        self.dirty = False
+        self.session = None
+        self.client_id = ""
+        self.username = None
+        self.version = 4
+        self.keepalive = 0
+        self.peer = ("?", 0)
+        self.rx_bytes = 0
+        self.rx_seen = -1
+        self.rx_seen_at = 0.0
+        self.accepted_at = 0.0
+        self.will = None
+        self.graceful = False
+        self.client_receive_max = 65535
+        self.client_max_packet = PROTOCOL_MAX_PACKET
+        self.client_alias_max = 0
+        self.alias_in = None  # created on first use
+        self.alias_out = _NO_ALIASES
+        self.next_alias_out = 1
+        self.qos1_in_pending = 0
+        self.problem_info = True
+        self.paused = False
+        self.clean_start = True
+        # CONNACK written: messages may be delivered (none may precede CONNACK,
+        # which can wait for the store) [MQTT-3.2.0-1].
+        self.online = False
+        # Bytes read before CONNECT was handled, kept only when the node has
+        # sibling workers: they travel with a hand-off (raftmq.workers.handoff).
+        self.raw_head = b""
+        # The last topic this client was allowed to publish to, and that topic's
+        # publish_client_receive decisions (publish_acl, Broker.acl_caches_current).
+        self.acl_topic = None
+        self.acl_receive = None
+
+    def data_received(self, data) -> None:
+        cdef int state = self.state
+        if state == C_CLOSING:
+            return
+        cdef BrokerCore broker = self.broker
+        cdef Py_ssize_t n = len(data)
+        self.rx_bytes += n
+        broker.stats.bytes_received += n
+        broker._in_read = True
+        if state == C_NEW and broker.handoff is not None:
+            self.raw_head += data
+        try:
+            packets = self.parser.feed(data)
+        except MQTTError as e:
+            # Packets parsed before the bad one are handled first, in order.
+            if e.packets:
+                handle_packets(broker, self, e.packets)
+            if self.state == C_NEW and e.reason_code == 0x84 and not known_protocol_name(data):
+                # [MQTT-3.1.2-1]: not MQTT at all: close without a CONNACK (as Mosquitto).
+                self.close()
+            else:
+                _protocol_error(self, e.reason_code, str(e))
+            broker.flush_ops()
+            broker.end_read()
+            return
+        if packets:
+            handle_packets(broker, self, packets)
+            # (flush_ops's check inlined: this runs once per read, and a read is
+            # often one message.)
+            if broker.pending_ops or broker._pending_actions:
+                broker.flush_ops()
+        _end_read(broker)
+
+    def write(self, data) -> None:
+        """Queue bytes for this turn's single write."""
+        self._write(data)
+
+    cdef int _write(self, object data) except -1:
+        if self.state == C_CLOSING:
+            return 0
+        self.out.append(data)
+        if not self.dirty:
+            self.dirty = True
+            mark_dirty(self.broker, self)
+        return 0
+
+
+# -- packets of one read ------------------------------------------------------
+
+def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
+    """Handle every packet parsed from one read, in order.
+
+    A QoS 0 PUBLISH of the common kind is handled here; any other packet goes
+    to its handler, so a read mixing both keeps its order.  A handler's
+    ``MQTTError`` is the client's protocol violation (dispatch.protocol_error);
+    any other exception is a bug that costs this one connection."""
+    broker.stats.messages_received += len(packets)
+    if broker.acl_enabled and \
+            broker.acl_generation_source.acl_generation != broker.acl_cache_generation:
+        broker.acl_caches_current()
+    cdef int fast = -1  # whether the broker-wide conditions of the fast case hold (-1: unknown)
+    cdef Py_ssize_t size_limit = 0
+    try:
+        if conn.state == C_NEW:  # the first packet must be CONNECT [MQTT-3.1.0-1]
+            first = packets[0]
+            if type(first) is not Connect:
+                log.info("Client %s sent %s before CONNECT, disconnecting.",
+                         conn.label(), type(first).__name__.upper())
+                conn.close()
+                return
+        for packet in packets:
+            if conn.state == C_CLOSING:  # ignore what follows
+                return
+            if type(packet) is Publish and conn.state == C_CONNECTED:
+                if fast < 0:
+                    fast = not broker.debug
+                    size_limit = broker.config.message_size_limit
+                if fast and _publish_qos0(broker, conn, packet, size_limit):
+                    continue
+            _handlers[type(packet)](broker, conn, packet)
+    except MQTTError as e:
+        _protocol_error(conn, e.reason_code, str(e))
+    except Exception:
+        # A bug must cost one connection, never the broker or other clients.
+        log.exception("Error handling a packet from %s, disconnecting.", conn.label())
+        conn.disconnect(RC_IMPLEMENTATION_SPECIFIC)
+
+
+cdef bint _publish_qos0(BrokerCore broker, Connection conn, packet,
+                        Py_ssize_t size_limit) except -1:
+    """handlers/publish.py handle_publish for a QoS 0 PUBLISH without retain,
+    properties or a '$' topic (False, untouched, for any other: its handler
+    takes it).  The same steps in the same order: count, check the topic name,
+    publish_client_send, route."""
+    if packet.qos or packet.retain or packet.properties:
+        return False
+    topic = packet.topic
+    if not topic or (<str>topic)[0] == "$":
+        return False
+    payload = packet.payload
+    if size_limit and len(payload) > size_limit:
+        return False  # dropped and logged by the handler
+    broker.stats.publish_received += 1
+    check_topic_name(topic)
+    acl_receive = None
+    if broker.acl_enabled:
+        acl_receive = publish_acl(broker, conn, topic, 0, False)
+        if acl_receive is False:
+            return True  # refused: a QoS 0 message is just dropped
+    # (No Message object unless something needs one: route makes it then.)
+    _route(broker.router, None, topic, payload, 0, False, None, 0, conn.client_id, None, True,
+           acl_receive, True, None)
+    return True
+
+
+def check_topic_name(str topic) -> None:
+    """A PUBLISH's topic name (after topic alias resolution) must not be empty
+    [MQTT-3.3.2-1] nor hold a wildcard [MQTT-3.3.2-2]."""
+    if not topic:
+        raise MQTTError(RC_PROTOCOL_ERROR, "empty topic name")
+    if "+" in topic or "#" in topic:
+        raise MQTTError(RC_TOPIC_NAME_INVALID, "wildcard in topic name")
+
+
+def publish_acl(BrokerCore broker, Connection conn, topic, int qos, bint retain):
+    """publish_client_send of ``conn`` to ``topic`` (call only when the broker's
+    ACLs apply): False if refused, else the topic's current publish_client_receive
+    decisions for route (None: a hook that cannot be cached).
+
+    Most publishers publish to one topic again and again, so the connection
+    remembers its last allowed topic and that topic's receive decisions
+    (forgotten when the hook's generation moves, Broker.acl_caches_current).
+    Else the broker's cache: one lookup gives both answers; the hook is asked
+    on a miss."""
+    if topic == conn.acl_topic:
+        return conn.acl_receive
+    try:
+        acl_receive = broker.acl_send_cache[topic][conn]
+    except KeyError:
+        acl_receive = broker.acl_publish_decision(conn, topic, qos, retain)
+    if acl_receive is not False and acl_receive is not None:  # cached: remember it
+        conn.acl_topic = topic
+        conn.acl_receive = acl_receive
+    return acl_receive
+
+
+# -- routing ------------------------------------------------------------------
+
+def route(RouterCore router, message, sender_id, ops, retain_durable=True, acl_receive=None,
+          forward=True, assigned=None) -> int:
+    """Router.route: store the retained message and deliver to every matching subscription.
+
+    ``ops`` collects store operations (None for QoS 0 messages, which never
+    create any).  ``acl_receive``: the broker's publish_client_receive cache for
+    this topic, just seen current by the caller (handle_publish); without it
+    route fetches it.  With sibling workers (``broker.mesh``) the message is
+    also forwarded to those with a matching subscription unless ``forward``
+    is False (it came from one, or it is this worker's own ``$SYS``); a
+    forwarded message serves only the share groups in ``assigned``.
+    Returns the number of deliveries in this worker.
+    """
+    return _route(router, message, message.topic, message.payload, message.qos, message.retain,
+                  message.properties, message.expiry_at, sender_id, ops, retain_durable,
+                  acl_receive, forward, assigned)
+
+
+cdef inline object _message(message, topic, payload, int qos, bint retain, props, expiry_at):
+    """``message``, or the Message of these fields when the caller had none."""
+    if message is None:
+        message = Message(topic, payload, qos, retain, props, expiry_at)
+    return message
+
+
+cdef Py_ssize_t _route(RouterCore router, message, topic, payload, int qos, bint retain, props, expiry_at,
+                       sender_id, ops, retain_durable, acl_receive, bint forward,
+                       assigned) except -1:
+    """route, given the message's fields; ``message`` may be None (the PUBLISH
+    fast path): it is made only if a step needs the object."""
+    cdef BrokerCore broker = router.broker
+    cdef dict sessions = router.sessions
+    if retain:
+        message = _message(message, topic, payload, qos, retain, props, expiry_at)
+        broker.retained.store(message, ops if ops is not None else broker.pending_ops,
+                              retain_durable)
+    match = router._matches.get(topic)
+    if match is None:
+        if len(router._matches) >= _MATCH_CACHE_LIMIT:
+            router._matches.clear()
+        match = router._matches[topic] = router.trie.match(topic)
+    normal, shared = <tuple>match  # shared between calls: never modified in place
+    mesh = broker.mesh
+    if mesh is not None:
+        message = _message(message, topic, payload, qos, retain, props, expiry_at)
+        if forward:
+            shared = mesh.forward(message, sender_id, shared)
+        elif assigned is not None:
+            shared = mesh.assigned_shared(message, shared, assigned)
+        elif shared:
+            shared = []  # the sending worker served those groups
+    if not normal and not shared:
+        return 0
+    if len(normal) > 1:
+        normal = _merge_v3_overlaps(sessions, normal)
+    cdef Py_ssize_t delivered = 0
+    # QoS 0 to normal subscriptions: the receive decisions checked in the fan-out.
+    receive_decisions = acl_receive  # None without ACLs
+    if broker.acl_enabled and (receive_decisions is None or shared or qos):
+        # publish_client_receive.  Hot path (not here): this topic's cached
+        # decisions (Connection -> allowed), current for the hook's generation,
+        # from handle_publish, handed to the QoS 0 fan-out, which checks each
+        # subscriber on the connection it loads anyway.  Otherwise (a hook
+        # without a generation, QoS 1/2, shared groups): filter the matches first.
+        if receive_decisions is None:
+            receive_decisions = broker.acl_receive_decisions(topic)
+        if receive_decisions is None or shared or qos:
+            message = _message(message, topic, payload, qos, retain, props, expiry_at)
+            normal, shared = router._receive_allowed(message, normal, shared)
+            receive_decisions = None
+    cdef Connection conn
+    if qos == 0:
+        if normal:
+            delivered = _fanout_qos0(router, broker, message, topic, payload, retain, props,
+                                     expiry_at, normal, sender_id, receive_decisions)
+        if shared:
+            message = _message(message, topic, payload, qos, retain, props, expiry_at)
+        for group, topic_filter, members in shared:
+            member = router._pick_member(group, topic_filter, members, True)
+            if member is None:
+                continue
+            client_id, sub = member
+            conn = sessions[client_id].conn
+            if conn.version == 5:
+                data = router._encode_v5(conn, message, 0, False, sub.sub_id)
+            else:
+                data = encode_publish(topic, payload, 0, False, False, 0, None, conn.version)
+            if data is not None and not conn.paused and len(data) <= conn.client_max_packet:
+                conn._write(data)
+                delivered += 1
+        broker.stats.publish_sent += delivered
+        return delivered
+
+    message = _message(message, topic, payload, qos, retain, props, expiry_at)
+    add = QueueAdd([], message)
+    for client_id, sub, _filter in normal:
+        if sub.no_local and client_id == sender_id:
+            continue
+        router.deliver(sessions[client_id], message, sub, retain and sub.retain_as_published,
+                       add, ops)
+        delivered += 1
+    for group, topic_filter, members in shared:
+        member = router._pick_member(group, topic_filter, members, False)
+        if member is None:
+            continue
+        client_id, sub = member
+        router.deliver(sessions[client_id], message, sub, False, add, ops)
+        delivered += 1
+    if add.deliveries:
+        ops.append(add)
+    return delivered
+
+
+cdef list _merge_v3_overlaps(dict sessions, list normal):
+    """MQTT 3.1.1 [MQTT-3.3.5-1]: a client with overlapping subscriptions gets
+    the message once, at the highest QoS of them.  (MQTT 5 clients get one
+    copy per subscription, each with its own identifier, as Mosquitto does.)"""
+    cdef set seen = set()
+    for match in normal:
+        client_id = (<tuple>match)[0]
+        if client_id in seen:
+            break
+        seen.add(client_id)
+    else:
+        return normal
+    cdef list result = []
+    cdef dict where = {}
+    for match in normal:
+        client_id = (<tuple>match)[0]
+        if sessions[client_id].protocol_version == 5:
+            result.append(match)
+            continue
+        i = where.get(client_id)
+        if i is None:
+            where[client_id] = len(result)
+            result.append(match)
+        elif (<tuple>match)[1].qos > (<tuple>result[i])[1].qos:
+            result[i] = match
+    return result
+
+
+cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topic, payload, bint message_retain,
+                             props, expiry_at, list normal, sender_id,
+                             receive_decisions) except -1:
+    """QoS 0 to the online subscribers: the hot loop.  The PUBLISH is encoded
+    once per (MQTT 5 or not, retain flag) and the same bytes are appended to
+    every subscriber's buffer; only an MQTT 5 delivery that needs its own
+    properties (subscription identifier, expiry, topic alias) is encoded alone.
+
+    ``receive_decisions``: the broker's current publish_client_receive cache for
+    this topic when the ACLs apply (None: no check, already filtered or no hook).
+    ``message``: the Message of these fields, or None (made if needed)."""
+    cdef dict sessions = router.sessions
+    cdef bint plain = props is None and not expiry_at
+    cdef bint retain
+    cdef int version, slot
+    encoded = [None, None, None, None]  # [v5 * 2 + retain]
+    cdef list dirty = broker._dirty  # (mark_dirty's append inlined: one call less per delivery)
+    cdef bint marked = False
+    cdef Py_ssize_t delivered = 0, dropped = 0
+    cdef Connection conn
+    cdef tuple match
+    for m in normal:
+        match = <tuple>m
+        client_id = match[0]
+        sub = match[1]
+        if sub.no_local and client_id == sender_id:
+            continue  # [MQTT-3.8.3-3]
+        c = (<object>sessions[client_id]).conn
+        if c is None:
+            continue
+        conn = <Connection>c
+        if not conn.online:
+            continue
+        if receive_decisions is not None:
+            allowed = (<dict>receive_decisions).get(conn)
+            if allowed is None:
+                message = _message(message, topic, payload, 0, message_retain, props, expiry_at)
+                allowed = router._receive_decision(receive_decisions, conn, message)
+            if not allowed:
+                continue
+        retain = message_retain and sub.retain_as_published
+        version = conn.version
+        if version == 5 and (not plain or sub.sub_id or conn.client_alias_max):
+            sub_id = sub.sub_id
+            message = _message(message, topic, payload, 0, message_retain, props, expiry_at)
+            data = conn.encode_publish_v5(message, 0, retain, False, 0,
+                                          [sub_id] if sub_id else None)
+            if data is None:
+                dropped += 1
+                continue
+        else:
+            slot = (2 if version == 5 else 0) + retain
+            data = encoded[slot]
+            if data is None:
+                data = encoded[slot] = encode_publish(topic, payload, 0, retain, False, 0, None,
+                                                      version)
+        if conn.paused or len(data) > conn.client_max_packet:
+            dropped += 1  # slow reader (QoS 0 is dropped) or too big for it
+            continue
+        conn.out.append(data)
+        if not conn.dirty:
+            conn.dirty = True
+            dirty.append(conn)
+            marked = True
+        delivered += 1
+    if marked:
+        _schedule_flush(broker)
+    if dropped:
+        broker.stats.publish_dropped += dropped
+    return delivered
+
+
+# -- write gathering (Broker's methods, bound in server.py) -------------------
+#
+# Writes are gathered per connection (``out``) and flushed with one
+# transport.write per connection: per loop turn (``_flush`` by call_soon) or,
+# when the load shows about one read per turn, at the end of each read.
+
+def mark_dirty(BrokerCore broker, conn) -> None:
+    """Broker.mark_dirty: ``conn`` has bytes queued; it is written at the next flush."""
+    broker._dirty.append(conn)
+    _schedule_flush(broker)
+
+
+def schedule_flush(BrokerCore broker) -> None:
+    """Broker.schedule_flush: after connections were appended to ``_dirty``
+    directly (the QoS 0 fan-out)."""
+    _schedule_flush(broker)
+
+
+cdef int _schedule_flush(BrokerCore broker) except -1:
+    if not broker._flush_scheduled and (broker._per_turn or not broker._in_read):
+        broker._flush_scheduled = True
+        broker.loop.call_soon(broker._flush)
+    return 0
+
+
+def end_read(BrokerCore broker) -> None:
+    """Broker.end_read, after each read.  Writes are gathered per loop turn when
+    several connections are read per turn (closed-loop load, fan-in: one write
+    per destination per turn).  When the sampled turns show about one read per
+    turn (open-loop, many slow clients) the extra loop iteration a ``call_soon``
+    costs buys nothing, so for a while each read's writes are flushed at its
+    end -- still one write per destination per read."""
+    _end_read(broker)
+
+
+cdef int _end_read(BrokerCore broker) except -1:
+    broker._in_read = False
+    if broker._per_turn:
+        broker._reads += 1
+        return 0
+    if broker._dirty:
+        _flush(broker)
+    broker._reads += 1
+    if broker._reads >= 2048:  # sample the load again
+        broker._reads = 0
+        broker._per_turn = True
+    return 0
+
+
+def flush(BrokerCore broker) -> None:
+    """Broker._flush: this turn's (or read's) writes, one per connection."""
+    _flush(broker)
+
+
+cdef int _flush(BrokerCore broker) except -1:
+    broker._flush_scheduled = False
+    flush_logs()  # this turn's log lines before what they tell the clients
+    mesh = broker.mesh
+    if mesh is not None:
+        # Siblings first: they deliver in parallel with our own writes below.
+        mesh.flush()
+    if broker._per_turn and broker._reads:
+        broker._sample_reads += broker._reads
+        broker._reads = 0
+        broker._sample_flushes += 1
+        if broker._sample_flushes >= 64:
+            if broker._sample_reads < 80:  # under 1.25 reads per turn
+                broker._per_turn = False
+            broker._sample_reads = broker._sample_flushes = 0
+    cdef list dirty = broker._dirty
+    broker._dirty = []
+    cdef Connection conn
+    cdef list out
+    cdef Py_ssize_t sent = 0, nbytes = 0, k
+    for c in dirty:
+        conn = <Connection>c
+        conn.dirty = False
+        out = conn.out
+        k = len(out)
+        if not k or conn.state == C_CLOSING:
+            out.clear()
+            continue
+        sent += k
+        data = out[0] if k == 1 else b"".join(out)
+        out.clear()
+        nbytes += len(data)
+        conn.transport.write(data)
+    broker.stats.messages_sent += sent
+    broker.stats.bytes_sent += nbytes
+    return 0
+
+
+# -- upkeep -------------------------------------------------------------------
+
+def timed_out(list conns, Py_ssize_t start, Py_ssize_t end, double now,
+              double connect_timeout) -> list:
+    """The upkeep tick's walk over ``conns[start:end]`` (Broker._check_connections):
+    notes which connections received bytes since the last walk, and returns
+    those to close, in order: no CONNECT within ``connect_timeout`` of the
+    accept (still NEW), or nothing received for 1.5 x their keepalive
+    [MQTT-3.1.2-24] (CONNECTED).  A C loop: it visits every connection twice a
+    second, and the walk is most of a quiet broker's work."""
+    cdef list result = []
+    cdef Connection conn
+    cdef Py_ssize_t i
+    if end > len(conns):
+        end = len(conns)
+    for i in range(start, end):
+        conn = <Connection>conns[i]
+        if conn.rx_bytes != conn.rx_seen:
+            conn.rx_seen = conn.rx_bytes
+            conn.rx_seen_at = now
+        if conn.state == C_NEW:
+            if now - conn.accepted_at > connect_timeout:
+                result.append(conn)
+        elif conn.state == C_CONNECTED and conn.keepalive:
+            if now - conn.rx_seen_at > conn.keepalive * 1.5:
+                result.append(conn)
+    return result
