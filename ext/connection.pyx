@@ -97,6 +97,7 @@ cdef class Stats:
         self.connections = 0
         self.clients_maximum = 0
         self.clients_expired = 0
+        self.clients_moved = 0
 
 
 cdef class BrokerCore:

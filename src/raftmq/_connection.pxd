@@ -19,6 +19,7 @@ cdef class Stats:
     cdef public long long connections
     cdef public long long clients_maximum
     cdef public long long clients_expired
+    cdef public long long clients_moved  # moved here from a sibling (workers/colocate.py)
 
 
 cdef class BrokerCore

@@ -101,6 +101,9 @@ class Config:
     mode: str = "standalone"
     durability: str = "sync"
     workers: int = 0  # worker processes; 0 = one per CPU
+    # With several workers: move a publisher's connection to the worker where its
+    # messages go (raftmq.workers.colocate).  Off: connections stay where accepted.
+    colocate: bool = True
     log_level: str = "info"
     dynsec_enabled: bool = False  # TOML `dynsec = true`: Mosquitto's Dynamic Security
     dynsec_substitute: bool = False  # %c / %u in ACL topics (off, as Mosquitto 2.0.22)
@@ -298,6 +301,7 @@ _TOP_KEYS: dict[str, tuple[str, Checker]] = {
     "mode": ("mode", _choice(MODES)),
     "durability": ("durability", _choice(DURABILITIES)),
     "workers": ("workers", _int_range(0, 256)),
+    "colocate": ("colocate", _bool),
     "log_level": ("log_level", _choice(LOG_LEVELS)),
     "dynsec": ("dynsec_enabled", _bool),
     "dynsec_substitute": ("dynsec_substitute", _bool),

@@ -28,7 +28,7 @@ except Exception:  # pragma: no cover - not installed (running from the tree)
 # Counters summed over the workers of a node (workers/mesh.py sends them).
 NODE_COUNTERS = ("bytes_received", "bytes_sent", "messages_received", "messages_sent",
              "publish_received", "publish_sent", "publish_dropped", "connections",
-             "clients_expired")
+             "clients_expired", "clients_moved")
 
 _LOAD_SOURCES = {
     "messages/received": "messages_received",
@@ -126,5 +126,7 @@ class SysTopics:
             per_worker = mesh.connected_per_worker()
             for index, n in sorted(per_worker.items()):
                 p(f"$SYS/broker/workers/{index}/clients/connected", str(n))
+            # Connections moved between workers by co-location (workers/colocate.py).
+            p("$SYS/broker/clients/moved", str(stats["clients_moved"]))
         for key, value in self.loads.items():
             p(f"$SYS/broker/load/{key}", f"{value:.2f}")

@@ -52,6 +52,8 @@ QUEUE_SCAN_EVERY = 20
 
 # (Stats attribute, metric name, help)
 WORKER_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("clients_moved", "raftmq_clients_moved_total",
+     "Connections moved to this worker by co-location ($SYS/broker/clients/moved)."),
     ("publish_received", "raftmq_publish_messages_received_total",
      "PUBLISH packets received from clients ($SYS/broker/publish/messages/received)."),
     ("publish_sent", "raftmq_publish_messages_sent_total",

@@ -13,6 +13,10 @@ Hand-offs are sent without blocking: when the owner's queue is full they wait
 (reading paused) until it has room, in order.  If the owner is not running
 (it is being restarted) the hand-off fails and the client is refused with "server unavailable" (5.0 CONNACK 0x88, 3.1.1
 return code 3): it retries, and its session is found once the owner is back.
+
+The same datagrams move a CONNECTED connection to a sibling for co-location
+(colocate.py): flag MOVE, the datagram carrying the connection's MQTT state
+instead of raw bytes; sent at once or not at all (the connection then stays).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ log = logging.getLogger("raftmq.workers")
 # Bytes read before the CONNECT was handled travel with the socket, in
 # datagrams of at most CHUNK bytes (a CONNECT with a large will takes several).
 CHUNK = 64 * 1024
-FIRST, LAST = 1, 2
+FIRST, LAST, MOVE = 1, 2, 4
 _DGRAM_HEAD = struct.Struct("<HBBI")  # sender worker, FIRST | LAST, address family, total bytes
 _SOCKET_BUFFER = 4 * 1024 * 1024
 # Connections waiting for a sibling whose hand-off queue is full, before new
@@ -116,6 +120,8 @@ class Handoff:
         # sender worker -> (descriptor, address family, total bytes, chunks so far)
         self.assembling: dict[int, tuple[int, int, list[bytes]]] = {}
         self._adopting: set[Any] = set()  # connect_accepted_socket coroutines under way
+        # colocate.py's receiver of moved connections: (socket, sender, state datagram body)
+        self.on_moved: Any = None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -191,6 +197,24 @@ class Handoff:
             transport.resume_reading()
             return False
         return True
+
+    def move(self, conn: Connection, target: int, body: bytes) -> bool | None:
+        """Send ``conn``'s socket with ``body`` (its state, colocate.py) to worker
+        ``target`` now, in one datagram.  False if that cannot be done, None if
+        not now (the target's queue is full: it holds net.unix.max_dgram_qlen
+        datagrams, 10 by default, until it reads them); either way nothing was
+        sent and the caller keeps the connection."""
+        transport = conn.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or len(body) > CHUNK:
+            return False
+        route = self.routes.get(target)
+        if route is None:
+            route = self.routes[target] = _Route(os.path.join(self.run_dir, f"w{target}.handoff"))
+        if route.pending:
+            return None  # hand-offs wait for it: its queue is full
+        head = _DGRAM_HEAD.pack(self.index, FIRST | LAST | MOVE, sock.family, len(body))
+        return self._send(route, sock.fileno(), head + body)
 
     def _send(self, route: _Route, fd: int, data: bytes) -> bool | None:
         """True: sent; None: the owner's queue is full; False: it is not there."""
@@ -301,6 +325,13 @@ class Handoff:
                               self.index, sender)
                     os.close(fd)
                     continue
+                if dflags & MOVE:
+                    client = _AdoptedSocket(family, socket.SOCK_STREAM, 0, fileno=fd)
+                    if self.on_moved is None:
+                        client.close()
+                    else:
+                        self.on_moved(client, sender, raw)
+                    continue
                 # Family and type given: no getsockname/getsockopt to find them.
                 # No setblocking/TCP_NODELAY either: the accepting worker's loop
                 # set both on this same socket, and the adopting transport sets
@@ -315,12 +346,14 @@ class Handoff:
                 self._adopt(client, raw)
 
     def _adopt(self, client: socket.socket, data: bytes) -> None:
+        broker = self.broker
+        self.adopt(client, lambda: AdoptedConnection(broker, data))
+
+    def adopt(self, client: socket.socket, factory: Any) -> None:
         """``loop.connect_accepted_socket`` without a Task per connection: the
         coroutine sets the transport up synchronously, then only waits for
         ``connection_made``; it is resumed from that future's callback."""
-        broker = self.broker
-        coro = self.loop.connect_accepted_socket(  # type: ignore[union-attr]
-            lambda: AdoptedConnection(broker, data), client)
+        coro = self.loop.connect_accepted_socket(factory, client)  # type: ignore[union-attr]
         try:
             waiter = coro.send(None)
         except StopIteration:

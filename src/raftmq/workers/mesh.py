@@ -26,6 +26,13 @@ connects to the lower; both directions use it).  On it flow frames::
   member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
 - AGAIN(incarnation, seq): the next FWD is a QoS 2 message that the previous
   process ``incarnation`` of the sender forwarded as frame ``seq`` (see below).
+- MOVED(move, client id): the connection of ``client id`` moved here (its
+  socket comes over the hand-off socket); every FWD of its messages before the
+  move precedes this frame (colocate.py).  KICK(seq, move, client id): the
+  owner of the id took a new CONNECT for it: close the moved connection as
+  taken over.  GONE(move, client id): a moved connection's session ended.
+  HERE(move, client id): a moved connection of the receiver's id is here
+  (sent on a new link, so that a restarted owner knows again).
 
 Why forwarding by interest: a worker forwards a message only to siblings
 that subscribed to a matching filter, so in the common case of a publisher
@@ -110,6 +117,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmq.workers")
 
 HELLO, FWD, INTEREST, RESET, SYNC, ACK, STATS, FWD_SHARED, DURABLE, AGAIN = range(1, 11)
+MOVED, KICK, GONE, HERE = range(11, 15)  # co-location (colocate.py)
 
 _LEN = struct.Struct("<I")
 _HELLO = struct.Struct("<IBHQ")
@@ -119,6 +127,8 @@ _AGAIN_BODY = struct.Struct("<QQ")
 _INTEREST_HEAD = struct.Struct("<IBQi")
 _INTEREST_BODY = struct.Struct("<Qi")
 _U64 = struct.Struct("<Q")
+_MOVE_HEAD = struct.Struct("<IBQ")  # MOVED / GONE / HERE: length, kind, move id
+_KICK_HEAD = struct.Struct("<IBQQ")  # length, KICK, seq, move id
 
 CONNECT_RETRY = 0.05
 START_TIMEOUT = 10.0
@@ -198,6 +208,7 @@ class Mesh:
         self._capture: list | None = None  # forwards of the QoS 2 message being routed
         # (client id, packet id) -> Qos2InAdd.forwards of our previous process
         self.prev_forwards: dict[tuple[str, int], list] = {}
+        self.colocate: Any = None  # colocate.Colocate when connections may move
 
     # -- ownership (used by handle_connect) ---------------------------------------
 
@@ -329,6 +340,9 @@ class Mesh:
         for topic_filter, n in self.local_durable.items():
             frames.append(_interest_frame(0, n, topic_filter, DURABLE))
         frames.extend(frame for _seq, frame in sibling.resend)
+        if self.colocate is not None:
+            for move_id, client_id in self.colocate.here_frames(sibling):
+                frames.append(_move_frame(HERE, move_id, client_id))
         sibling.sent_seq += 1
         frames.append(_SEQ_FRAME.pack(9, SYNC, sibling.sent_seq))
         sibling.out[:0] = frames
@@ -350,6 +364,8 @@ class Mesh:
         self._matches.clear()
         # What was queued for it and not kept for resending is dropped (QoS 0).
         sibling.out.clear()
+        if self.colocate is not None:
+            self.colocate.on_link_down(sibling)
         if not self._closed:
             log.warning("Worker %d: link to worker %d lost.", self.index, sibling.index)
 
@@ -459,6 +475,8 @@ class Mesh:
                 # Hot path: QoS 0, no share group: one frame (no sequence number,
                 # nothing kept for resending) for every sibling that matched.
                 self.matched = len(indexes)
+                if self.colocate is not None and sender_id:
+                    self._note(sender_id, message.topic, indexes, False)
                 if indexes:
                     frame = fwd_frame(FWD, 0, sender_id.encode("utf-8", "surrogatepass")
                                       if sender_id else b"", b"", message.topic.encode(),
@@ -475,10 +493,15 @@ class Mesh:
         else:
             if not qos and not retain:
                 self.matched = 0  # no sibling subscribed to anything
+                if self.colocate is not None and sender_id:
+                    self._note(sender_id, message.topic, (), bool(local_shared))
                 return local_shared
             indexes = ()
             durable = frozenset()
             shared_remote = ()
+        if self.colocate is not None and sender_id:
+            self._note(sender_id, message.topic, () if retain or shared_remote else indexes,
+                       bool(local_shared))
         targets: dict[int, list | None] = dict.fromkeys(indexes)
         # Siblings with a matching subscription (PUBACK 0x10 "no matching
         # subscribers" looks at the whole node).
@@ -508,6 +531,34 @@ class Mesh:
             self._send_forward(sibling, FWD, sender, assigned, message, topic, props,
                                needs_ack)
         return local_shared
+
+    def _note(self, sender_id: str, topic: str, indexes: tuple, local: bool) -> None:
+        """Tell colocate where a message of ``sender_id`` went: to ``indexes``,
+        and here if ``local`` or a normal subscription of ours matched (the
+        router's match of this topic, just made by route())."""
+        if not indexes:
+            # Delivered here (or nowhere): only a sender with a tally cares.
+            t = self.colocate.tally.get(sender_id)
+            if t is not None:
+                t[0] = -1
+            return
+        if not local:
+            match = self.broker.router._matches.get(topic)
+            local = match is None or bool(match[0])
+        self.colocate.note(sender_id, topic, indexes, local)
+
+    def send_moved(self, sibling: Sibling, move_id: int, client_id: str) -> None:
+        """MOVED after the frames already queued for ``sibling`` (colocate.py)."""
+        self._send(sibling, _move_frame(MOVED, move_id, client_id))
+
+    def send_gone(self, sibling: Sibling, move_id: int, client_id: str) -> None:
+        self._send(sibling, _move_frame(GONE, move_id, client_id))
+
+    def send_kick(self, sibling: Sibling, move_id: int, client_id: str) -> None:
+        """KICK, sequenced: acknowledgements given after it wait for it (gated)."""
+        raw = client_id.encode("utf-8", "surrogatepass")
+        seq = self._next_seq(sibling)
+        self._send(sibling, _KICK_HEAD.pack(1 + 16 + len(raw), KICK, seq, move_id) + raw)
 
     def _match_remote(self, topic: str) -> tuple[tuple[int, ...], frozenset, list]:
         if len(self._matches) >= MATCH_CACHE_LIMIT:
@@ -660,6 +711,27 @@ class Mesh:
     def _send_ack(self, sibling: Sibling, seq: int) -> None:
         self._send(sibling, _SEQ_FRAME.pack(9, ACK, seq))
 
+    # -- co-location (colocate.py) ---------------------------------------------------
+
+    def _on_move_frame(self, sibling: Sibling, kind: int, body: bytes) -> None:
+        colocate = self.colocate
+        if kind == KICK:
+            seq, move_id = _AGAIN_BODY.unpack_from(body)
+            if colocate is not None:
+                colocate.on_kick(move_id, body[16:].decode("utf-8", "surrogatepass"))
+            sibling.recv_seq = seq
+            return
+        move_id = _U64.unpack_from(body)[0]
+        client_id = body[8:].decode("utf-8", "surrogatepass")
+        if colocate is None:
+            return  # (every worker of a node has the same setting)
+        if kind == MOVED:
+            colocate.on_marker(sibling, move_id, client_id)
+        elif kind == GONE:
+            colocate.on_gone(move_id, client_id)
+        else:
+            colocate.on_here(sibling, move_id, client_id)
+
     # -- $SYS totals ---------------------------------------------------------------
 
     def send_stats(self) -> None:
@@ -672,6 +744,8 @@ class Mesh:
         frame = _LEN.pack(1 + len(frame_body)) + bytes((STATS,)) + frame_body
         for sibling in self._sibling_list:
             self._send(sibling, frame)
+        if self.colocate is not None:
+            self.colocate.tick()  # (every upkeep tick, like the STATS)
 
     def sibling_totals(self) -> list[int]:
         """Sum of the siblings' last STATS: STAT_FIELDS, then connected,
@@ -760,6 +834,8 @@ class Mesh:
                     self._on_reset(sibling)
                 elif kind == STATS:
                     sibling.stats = tuple(orjson.loads(frame[1]))
+                elif MOVED <= kind <= HERE:
+                    self._on_move_frame(sibling, kind, frame[1])
                 elif kind == HELLO:
                     raise ValueError("second HELLO")
                 else:
@@ -778,6 +854,11 @@ class Mesh:
             # behind our own barrier, or two workers could wait for each other).
             broker.after_store(lambda: self._send_ack(target, seq))
         return used
+
+
+def _move_frame(kind: int, move_id: int, client_id: str) -> bytes:
+    raw = client_id.encode("utf-8", "surrogatepass")
+    return _MOVE_HEAD.pack(1 + 8 + len(raw), kind, move_id) + raw
 
 
 def _interest_frame(seq: int, delta: int, topic_filter: str, kind: int = INTEREST) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raftmq.workers.colocate import Colocate
 from raftmq.workers.handoff import Handoff
 from raftmq.workers.mesh import Mesh
 
@@ -21,3 +22,5 @@ def attach_worker(broker: Any, index: int, count: int, run_dir: str,
     if count > 1:
         broker.mesh = Mesh(broker, index, count, run_dir)
         broker.handoff = Handoff(broker, index, run_dir)
+        if getattr(broker.config, "colocate", True):
+            Colocate(broker, broker.mesh, broker.handoff)

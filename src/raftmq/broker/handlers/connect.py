@@ -211,6 +211,8 @@ def handle_connect(broker: Broker, conn: Connection, p: Connect) -> None:
     conn.clean_start = bool(p.clean_start)
     conn.state = 1
     ops: list = []
+    if broker.mesh is not None and broker.mesh.colocate is not None:
+        broker.mesh.colocate.before_connect(client_id)  # connected on a sibling: kicked there
     session, present = broker.attach_session(conn, client_id, version, expiry, bool(p.clean_start),
                                              username, ops)
     if session.persistent:
