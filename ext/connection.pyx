@@ -23,14 +23,22 @@ C, the Python modules around it stay the API.
   fast case and handlers/publish.py apply (one implementation each).
 - write gathering: Broker.mark_dirty, schedule_flush, end_read and _flush.
 - ``timed_out``: the upkeep tick's keepalive / CONNECT-timeout walk.
+- ``handle_connect`` and ``handle_disconnect``: CONNECT and DISCONNECT
+  (handlers/connect.py and disconnect.py re-export them; connect.py gives the
+  refusals, ``install_connect``): a connect storm is a CONNECT per read.
 """
 
 import logging
 
-from raftmq._codec import Connect, MQTTError, Parser, Publish, encode_publish
-from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
-from raftmq.logsetup import flush_logs
-from raftmq.state.entries import Message, QueueAdd
+import uuid
+
+from raftmq._codec import Connack, Connect, MQTTError, Parser, Publish, encode_publish
+from raftmq._trie import valid_topic_name
+from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE, ACCESS_SUBSCRIBE
+from raftmq.broker.session import EXPIRY_NEVER
+from raftmq.logsetup import flush_logs, info_line
+from raftmq.state.entries import (Message, QueueAdd, SessionExpiry, SessionPut, SubRemove,
+                                   WillDelete, WillSet)
 
 cdef object log = logging.getLogger("raftmq.broker")
 
@@ -633,3 +641,242 @@ def timed_out(list conns, Py_ssize_t start, Py_ssize_t end, double now,
             if now - conn.rx_seen_at > conn.keepalive * 1.5:
                 result.append(conn)
     return result
+
+
+# -- CONNECT --------------------------------------------------------------------
+#
+# A flat run of checks in the order of the standard (MQTT 5 §3.1.4, 3.1.1
+# §3.1.4); each refusal is a CONNACK with the version's code and a close
+# (handlers/connect.py ``refuse``).  Takeover and resume happen only after
+# authentication (as in Mosquitto's ``connect__on_authorised``).  Compiled
+# because a connect storm (issue 4's idle-10k) is one CONNECT per read: typed
+# access to the connection's fields, no bytecode, and the common CONNACKs and
+# log line without generic formatting.
+
+# MQTT 5 CONNACK reason codes (§3.2.2.2) the checks below refuse with.
+cdef int RC_CLIENT_ID_NOT_VALID = 0x85
+cdef int RC_NOT_AUTHORIZED = 0x87
+cdef int RC_BAD_AUTH_METHOD = 0x8C
+cdef int RC_PAYLOAD_FORMAT_INVALID = 0x99
+cdef int RC_RETAIN_NOT_SUPPORTED = 0x9A
+
+# The protocol level as Mosquitto's log line shows it ("p2" for 3.1.1).
+LOG_PROTOCOL = {3: 1, 4: 2, 5: 5}
+
+# (version, session present) -> the CONNACK accepting a 3.x client: always
+# the same four bytes, encoded once.
+cdef dict _plain_connacks = {}
+
+# handlers/connect.py's refuse(conn, reason_code[, properties]) and
+# _hand_off(broker, conn, owner, raw): set by install_connect.
+cdef object _refuse = None
+cdef object _hand_off = None
+
+
+def install_connect(refuse, hand_off) -> None:
+    """Give handle_connect the refusal and the hand-off (handlers/connect.py)."""
+    global _refuse, _hand_off
+    _refuse = refuse
+    _hand_off = hand_off
+
+
+cdef class _SendConnack:
+    """The accepting CONNACK, written once the session's ops are committed."""
+    cdef Connection conn
+    cdef object session
+    cdef bytes connack
+
+    def __call__(self) -> None:
+        cdef Connection conn = self.conn
+        session = self.session
+        if conn.state != C_CONNECTED or session.conn is not conn:
+            return
+        conn._write(self.connack)
+        conn.online = True
+        if session.inflight or session.queue:
+            # [MQTT-4.4.0-1]: resend unacknowledged PUBLISH / PUBREL, then what is queued.
+            conn.broker.router.resume(session)
+
+
+def handle_connect(BrokerCore broker, Connection conn, p) -> None:
+    if conn.state != C_NEW:
+        # A second CONNECT is a protocol error [MQTT-3.1.0-2].
+        raise MQTTError(RC_PROTOCOL_ERROR, "second CONNECT")
+    config = broker.config
+    cdef int version = p.protocol_version
+    conn.version = version
+    refusal = broker.ha_refusal
+    if refusal is not None:
+        # mode = "ha", this worker does not serve (raftmq.cluster.ha): 0x9C with
+        # the leader as Server Reference, or 0x88 while no leader is known.
+        # mode = "dynsec-sync": 0x88 while the node is outside a working majority.
+        log.info("Client %s:%d refused: this node does not serve clients now (cluster role).",
+                 *conn.peer)
+        return _refuse(conn, *refusal)
+    raw = conn.raw_head  # what a hand-off would pass on (empty with one worker)
+    conn.raw_head = b""
+    cdef bint v5 = version == 5
+    cdef bint clean_start = p.clean_start
+
+    # -- client identifier [MQTT-3.1.3-5 .. 9] --------------------------------
+    client_id = p.client_id
+    assigned = None
+    mesh = broker.mesh
+    if not client_id:
+        if version == 3:
+            return _refuse(conn, RC_CLIENT_ID_NOT_VALID)  # 3.1 needs 1..23 characters
+        if not config.allow_zero_length_clientid:
+            return _refuse(conn, RC_CLIENT_ID_NOT_VALID)
+        if version == 4 and not clean_start:
+            # 3.1.1: a zero-length id requires CleanSession=1 [MQTT-3.1.3-8].
+            return _refuse(conn, RC_CLIENT_ID_NOT_VALID)
+        client_id = assigned = f"auto-{uuid.uuid4()}" if mesh is None \
+            else mesh.assign_client_id()
+    elif mesh is not None:
+        owner = mesh.owner_of(client_id)
+        if owner != broker.worker_id:
+            return _hand_off(broker, conn, owner, raw)
+
+    # -- MQTT 5 CONNECT properties -------------------------------------------
+    if v5:
+        props = p.properties or {}
+        if props.get("authentication_method") is not None:
+            # No enhanced authentication method is supported: 0x8C [MQTT-4.12.0-1].
+            return _refuse(conn, RC_BAD_AUTH_METHOD)
+        conn.client_receive_max = props.get("receive_maximum", 65535)
+        conn.client_max_packet = props.get("maximum_packet_size", conn.client_max_packet)
+        conn.client_alias_max = props.get("topic_alias_maximum", 0)
+        if conn.client_alias_max:
+            conn.alias_out = {}
+        conn.problem_info = props.get("request_problem_information", 1) != 0
+        expiry = props.get("session_expiry_interval", 0)
+    elif clean_start:
+        expiry = 0  # 3.x clean session: the session ends with the connection
+    else:
+        expiry = config.persistent_client_expiration or EXPIRY_NEVER
+
+    # -- keep alive (MQTT 5 §3.2.2.3.14 Server Keep Alive) -------------------------
+    cdef int keepalive = p.keepalive
+    server_keepalive = None
+    if v5:
+        max_keepalive = config.max_keepalive
+        if max_keepalive and (keepalive > max_keepalive or keepalive == 0):
+            # The broker imposes its own keep alive [MQTT-3.2.2-21]; like Mosquitto
+            # a client asking for none (0) gets max_keepalive too.  A 3.x client
+            # cannot be told, and Mosquitto accepts it with its own value.
+            keepalive = server_keepalive = max_keepalive
+
+    # -- will -----------------------------------------------------------------
+    will = None
+    will_topic = p.will_topic
+    if will_topic is not None:
+        if not valid_topic_name(will_topic):
+            if v5:
+                return _refuse(conn, RC_TOPIC_NAME_INVALID)
+            return conn.close()
+        if p.will_retain and not config.retain_available:
+            if v5:
+                return _refuse(conn, RC_RETAIN_NOT_SUPPORTED)  # [MQTT-3.2.2-13]
+            return conn.close()
+        wprops = dict(p.will_properties) if p.will_properties else {}
+        delay = wprops.pop("will_delay_interval", 0)
+        if wprops.get("payload_format_indicator") == 1:
+            try:
+                p.will_payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return _refuse(conn, RC_PAYLOAD_FORMAT_INVALID)  # [MQTT-3.1.3-11]
+        # A will's Message Expiry Interval stays in its properties: it counts
+        # from when the will is published (will.will_to_publish), not from now.
+        will = (delay, Message(will_topic, bytes(p.will_payload or b""), p.will_qos,
+                               bool(p.will_retain), wprops or None, 0))
+
+    # -- authentication ---------------------------------------------------------
+    username = p.username
+    cdef int rc = broker.auth.authenticate(client_id, username, p.password)
+    if rc != 0:
+        log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
+                 client_id)
+        return _refuse(conn, rc if rc >= 0x80 else RC_NOT_AUTHORIZED)
+
+    # -- accepted: take over / resume / create the session ------------------------
+    conn.client_id = client_id
+    conn.username = username
+    conn.keepalive = keepalive
+    conn.will = will
+    conn.clean_start = clean_start
+    conn.state = C_CONNECTED
+    cdef list ops = []
+    session, present = broker.attach_session(conn, client_id, version, expiry, clean_start,
+                                             username, ops)
+    if session.persistent:
+        ops.append(SessionPut(client_id, version, expiry, clean_start, username))
+        session.durable = True
+        if will is not None:
+            ops.append(WillSet(client_id, will[0], will[1]))
+        elif present:
+            ops.append(WillDelete(client_id))
+    if present and broker.acl_enabled and session.subscriptions:
+        # A resumed session keeps only the subscriptions its client may still
+        # make (Mosquitto re-checks them at CONNECT; spec/dynsec.md §7).
+        for topic_filter, sub in list(session.subscriptions.items()):
+            if not broker.acl_check(conn, ACCESS_SUBSCRIBE, topic_filter, sub.qos, False):
+                broker.router.unsubscribe(session, topic_filter)
+                if session.durable:
+                    ops.append(SubRemove(client_id, topic_filter))
+
+    cdef _SendConnack send = _SendConnack.__new__(_SendConnack)
+    send.conn = conn
+    send.session = session
+    if v5:
+        cprops = dict(broker.connack_properties)
+        if assigned is not None:
+            cprops["assigned_client_identifier"] = assigned
+        if server_keepalive is not None:
+            cprops["server_keep_alive"] = server_keepalive
+        send.connack = Connack(present, 0, cprops or None).encode(version)
+    else:
+        key = (version, present)
+        connack = _plain_connacks.get(key)
+        if connack is None:
+            connack = _plain_connacks[key] = Connack(present, 0, None).encode(version)
+        send.connack = connack
+
+    if log.isEnabledFor(20):  # logging.INFO
+        peer = conn.peer
+        info_line(log, f"New client connected from {peer[0]}:{peer[1]} as {client_id} "
+                       f"(p{LOG_PROTOCOL.get(version, version)}, c{1 if clean_start else 0}, "
+                       f"k{keepalive}"
+                       + (f", u'{username}'" if username is not None else "")
+                       + (f") on worker {broker.worker_id}." if mesh is not None else ")."))
+
+    if ops:
+        broker.commit(ops, send)
+    else:
+        broker.after_commit(send)
+
+
+# -- DISCONNECT (MQTT 5 §3.14, 3.1.1 §3.14) --------------------------------------
+# Compiled for the same reason as CONNECT: every client of a connect storm
+# ends with one.
+
+def handle_disconnect(BrokerCore broker, Connection conn, p) -> None:
+    session = conn.session
+    reason = p.reason_code or 0
+    props = p.properties
+    expiry = props.get("session_expiry_interval") if props else None
+    if expiry is not None:
+        if session.expiry_interval == 0 and expiry != 0:
+            # [MQTT-3.14.2-2]: from 0 at CONNECT to non-zero here is a protocol error.
+            raise MQTTError(RC_PROTOCOL_ERROR, "session expiry set after CONNECT with 0")
+        if expiry != session.expiry_interval:
+            session.expiry_interval = expiry
+            if session.durable:
+                broker.commit([SessionExpiry(session.client_id, expiry)], None)
+    # Only a normal disconnection (0x00, and every 3.x DISCONNECT) discards the
+    # will [MQTT-3.14.4-3]; 0x04 asks for it, and so does any error reason: a
+    # client closing "without first sending a DISCONNECT with Reason Code 0x00"
+    # gets its will published (MQTT 5 §3.1.2.5).
+    conn.graceful = reason == 0
+    if log.isEnabledFor(20):  # logging.INFO
+        info_line(log, f"Client {conn.client_id} disconnected.")
+    conn.close()

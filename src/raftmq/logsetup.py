@@ -100,15 +100,25 @@ def info(logger: logging.Logger, fmt: str, *args: object) -> None:
     """``logger.info(fmt, *args)``, for the lines logged per client (connect,
     disconnect): straight into the batch, same text, without a LogRecord, when
     the process logs at info level in batches."""
-    handler = _fast
-    if handler is None or not logger.isEnabledFor(logging.INFO):
+    if _fast is None or not logger.isEnabledFor(logging.INFO):
         logger.info(fmt, *args)
+        return
+    info_line(logger, fmt % args)
+
+
+def info_line(logger: logging.Logger, text: str) -> None:
+    """An info line already formatted by the caller (who checked that info is
+    enabled): the per-connect line, built with an f-string (about a third of
+    the cost of ``%`` formatting with eight arguments)."""
+    handler = _fast
+    if handler is None:
+        logger.info("%s", text)
         return
     global _prefix_second, _prefix
     second = int(time.time() + 0.5)  # as "%.0f" of the record's time
     if second != _prefix_second:
         _prefix_second, _prefix = second, f"{second}: "
-    line = f"{_prefix}{fmt % args}\n"
+    line = f"{_prefix}{text}\n"
     with handler._lock:
         handler.pending.append(line)
         handler.size += len(line)

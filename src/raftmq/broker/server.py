@@ -408,15 +408,20 @@ class Broker(_core.BrokerCore):
 
     def end_session(self, session: Session, ops: list) -> None:
         """The session ends (expired, clean start, expiry 0 at close): drop it all."""
-        self.router.requeue_shared(session)
-        self.router.unsubscribe_all(session)
+        # (Most sessions that end are a clean client's with nothing of this:
+        # a connect storm's closes skip the calls.)
+        if session.inflight or session.queue:
+            self.router.requeue_shared(session)
+        if session.subscriptions:
+            self.router.unsubscribe_all(session)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         if session.durable:
             ops.append(SessionDelete(session.client_id))
             session.durable = False
         # A will still waiting for its delay is published when the session ends.
-        self.wills.fire(session.client_id)
+        if self.wills.pending:
+            self.wills.fire(session.client_id)
 
     def on_connection_lost(self, conn: Connection) -> None:
         self.connections.discard(conn)  # (a connection handed to a sibling ends here)
@@ -449,8 +454,10 @@ class Broker(_core.BrokerCore):
                     self.publish_will(session.client_id, will[1], durable_session=session)
                 else:
                     self.wills.schedule(session.client_id, delay, will[1])
-        self.pending_ops.extend(ops)
-        self.flush_ops()
+        if ops:
+            self.pending_ops.extend(ops)
+        if self.pending_ops or self._pending_actions:
+            self.flush_ops()
 
     def publish_will(self, client_id: str, will: Message, durable_session: Session | None = None
                      ) -> None:
