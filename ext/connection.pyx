@@ -31,12 +31,13 @@ C, the Python modules around it stay the API.
 import logging
 
 import uuid
+from time import time
+from collections import deque
 
 from raftmq._codec import Connack, Connect, MQTTError, Parser, Publish, encode_publish
 from raftmq._trie import valid_topic_name
 from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE, ACCESS_SUBSCRIBE
-from raftmq.broker.session import EXPIRY_NEVER
-from raftmq.logsetup import flush_logs, info_line
+import raftmq.logsetup as _logsetup
 from raftmq.state.entries import (Message, QueueAdd, SessionExpiry, SessionPut, SubRemove,
                                    WillDelete, WillSet)
 
@@ -54,6 +55,9 @@ CLOSING = C_CLOSING
 
 # Highest packet size the protocol can express (MQTT 5 §2.1.4, 256 MB).
 PROTOCOL_MAX_PACKET = 268435455
+
+# MQTT 5 §3.1.2.11.2: 0xFFFFFFFF means the session never expires.
+EXPIRY_NEVER = 0xFFFFFFFF
 
 # Reason codes (MQTT 5 §2.4).
 cdef int RC_PROTOCOL_ERROR = 0x82
@@ -115,6 +119,72 @@ cdef class BrokerCore:
 cdef class RouterCore:
     """The fields of raftmq.broker.router.Router that route reads per message
     (declared in _connection.pxd); Router sets them."""
+
+
+cdef frozenset _NO_IDS = frozenset()
+
+
+cdef class Session:
+    """What the broker remembers of one client id (see raftmq.broker.session)."""
+
+    def __init__(self, client_id, protocol_version, expiry_interval, username=None) -> None:
+        self.client_id = client_id
+        self.protocol_version = protocol_version
+        self.expiry_interval = expiry_interval
+        self.username = username
+        self.subscriptions = {}
+        self.inflight = {}
+        # Created on first use: most sessions never queue or receive QoS 2, and
+        # an empty deque alone is ~600 bytes (memory per idle connection).
+        self.queue = ()
+        self.qos2_in = _NO_IDS
+        self.will = None
+        self.conn = None
+        # loop.time() at which an offline session expires (0 = not scheduled).
+        self.expire_at = 0.0
+        self.next_seq = 1
+        self._next_pid = 0
+        # Whether the store knows this session (a SessionPut was submitted and
+        # no SessionDelete since): its changes must then be submitted too.
+        self.durable = False
+        # In-flight messages waiting for a commit before they are written: a
+        # QoS 1 message may skip that wait only when none is (order).
+        self.unwritten = 0
+
+    @property
+    def persistent(self) -> bool:
+        return self.expiry_interval > 0
+
+    def enqueue(self, out) -> None:
+        queue = self.queue
+        if type(queue) is tuple:
+            queue = self.queue = deque()
+        queue.append(out)
+
+    def qos2_add(self, packet_id) -> None:
+        if type(self.qos2_in) is frozenset:
+            self.qos2_in = set()
+        self.qos2_in.add(packet_id)
+
+    def next_packet_id(self) -> int:
+        """A packet id not used by any in-flight message [MQTT-2.2.1-3]."""
+        cdef long pid = self._next_pid
+        cdef dict inflight = self.inflight
+        for _ in range(65535):
+            pid = pid + 1 if pid < 65535 else 1
+            if pid not in inflight:
+                self._next_pid = pid
+                return pid
+        raise RuntimeError("no free packet identifier")
+
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        return seq
+
+    def __repr__(self) -> str:  # debugging aid
+        state = "online" if self.conn is not None else "offline"
+        return f"<Session {self.client_id!r} v{self.protocol_version} {state}>"
 
 
 cdef class Connection:
@@ -578,7 +648,7 @@ def flush(BrokerCore broker) -> None:
 
 cdef int _flush(BrokerCore broker) except -1:
     broker._flush_scheduled = False
-    flush_logs()  # this turn's log lines before what they tell the clients
+    _logsetup.flush_logs()  # this turn's log lines before what they tell the clients
     mesh = broker.mesh
     if mesh is not None:
         # Siblings first: they deliver in parallel with our own writes below.
@@ -641,6 +711,34 @@ def timed_out(list conns, Py_ssize_t start, Py_ssize_t end, double now,
             if now - conn.rx_seen_at > conn.keepalive * 1.5:
                 result.append(conn)
     return result
+
+
+# -- the per-client log lines ----------------------------------------------------
+
+# "<Unix time>: ", made once per second (as "%.0f" of a record's time).
+cdef long long _prefix_second = 0
+cdef str _prefix = ""
+
+
+def info_line(logger, str text) -> None:
+    """Log an info line the caller formatted (having checked that info is
+    enabled): when the process batches its log lines (raftmq.logsetup), straight
+    into the batch, the text the logging module would write, without a
+    LogRecord; else through ``logger``.  Compiled: a connect and a disconnect
+    each log one.  The append takes no lock: it runs without a GIL switch, and
+    the batch's flush swaps the list before joining it."""
+    global _prefix_second, _prefix
+    handler = _logsetup._fast
+    if handler is None:
+        logger.info("%s", text)
+        return
+    cdef long long second = <long long>(time() + 0.5)
+    if second != _prefix_second:
+        _prefix_second = second
+        _prefix = f"{second}: "
+    line = _prefix + text + "\n"
+    handler.pending.append(line)
+    handler.size += len(line)
 
 
 # -- CONNECT --------------------------------------------------------------------
@@ -880,3 +978,62 @@ def handle_disconnect(BrokerCore broker, Connection conn, p) -> None:
     if log.isEnabledFor(20):  # logging.INFO
         info_line(log, f"Client {conn.client_id} disconnected.")
     conn.close()
+
+
+# MQTT 5 DISCONNECT reason: Session taken over (§3.14.2.1).
+cdef int RC_SESSION_TAKEN_OVER = 0x8E
+
+
+def attach_session(BrokerCore broker, Connection conn, client_id, int version, expiry,
+                   bint clean, username, list ops):
+    """Broker.attach_session: bind ``conn`` to the session of ``client_id``: take
+    over a connected one [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4,
+    MQTT-3.1.2-5].  Returns (session, session present)."""
+    cdef Session existing = broker.sessions.get(client_id)
+    cdef Session session
+    cdef bint present
+    if existing is not None and existing.conn is None and \
+            0 < existing.expire_at <= broker.loop.time():
+        # Expired but not yet reached by the upkeep tick (e.g. its time
+        # passed while the broker was down): it ends now, will included.
+        log.info("Expiring client %s.", client_id)
+        broker.stats.clients_expired += 1
+        broker.end_session(existing, ops)
+        existing = None
+    if existing is not None and existing.conn is not None:
+        old = existing.conn
+        log.info("Client %s already connected, closing old connection.", client_id)
+        existing.conn = None
+        broker.connected_count -= 1
+        old.session = None
+        old_will = None if old.graceful else old.will
+        old.will = None
+        old.disconnect(RC_SESSION_TAKEN_OVER)
+        if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
+            broker.publish_will(client_id, old_will[1], durable_session=existing)
+    if existing is not None and (clean or not existing.persistent):
+        broker.end_session(existing, ops)
+        existing = None
+    else:
+        wills = broker.wills
+        if wills.pending:
+            wills.cancel(client_id)  # reconnected within the will delay [MQTT-3.1.3-9]
+    if existing is not None:
+        session = existing
+        session.protocol_version = version
+        session.expiry_interval = expiry
+        session.username = username
+        session.expire_at = 0.0
+        present = True
+        broker.router.note_persistence(session)
+    else:
+        session = Session(client_id, version, expiry, username)
+        broker.sessions[client_id] = session
+        present = False
+    session.conn = conn
+    conn.session = session
+    broker.connected_count += 1
+    cdef Stats stats = broker.stats
+    if broker.connected_count > stats.clients_maximum:
+        stats.clients_maximum = broker.connected_count
+    return session, present

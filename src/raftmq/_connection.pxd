@@ -56,6 +56,9 @@ cdef class BrokerCore:
     # Store batching (server.py commit / flush_ops).
     cdef public list pending_ops
     cdef public list _pending_actions
+    # Sessions (broker.sessions is the router's dict) and connected clients (attach_session).
+    cdef public dict sessions
+    cdef public long connected_count
 
 
 cdef class Connection:
@@ -93,3 +96,24 @@ cdef class Connection:
     cdef public object acl_receive
 
     cdef int _write(self, object data) except -1
+
+
+cdef class Session:
+    # What the broker remembers of one client id (raftmq.broker.session
+    # re-exports it and documents the fields); a C struct so that creating
+    # and ending a clean client's session, once per connect, stays cheap.
+    cdef public object client_id
+    cdef public object protocol_version
+    cdef public object expiry_interval
+    cdef public object username
+    cdef public dict subscriptions
+    cdef public dict inflight
+    cdef public object queue
+    cdef public object qos2_in
+    cdef public object will
+    cdef public object conn
+    cdef public double expire_at
+    cdef public long long next_seq
+    cdef public long _next_pid
+    cdef public bint durable
+    cdef public long unwritten

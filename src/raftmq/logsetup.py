@@ -20,8 +20,11 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import TextIO
+
+# (The module, not its names: it imports this one too.)  info_line: the
+# per-client lines' compiled append to the batch.
+from raftmq import _connection as _core
 
 LOG_FORMAT = "%(created).0f: %(message)s"
 DEBUG_LOG_FORMAT = "%(created).3f: %(name)s %(levelname)s: %(message)s"
@@ -71,9 +74,11 @@ class BatchingHandler(logging.Handler):
         with self._lock:
             if not self.pending:
                 return
-            text = "".join(self.pending)
-            self.pending.clear()
+            # Swap, then join: _core.info_line appends without the lock.
+            lines = self.pending
+            self.pending = []
             self.size = 0
+            text = "".join(lines)
             try:
                 if self.fd is None:
                     self.stream.write(text)
@@ -92,8 +97,6 @@ class BatchingHandler(logging.Handler):
 
 _batching: BatchingHandler | None = None
 _fast: BatchingHandler | None = None  # set when info lines may skip the logging module
-_prefix_second = 0  # info(): the "<Unix time>: " prefix, made once per second
-_prefix = ""
 
 
 def info(logger: logging.Logger, fmt: str, *args: object) -> None:
@@ -103,25 +106,7 @@ def info(logger: logging.Logger, fmt: str, *args: object) -> None:
     if _fast is None or not logger.isEnabledFor(logging.INFO):
         logger.info(fmt, *args)
         return
-    info_line(logger, fmt % args)
-
-
-def info_line(logger: logging.Logger, text: str) -> None:
-    """An info line already formatted by the caller (who checked that info is
-    enabled): the per-connect line, built with an f-string (about a third of
-    the cost of ``%`` formatting with eight arguments)."""
-    handler = _fast
-    if handler is None:
-        logger.info("%s", text)
-        return
-    global _prefix_second, _prefix
-    second = int(time.time() + 0.5)  # as "%.0f" of the record's time
-    if second != _prefix_second:
-        _prefix_second, _prefix = second, f"{second}: "
-    line = f"{_prefix}{text}\n"
-    with handler._lock:
-        handler.pending.append(line)
-        handler.size += len(line)
+    _core.info_line(logger, fmt % args)
 
 
 def flush_logs() -> None:

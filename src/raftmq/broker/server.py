@@ -86,7 +86,6 @@ log = logging.getLogger("raftmq.broker")
 CONNECT_TIMEOUT = 10.0
 TICK = 0.5
 UPKEEP_SLICE = 500  # connections checked per loop iteration by the upkeep tick
-RC_SESSION_TAKEN_OVER = 0x8E
 RC_KEEP_ALIVE_TIMEOUT = 0x8D
 RC_SERVER_SHUTTING_DOWN = 0x8B
 # Cached publish ACL decisions (send + receive) before the caches start over:
@@ -357,54 +356,11 @@ class Broker(_core.BrokerCore):
         """Sessions kept without a connection (persistent, offline)."""
         return sum(1 for s in self.sessions.values() if s.conn is None)
 
-    def attach_session(self, conn: Connection, client_id: str, version: int, expiry: int,
-                       clean: bool, username: str | None, ops: list) -> tuple[Session, bool]:
-        """Bind ``conn`` to the session of ``client_id``: take over a connected one
-        [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4, MQTT-3.1.2-5]."""
-        existing = self.sessions.get(client_id)
-        if existing is not None and existing.conn is None and \
-                0 < existing.expire_at <= self.loop.time():
-            # Expired but not yet reached by the upkeep tick (e.g. its time
-            # passed while the broker was down): it ends now, will included.
-            log.info("Expiring client %s.", client_id)
-            self.stats.clients_expired += 1
-            self.end_session(existing, ops)
-            existing = None
-        if existing is not None and existing.conn is not None:
-            old = existing.conn
-            log.info("Client %s already connected, closing old connection.", client_id)
-            existing.conn = None
-            self.connected_count -= 1
-            old.session = None
-            old_will = None if old.graceful else old.will
-            old.will = None
-            old.disconnect(RC_SESSION_TAKEN_OVER)
-            if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
-                self.publish_will(client_id, old_will[1], durable_session=existing)
-        if existing is not None and (clean or not existing.persistent):
-            self.end_session(existing, ops)
-            existing = None
-        else:
-            self.wills.cancel(client_id)  # reconnected within the will delay [MQTT-3.1.3-9]
-        if existing is not None:
-            session = existing
-            session.protocol_version = version
-            session.expiry_interval = expiry
-            session.username = username
-            session.expire_at = 0.0
-            present = True
-            self.router.note_persistence(session)
-        else:
-            session = Session(client_id, version, expiry, username)
-            self.sessions[client_id] = session
-            present = False
-        session.conn = conn
-        conn.session = session
-        self.connected_count += 1
-        connected = self.connected_count
-        if connected > self.stats.clients_maximum:
-            self.stats.clients_maximum = connected
-        return session, present
+    # attach_session(conn, client_id, version, expiry, clean, username, ops)
+    # -> (session, present): bind ``conn`` to the session of ``client_id``
+    # (take over, start clean or resume); compiled with CONNECT
+    # (ext/connection.pyx ``attach_session``).
+    attach_session = _core.attach_session
 
     def end_session(self, session: Session, ops: list) -> None:
         """The session ends (expired, clean start, expiry 0 at close): drop it all."""
