@@ -38,8 +38,8 @@ from raftmq._codec import Connack, Connect, MQTTError, Parser, Publish, encode_p
 from raftmq._trie import valid_topic_name
 from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE, ACCESS_SUBSCRIBE
 import raftmq.logsetup as _logsetup
-from raftmq.state.entries import (Message, QueueAdd, SessionExpiry, SessionPut, SubRemove,
-                                   WillDelete, WillSet)
+from raftmq.state.entries import (Message, QueueAdd, SessionDelete, SessionExpiry,
+                                   SessionOffline, SessionPut, SubRemove, WillDelete, WillSet)
 
 cdef object log = logging.getLogger("raftmq.broker")
 
@@ -263,6 +263,35 @@ cdef class Connection:
             if broker.pending_ops or broker._pending_actions:
                 broker.flush_ops()
         _end_read(broker)
+
+    # -- asyncio.Protocol (accept and close: compiled for connect storms) --------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (peer[0], peer[1])
+        self.accepted_at = self.rx_seen_at = self.broker.loop.time()
+        transport.set_write_buffer_limits(high=16 * 1024 * 1024)
+        # (No "New connection from" line: a log line costs about a third of
+        # accepting a client; "New client connected" follows CONNECT.)
+        on_connection_made(self.broker, self)
+
+    def connection_lost(self, exc) -> None:
+        self.state = C_CLOSING
+        self.online = False
+        on_connection_lost(self.broker, self)
+
+    def close(self) -> None:
+        """Flush what is queued and close (the will is sent unless DISCONNECT 0x00 came)."""
+        if self.state == C_CLOSING or self.transport is None:
+            return
+        if self.out:
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+        self.state = C_CLOSING
+        self.online = False
+        self.transport.close()
 
     def write(self, data) -> None:
         """Queue bytes for this turn's single write."""
@@ -890,7 +919,7 @@ def handle_connect(BrokerCore broker, Connection conn, p) -> None:
 
     # -- authentication ---------------------------------------------------------
     username = p.username
-    cdef int rc = broker.auth.authenticate(client_id, username, p.password)
+    cdef int rc = broker._auth.authenticate(client_id, username, p.password)
     if rc != 0:
         log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
                  client_id)
@@ -1037,3 +1066,76 @@ def attach_session(BrokerCore broker, Connection conn, client_id, int version, e
     if broker.connected_count > stats.clients_maximum:
         stats.clients_maximum = broker.connected_count
     return session, present
+
+
+# -- accept and close -----------------------------------------------------------
+
+def on_connection_made(BrokerCore broker, Connection conn) -> None:
+    """Broker.on_connection_made."""
+    broker.connections.add(conn)
+    broker.stats.connections += 1
+
+
+def end_session(BrokerCore broker, Session session, list ops) -> None:
+    """Broker.end_session: the session ends (expired, clean start, expiry 0 at
+    close): drop it all."""
+    # (Most sessions that end are a clean client's with nothing of this: a
+    # connect storm's closes skip the calls.)
+    if session.inflight or session.queue:
+        broker.router.requeue_shared(session)
+    if session.subscriptions:
+        broker.router.unsubscribe_all(session)
+    cdef dict sessions = broker.sessions
+    client_id = session.client_id
+    if sessions.get(client_id) is session:
+        del sessions[client_id]
+    if session.durable:
+        ops.append(SessionDelete(client_id))
+        session.durable = False
+    # A will still waiting for its delay is published when the session ends.
+    wills = broker.wills
+    if wills.pending:
+        wills.fire(client_id)
+
+
+def on_connection_lost(BrokerCore broker, Connection conn) -> None:
+    """Broker.on_connection_lost: the session goes offline or ends; the will."""
+    broker.connections.discard(conn)  # (a connection handed to a sibling ends here)
+    session_obj = conn.session
+    if session_obj is None:
+        return  # never connected or refused
+    cdef Session session = session_obj
+    if session.conn is not conn:
+        return  # taken over (attach_session handled it)
+    session.conn = None
+    broker.connected_count -= 1
+    if not conn.graceful and log.isEnabledFor(20):  # logging.INFO
+        info_line(log, f"Client {conn.client_id} closed its connection.")
+    will = None if conn.graceful else conn.will
+    cdef list ops = []
+    client_id = session.client_id
+    if conn.graceful and conn.will is not None and session.durable:
+        ops.append(WillDelete(client_id))
+    expiry = session.expiry_interval
+    if expiry == 0:
+        if will is not None:
+            broker.publish_will(client_id, will[1], durable_session=None)
+        end_session(broker, session, ops)
+    else:
+        if session.durable and not broker._stopping:
+            # Expiry and will delay count from now, also across a restart
+            # (a session still connected when the broker stops counts from
+            # the restart instead: Broker._load).
+            ops.append(SessionOffline(client_id, int(time() * 1000)))
+        if expiry != EXPIRY_NEVER:
+            broker._schedule_expiry(session, broker.loop.time() + expiry)
+        if will is not None:
+            delay = min(will[0], expiry)
+            if delay == 0:
+                broker.publish_will(client_id, will[1], durable_session=session)
+            else:
+                broker.wills.schedule(client_id, delay, will[1])
+    if ops:
+        broker.pending_ops.extend(ops)
+    if broker.pending_ops or broker._pending_actions:
+        broker.flush_ops()

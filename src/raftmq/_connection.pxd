@@ -59,6 +59,12 @@ cdef class BrokerCore:
     # Sessions (broker.sessions is the router's dict) and connected clients (attach_session).
     cdef public dict sessions
     cdef public long connected_count
+    # Read per connect and close.
+    cdef public object connections     # set of Connection
+    cdef public object wills           # raftmq.broker.will.Wills
+    cdef public object ha_refusal
+    cdef public object _auth
+    cdef public bint _stopping
 
 
 cdef class Connection:

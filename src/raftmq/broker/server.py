@@ -69,12 +69,10 @@ from raftmq.broker.session import EXPIRY_NEVER, SHARE_UNKNOWN, Outgoing, Session
 from raftmq.broker.sys_topics import Stats, SysTopics
 from raftmq.broker.will import Wills, will_to_publish
 from raftmq.logsetup import flush_logs
-from raftmq.logsetup import info as log_info
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
     SENT,
     Message,
-    SessionDelete,
     SessionOffline,
     WillDelete,
     unpack_sub_options,
@@ -345,9 +343,8 @@ class Broker(_core.BrokerCore):
 
     # -- connections and sessions -------------------------------------------------
 
-    def on_connection_made(self, conn: Connection) -> None:
-        self.connections.add(conn)
-        self.stats.connections += 1
+    # on_connection_made(conn): compiled with the connection (ext/connection.pyx).
+    on_connection_made = _core.on_connection_made
 
     def clients_connected(self) -> int:
         return self.connected_count
@@ -362,58 +359,12 @@ class Broker(_core.BrokerCore):
     # (ext/connection.pyx ``attach_session``).
     attach_session = _core.attach_session
 
-    def end_session(self, session: Session, ops: list) -> None:
-        """The session ends (expired, clean start, expiry 0 at close): drop it all."""
-        # (Most sessions that end are a clean client's with nothing of this:
-        # a connect storm's closes skip the calls.)
-        if session.inflight or session.queue:
-            self.router.requeue_shared(session)
-        if session.subscriptions:
-            self.router.unsubscribe_all(session)
-        if self.sessions.get(session.client_id) is session:
-            del self.sessions[session.client_id]
-        if session.durable:
-            ops.append(SessionDelete(session.client_id))
-            session.durable = False
-        # A will still waiting for its delay is published when the session ends.
-        if self.wills.pending:
-            self.wills.fire(session.client_id)
-
-    def on_connection_lost(self, conn: Connection) -> None:
-        self.connections.discard(conn)  # (a connection handed to a sibling ends here)
-        session = conn.session
-        if session is None or session.conn is not conn:
-            return  # never connected, refused, or taken over (attach_session handled it)
-        session.conn = None
-        self.connected_count -= 1
-        if not conn.graceful:
-            log_info(log, "Client %s closed its connection.", conn.client_id)
-        will = None if conn.graceful else conn.will
-        ops: list = []
-        if conn.graceful and conn.will is not None and session.durable:
-            ops.append(WillDelete(session.client_id))
-        if session.expiry_interval == 0:
-            if will is not None:
-                self.publish_will(session.client_id, will[1], durable_session=None)
-            self.end_session(session, ops)
-        else:
-            if session.durable and not self._stopping:
-                # Expiry and will delay count from now, also across a restart
-                # (a session still connected when the broker stops counts from
-                # the restart instead: _load).
-                ops.append(SessionOffline(session.client_id, int(time.time() * 1000)))
-            if session.expiry_interval != EXPIRY_NEVER:
-                self._schedule_expiry(session, self.loop.time() + session.expiry_interval)
-            if will is not None:
-                delay = min(will[0], session.expiry_interval)
-                if delay == 0:
-                    self.publish_will(session.client_id, will[1], durable_session=session)
-                else:
-                    self.wills.schedule(session.client_id, delay, will[1])
-        if ops:
-            self.pending_ops.extend(ops)
-        if self.pending_ops or self._pending_actions:
-            self.flush_ops()
+    # end_session(session, ops): the session ends (expired, clean start, expiry 0
+    # at close): drop it all.  on_connection_lost(conn): the connection closed
+    # (session offline or ended, will).  Compiled with the connection
+    # (ext/connection.pyx): every client of a connect storm ends with both.
+    end_session = _core.end_session
+    on_connection_lost = _core.on_connection_lost
 
     def publish_will(self, client_id: str, will: Message, durable_session: Session | None = None
                      ) -> None:
