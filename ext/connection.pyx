@@ -31,6 +31,7 @@ C, the Python modules around it stay the API.
 import logging
 
 import uuid
+from os import write as os_write
 from time import time
 from collections import deque
 
@@ -677,7 +678,7 @@ def flush(BrokerCore broker) -> None:
 
 cdef int _flush(BrokerCore broker) except -1:
     broker._flush_scheduled = False
-    _logsetup.flush_logs()  # this turn's log lines before what they tell the clients
+    _flush_logs()  # this turn's log lines before what they tell the clients
     mesh = broker.mesh
     if mesh is not None:
         # Siblings first: they deliver in parallel with our own writes below.
@@ -768,6 +769,70 @@ def info_line(logger, str text) -> None:
     line = _prefix + text + "\n"
     handler.pending.append(line)
     handler.size += len(line)
+
+
+def flush_logs() -> None:
+    """raftmq.logsetup.flush_logs: write the lines batched so far (cheap when
+    there are none)."""
+    _flush_logs()
+
+
+cdef int _flush_logs() except -1:
+    handler = _logsetup._batching
+    if handler is not None and handler.pending:
+        write_batch(handler)
+    return 0
+
+
+def write_batch(handler) -> None:
+    """BatchingHandler.flush (raftmq.logsetup): one write of the batched lines."""
+    with handler._lock:
+        lines = handler.pending
+        if not lines:
+            return
+        # Swap, then join: info_line appends without the lock.
+        handler.pending = []
+        handler.size = 0
+        text = "".join(lines)
+        try:
+            fd = handler.fd
+            if fd is None:
+                handler.stream.write(text)
+                handler.stream.flush()
+                return
+            data = text.encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os_write(fd, data):]
+        except (OSError, ValueError):
+            pass
+
+
+# -- the acknowledgement rule ------------------------------------------------------
+
+def after_commit(BrokerCore broker, action) -> None:
+    """Broker.after_commit: run ``action`` after everything submitted so far is
+    committed (now if nothing is) and the sibling workers processed what was
+    forwarded to them: the rule for every acknowledgement to a client."""
+    mesh = broker.mesh
+    if mesh is not None and mesh.gating():
+        action = mesh.gated(action)
+    _after_store(broker, action)
+
+
+def after_store(BrokerCore broker, action) -> None:
+    """Broker.after_store: run ``action`` after everything submitted so far is
+    committed (now if nothing is)."""
+    _after_store(broker, action)
+
+
+cdef int _after_store(BrokerCore broker, action) except -1:
+    if broker.pending_ops:
+        broker._pending_actions.append(action)
+    elif broker.outstanding_batches:
+        broker._last_batch_actions.append(action)
+    else:
+        action()
+    return 0
 
 
 # -- CONNECT --------------------------------------------------------------------
@@ -933,8 +998,8 @@ def handle_connect(BrokerCore broker, Connection conn, p) -> None:
     conn.clean_start = clean_start
     conn.state = C_CONNECTED
     cdef list ops = []
-    session, present = broker.attach_session(conn, client_id, version, expiry, clean_start,
-                                             username, ops)
+    session, present = attach_session(broker, conn, client_id, version, expiry, clean_start,
+                                      username, ops)
     if session.persistent:
         ops.append(SessionPut(client_id, version, expiry, clean_start, username))
         session.durable = True
@@ -979,7 +1044,7 @@ def handle_connect(BrokerCore broker, Connection conn, p) -> None:
     if ops:
         broker.commit(ops, send)
     else:
-        broker.after_commit(send)
+        after_commit(broker, send)
 
 
 # -- DISCONNECT (MQTT 5 §3.14, 3.1.1 §3.14) --------------------------------------

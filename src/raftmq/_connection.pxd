@@ -56,6 +56,8 @@ cdef class BrokerCore:
     # Store batching (server.py commit / flush_ops).
     cdef public list pending_ops
     cdef public list _pending_actions
+    cdef public long outstanding_batches
+    cdef public list _last_batch_actions
     # Sessions (broker.sessions is the router's dict) and connected clients (attach_session).
     cdef public dict sessions
     cdef public long connected_count

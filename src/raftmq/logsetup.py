@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import sys
 import threading
 from typing import TextIO
@@ -71,24 +70,8 @@ class BatchingHandler(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if not self.pending:
-                return
-            # Swap, then join: _core.info_line appends without the lock.
-            lines = self.pending
-            self.pending = []
-            self.size = 0
-            text = "".join(lines)
-            try:
-                if self.fd is None:
-                    self.stream.write(text)
-                    self.stream.flush()
-                    return
-                data = text.encode("utf-8", "backslashreplace")
-                while data:
-                    data = data[os.write(self.fd, data):]
-            except (OSError, ValueError):
-                pass
+        # Compiled (the broker writes a batch per loop turn in a connect storm).
+        _core.write_batch(self)
 
     def close(self) -> None:
         self.flush()
@@ -111,9 +94,7 @@ def info(logger: logging.Logger, fmt: str, *args: object) -> None:
 
 def flush_logs() -> None:
     """Write the lines batched so far (cheap when there are none)."""
-    handler = _batching
-    if handler is not None and handler.pending:
-        handler.flush()
+    _core.flush_logs()
 
 
 def setup_logging(level: str, batched: bool = False) -> None:

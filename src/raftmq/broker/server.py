@@ -280,23 +280,13 @@ class Broker(_core.BrokerCore):
                 action = mesh.gated(action)
             self._pending_actions.append(action)
 
-    def after_commit(self, action: Callable[[], None]) -> None:
-        """Run ``action`` after everything submitted so far is committed (now if
-        nothing is) and the sibling workers processed what was forwarded to them:
-        the rule for every acknowledgement to a client."""
-        mesh = self.mesh
-        if mesh is not None and mesh.gating():
-            action = mesh.gated(action)
-        self.after_store(action)
-
-    def after_store(self, action: Callable[[], None]) -> None:
-        """Run ``action`` after everything submitted so far is committed (now if nothing is)."""
-        if self.pending_ops:
-            self._pending_actions.append(action)
-        elif self.outstanding_batches:
-            self._last_batch_actions.append(action)
-        else:
-            action()
+    # after_commit(action): run ``action`` after everything submitted so far is
+    # committed (now if nothing is) and the sibling workers processed what was
+    # forwarded to them: the rule for every acknowledgement to a client.
+    # after_store(action): the same without the siblings.  Compiled with the
+    # connection (ext/connection.pyx): every CONNACK goes through them.
+    after_commit = _core.after_commit
+    after_store = _core.after_store
 
     def after_commit_write(self, conn: Connection, out: Outgoing) -> None:
         """Write an in-flight message of a durable session once its op is committed."""
