@@ -340,6 +340,9 @@ def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
                     size_limit = broker.config.message_size_limit
                 if fast and _publish_qos0(broker, conn, packet, size_limit):
                     continue
+            if type(packet) is Connect:  # (the same handler, called from C)
+                handle_connect(broker, conn, packet)
+                continue
             _handlers[type(packet)](broker, conn, packet)
     except MQTTError as e:
         _protocol_error(conn, e.reason_code, str(e))
@@ -750,7 +753,7 @@ cdef long long _prefix_second = 0
 cdef str _prefix = ""
 
 
-def info_line(logger, str text) -> None:
+cpdef info_line(logger, str text):
     """Log an info line the caller formatted (having checked that info is
     enabled): when the process batches its log lines (raftmq.logsetup), straight
     into the batch, the text the logging module would write, without a
@@ -855,9 +858,9 @@ cdef int RC_RETAIN_NOT_SUPPORTED = 0x9A
 # The protocol level as Mosquitto's log line shows it ("p2" for 3.1.1).
 LOG_PROTOCOL = {3: 1, 4: 2, 5: 5}
 
-# (version, session present) -> the CONNACK accepting a 3.x client: always
-# the same four bytes, encoded once.
-cdef dict _plain_connacks = {}
+# [version * 2 + session present] -> the CONNACK accepting a 3.x client:
+# always the same four bytes, encoded once.
+cdef list _plain_connacks = [None] * 10
 
 # handlers/connect.py's refuse(conn, reason_code[, properties]) and
 # _hand_off(broker, conn, owner, raw): set by install_connect.
@@ -890,7 +893,7 @@ cdef class _SendConnack:
             conn.broker.router.resume(session)
 
 
-def handle_connect(BrokerCore broker, Connection conn, p) -> None:
+cpdef handle_connect(BrokerCore broker, Connection conn, p):
     if conn.state != C_NEW:
         # A second CONNECT is a protocol error [MQTT-3.1.0-2].
         raise MQTTError(RC_PROTOCOL_ERROR, "second CONNECT")
@@ -1027,8 +1030,8 @@ def handle_connect(BrokerCore broker, Connection conn, p) -> None:
             cprops["server_keep_alive"] = server_keepalive
         send.connack = Connack(present, 0, cprops or None).encode(version)
     else:
-        key = (version, present)
-        connack = _plain_connacks.get(key)
+        key = version * 2 + present
+        connack = _plain_connacks[key]
         if connack is None:
             connack = _plain_connacks[key] = Connack(present, 0, None).encode(version)
         send.connack = connack

@@ -125,3 +125,8 @@ cdef class Session:
     cdef public long _next_pid
     cdef public bint durable
     cdef public long unwritten
+
+
+# Called from C within the module (and from Python: handlers/connect.py, logsetup).
+cpdef handle_connect(BrokerCore broker, Connection conn, p)
+cpdef info_line(logger, str text)
