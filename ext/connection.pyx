@@ -273,15 +273,15 @@ cdef class Connection:
         if peer:
             self.peer = (peer[0], peer[1])
         self.accepted_at = self.rx_seen_at = self.broker.loop.time()
-        transport.set_write_buffer_limits(high=16 * 1024 * 1024)
+        transport.set_write_buffer_limits(16 * 1024 * 1024)  # (high; positional: cheaper)
         # (No "New connection from" line: a log line costs about a third of
         # accepting a client; "New client connected" follows CONNECT.)
-        on_connection_made(self.broker, self)
+        _on_connection_made(self.broker, self)
 
     def connection_lost(self, exc) -> None:
         self.state = C_CLOSING
         self.online = False
-        on_connection_lost(self.broker, self)
+        _on_connection_lost(self.broker, self)
 
     def close(self) -> None:
         """Flush what is queued and close (the will is sent unless DISCONNECT 0x00 came)."""
@@ -816,10 +816,14 @@ def after_commit(BrokerCore broker, action) -> None:
     """Broker.after_commit: run ``action`` after everything submitted so far is
     committed (now if nothing is) and the sibling workers processed what was
     forwarded to them: the rule for every acknowledgement to a client."""
+    _after_commit(broker, action)
+
+
+cdef int _after_commit(BrokerCore broker, action) except -1:
     mesh = broker.mesh
     if mesh is not None and mesh.gating():
         action = mesh.gated(action)
-    _after_store(broker, action)
+    return _after_store(broker, action)
 
 
 def after_store(BrokerCore broker, action) -> None:
@@ -1001,8 +1005,8 @@ cpdef handle_connect(BrokerCore broker, Connection conn, p):
     conn.clean_start = clean_start
     conn.state = C_CONNECTED
     cdef list ops = []
-    session, present = attach_session(broker, conn, client_id, version, expiry, clean_start,
-                                      username, ops)
+    session, present = _attach_session(broker, conn, client_id, version, expiry, clean_start,
+                                       username, ops)
     if session.persistent:
         ops.append(SessionPut(client_id, version, expiry, clean_start, username))
         session.durable = True
@@ -1047,7 +1051,7 @@ cpdef handle_connect(BrokerCore broker, Connection conn, p):
     if ops:
         broker.commit(ops, send)
     else:
-        after_commit(broker, send)
+        _after_commit(broker, send)
 
 
 # -- DISCONNECT (MQTT 5 §3.14, 3.1.1 §3.14) --------------------------------------
@@ -1086,6 +1090,11 @@ def attach_session(BrokerCore broker, Connection conn, client_id, int version, e
     """Broker.attach_session: bind ``conn`` to the session of ``client_id``: take
     over a connected one [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4,
     MQTT-3.1.2-5].  Returns (session, session present)."""
+    return _attach_session(broker, conn, client_id, version, expiry, clean, username, ops)
+
+
+cdef tuple _attach_session(BrokerCore broker, Connection conn, client_id, int version, expiry,
+                           bint clean, username, list ops):
     cdef Session existing = broker.sessions.get(client_id)
     cdef Session session
     cdef bint present
@@ -1140,13 +1149,22 @@ def attach_session(BrokerCore broker, Connection conn, client_id, int version, e
 
 def on_connection_made(BrokerCore broker, Connection conn) -> None:
     """Broker.on_connection_made."""
+    _on_connection_made(broker, conn)
+
+
+cdef int _on_connection_made(BrokerCore broker, Connection conn) except -1:
     broker.connections.add(conn)
     broker.stats.connections += 1
+    return 0
 
 
 def end_session(BrokerCore broker, Session session, list ops) -> None:
     """Broker.end_session: the session ends (expired, clean start, expiry 0 at
     close): drop it all."""
+    _end_session(broker, session, ops)
+
+
+cdef int _end_session(BrokerCore broker, Session session, list ops) except -1:
     # (Most sessions that end are a clean client's with nothing of this: a
     # connect storm's closes skip the calls.)
     if session.inflight or session.queue:
@@ -1164,17 +1182,22 @@ def end_session(BrokerCore broker, Session session, list ops) -> None:
     wills = broker.wills
     if wills.pending:
         wills.fire(client_id)
+    return 0
 
 
 def on_connection_lost(BrokerCore broker, Connection conn) -> None:
     """Broker.on_connection_lost: the session goes offline or ends; the will."""
+    _on_connection_lost(broker, conn)
+
+
+cdef int _on_connection_lost(BrokerCore broker, Connection conn) except -1:
     broker.connections.discard(conn)  # (a connection handed to a sibling ends here)
     session_obj = conn.session
     if session_obj is None:
-        return  # never connected or refused
+        return 0  # never connected or refused
     cdef Session session = session_obj
     if session.conn is not conn:
-        return  # taken over (attach_session handled it)
+        return 0  # taken over (attach_session handled it)
     session.conn = None
     broker.connected_count -= 1
     if not conn.graceful and log.isEnabledFor(20):  # logging.INFO
@@ -1188,7 +1211,7 @@ def on_connection_lost(BrokerCore broker, Connection conn) -> None:
     if expiry == 0:
         if will is not None:
             broker.publish_will(client_id, will[1], durable_session=None)
-        end_session(broker, session, ops)
+        _end_session(broker, session, ops)
     else:
         if session.durable and not broker._stopping:
             # Expiry and will delay count from now, also across a restart
@@ -1207,3 +1230,4 @@ def on_connection_lost(BrokerCore broker, Connection conn) -> None:
         broker.pending_ops.extend(ops)
     if broker.pending_ops or broker._pending_actions:
         broker.flush_ops()
+    return 0
