@@ -23,9 +23,17 @@ C, the Python modules around it stay the API.
   fast case and handlers/publish.py apply (one implementation each).
 - write gathering: Broker.mark_dirty, schedule_flush, end_read and _flush.
 - ``timed_out``: the upkeep tick's keepalive / CONNECT-timeout walk.
-- ``handle_connect`` and ``handle_disconnect``: CONNECT and DISCONNECT
-  (handlers/connect.py and disconnect.py re-export them; connect.py gives the
-  refusals, ``install_connect``): a connect storm is a CONNECT per read.
+- the connect and close paths (issue 4's connection rate; a connect storm is
+  an accept, a CONNECT per read and a close per client): ``handle_connect`` and
+  ``handle_disconnect`` (handlers/connect.py and disconnect.py re-export them;
+  connect.py gives the refusals, ``install_connect``), ``Session`` (a cdef
+  class; raftmq.broker.session re-exports it), Broker.attach_session,
+  end_session, on_connection_made, on_connection_lost, after_commit and
+  after_store, and Connection.connection_made, connection_lost and close.
+  Each is the one implementation; the ``def`` versions are what server.py's
+  Broker binds as methods, the ``cdef`` ones what the core calls.
+- the per-client log lines: ``info_line`` (the append to raftmq.logsetup's
+  batch) and ``write_batch`` / ``flush_logs`` (its write, once per turn).
 """
 
 import logging
