@@ -45,7 +45,6 @@ from collections import deque
 
 from raftmq._codec import Connack, Connect, MQTTError, Parser, Publish, encode_publish
 from raftmq._trie import valid_topic_name
-from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE, ACCESS_SUBSCRIBE
 import raftmq.logsetup as _logsetup
 from raftmq.state.entries import (Message, QueueAdd, SessionDelete, SessionExpiry,
                                    SessionOffline, SessionPut, SubRemove, WillDelete, WillSet)
@@ -64,6 +63,13 @@ CLOSING = C_CLOSING
 
 # Highest packet size the protocol can express (MQTT 5 §2.1.4, 256 MB).
 PROTOCOL_MAX_PACKET = 268435455
+
+# The ACL access types (raftmq.broker.auth re-exports them: Mosquitto's dynsec
+# ACL types publishClientSend, publishClientReceive, subscribe, unsubscribe).
+ACCESS_PUBLISH_SEND = "publish_client_send"
+ACCESS_PUBLISH_RECEIVE = "publish_client_receive"
+ACCESS_SUBSCRIBE = "subscribe"
+ACCESS_UNSUBSCRIBE = "unsubscribe"
 
 # MQTT 5 §3.1.2.11.2: 0xFFFFFFFF means the session never expires.
 EXPIRY_NEVER = 0xFFFFFFFF
@@ -885,6 +891,30 @@ def install_connect(refuse, hand_off) -> None:
     global _refuse, _hand_off
     _refuse = refuse
     _hand_off = hand_off
+
+
+cdef class DefaultAuth:
+    """raftmq.broker.auth.DefaultAuth (re-exported there): no password
+    database, no ACLs: ``allow_anonymous`` alone decides.  Compiled: asked once
+    per connect."""
+    cdef public bint allow_anonymous
+
+    # The broker skips acl_check calls entirely when this is False (hot path).
+    checks_acl = False
+
+    def __init__(self, allow_anonymous) -> None:
+        self.allow_anonymous = allow_anonymous
+
+    def authenticate(self, client_id, username, password) -> int:
+        # With no password database nothing can prove who a client is, so
+        # without allow_anonymous every client is refused -- user name or not
+        # (Mosquitto 2.0 answers both with "not authorised").
+        if not self.allow_anonymous:
+            return RC_NOT_AUTHORIZED
+        return 0
+
+    def acl_check(self, client, access, topic, qos, retain) -> bool:
+        return True
 
 
 cdef class _SendConnack:
