@@ -23,14 +23,31 @@ C, the Python modules around it stay the API.
   fast case and handlers/publish.py apply (one implementation each).
 - write gathering: Broker.mark_dirty, schedule_flush, end_read and _flush.
 - ``timed_out``: the upkeep tick's keepalive / CONNECT-timeout walk.
+- the connect and close paths (issue 4's connection rate; a connect storm is
+  an accept, a CONNECT per read and a close per client): ``handle_connect`` and
+  ``handle_disconnect`` (handlers/connect.py and disconnect.py re-export them;
+  connect.py gives the refusals, ``install_connect``), ``Session`` (a cdef
+  class; raftmq.broker.session re-exports it), Broker.attach_session,
+  end_session, on_connection_made, on_connection_lost, after_commit and
+  after_store, and Connection.connection_made, connection_lost and close.
+  Each is the one implementation; the ``def`` versions are what server.py's
+  Broker binds as methods, the ``cdef`` ones what the core calls.
+- the per-client log lines: ``info_line`` (the append to raftmq.logsetup's
+  batch) and ``write_batch`` / ``flush_logs`` (its write, once per turn).
 """
 
 import logging
 
-from raftmq._codec import Connect, MQTTError, Parser, Publish, encode_publish
-from raftmq.broker.auth import ACCESS_PUBLISH_RECEIVE
-from raftmq.logsetup import flush_logs
-from raftmq.state.entries import Message, QueueAdd
+import uuid
+from os import write as os_write
+from time import time
+from collections import deque
+
+from raftmq._codec import Connack, Connect, MQTTError, Parser, Publish, encode_publish
+from raftmq._trie import valid_topic_name
+import raftmq.logsetup as _logsetup
+from raftmq.state.entries import (Message, QueueAdd, SessionDelete, SessionExpiry,
+                                   SessionOffline, SessionPut, SubRemove, WillDelete, WillSet)
 
 cdef object log = logging.getLogger("raftmq.broker")
 
@@ -46,6 +63,16 @@ CLOSING = C_CLOSING
 
 # Highest packet size the protocol can express (MQTT 5 §2.1.4, 256 MB).
 PROTOCOL_MAX_PACKET = 268435455
+
+# The ACL access types (raftmq.broker.auth re-exports them: Mosquitto's dynsec
+# ACL types publishClientSend, publishClientReceive, subscribe, unsubscribe).
+ACCESS_PUBLISH_SEND = "publish_client_send"
+ACCESS_PUBLISH_RECEIVE = "publish_client_receive"
+ACCESS_SUBSCRIBE = "subscribe"
+ACCESS_UNSUBSCRIBE = "unsubscribe"
+
+# MQTT 5 §3.1.2.11.2: 0xFFFFFFFF means the session never expires.
+EXPIRY_NEVER = 0xFFFFFFFF
 
 # Reason codes (MQTT 5 §2.4).
 cdef int RC_PROTOCOL_ERROR = 0x82
@@ -110,6 +137,72 @@ cdef class RouterCore:
     (declared in _connection.pxd); Router sets them."""
 
 
+cdef frozenset _NO_IDS = frozenset()
+
+
+cdef class Session:
+    """What the broker remembers of one client id (see raftmq.broker.session)."""
+
+    def __init__(self, client_id, protocol_version, expiry_interval, username=None) -> None:
+        self.client_id = client_id
+        self.protocol_version = protocol_version
+        self.expiry_interval = expiry_interval
+        self.username = username
+        self.subscriptions = {}
+        self.inflight = {}
+        # Created on first use: most sessions never queue or receive QoS 2, and
+        # an empty deque alone is ~600 bytes (memory per idle connection).
+        self.queue = ()
+        self.qos2_in = _NO_IDS
+        self.will = None
+        self.conn = None
+        # loop.time() at which an offline session expires (0 = not scheduled).
+        self.expire_at = 0.0
+        self.next_seq = 1
+        self._next_pid = 0
+        # Whether the store knows this session (a SessionPut was submitted and
+        # no SessionDelete since): its changes must then be submitted too.
+        self.durable = False
+        # In-flight messages waiting for a commit before they are written: a
+        # QoS 1 message may skip that wait only when none is (order).
+        self.unwritten = 0
+
+    @property
+    def persistent(self) -> bool:
+        return self.expiry_interval > 0
+
+    def enqueue(self, out) -> None:
+        queue = self.queue
+        if type(queue) is tuple:
+            queue = self.queue = deque()
+        queue.append(out)
+
+    def qos2_add(self, packet_id) -> None:
+        if type(self.qos2_in) is frozenset:
+            self.qos2_in = set()
+        self.qos2_in.add(packet_id)
+
+    def next_packet_id(self) -> int:
+        """A packet id not used by any in-flight message [MQTT-2.2.1-3]."""
+        cdef long pid = self._next_pid
+        cdef dict inflight = self.inflight
+        for _ in range(65535):
+            pid = pid + 1 if pid < 65535 else 1
+            if pid not in inflight:
+                self._next_pid = pid
+                return pid
+        raise RuntimeError("no free packet identifier")
+
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        return seq
+
+    def __repr__(self) -> str:  # debugging aid
+        state = "online" if self.conn is not None else "offline"
+        return f"<Session {self.client_id!r} v{self.protocol_version} {state}>"
+
+
 cdef class Connection:
     """One TCP client (the asyncio protocol; see raftmq.broker.protocol)."""
 
@@ -153,6 +246,7 @@ cdef class Connection:
         # publish_client_receive decisions (publish_acl, Broker.acl_caches_current).
         self.acl_topic = None
         self.acl_receive = None
+        self.cert_identity = None
 
     def data_received(self, data) -> None:
         cdef int state = self.state
@@ -186,6 +280,35 @@ cdef class Connection:
             if broker.pending_ops or broker._pending_actions:
                 broker.flush_ops()
         _end_read(broker)
+
+    # -- asyncio.Protocol (accept and close: compiled for connect storms) --------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (peer[0], peer[1])
+        self.accepted_at = self.rx_seen_at = self.broker.loop.time()
+        transport.set_write_buffer_limits(16 * 1024 * 1024)  # (high; positional: cheaper)
+        # (No "New connection from" line: a log line costs about a third of
+        # accepting a client; "New client connected" follows CONNECT.)
+        _on_connection_made(self.broker, self)
+
+    def connection_lost(self, exc) -> None:
+        self.state = C_CLOSING
+        self.online = False
+        _on_connection_lost(self.broker, self)
+
+    def close(self) -> None:
+        """Flush what is queued and close (the will is sent unless DISCONNECT 0x00 came)."""
+        if self.state == C_CLOSING or self.transport is None:
+            return
+        if self.out:
+            self.transport.write(b"".join(self.out))
+            self.out.clear()
+        self.state = C_CLOSING
+        self.online = False
+        self.transport.close()
 
     def write(self, data) -> None:
         """Queue bytes for this turn's single write."""
@@ -233,6 +356,9 @@ def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
                     size_limit = broker.config.message_size_limit
                 if fast and _publish_qos0(broker, conn, packet, size_limit):
                     continue
+            if type(packet) is Connect:  # (the same handler, called from C)
+                handle_connect(broker, conn, packet)
+                continue
             _handlers[type(packet)](broker, conn, packet)
     except MQTTError as e:
         _protocol_error(conn, e.reason_code, str(e))
@@ -571,7 +697,7 @@ def flush(BrokerCore broker) -> None:
 
 cdef int _flush(BrokerCore broker) except -1:
     broker._flush_scheduled = False
-    flush_logs()  # this turn's log lines before what they tell the clients
+    _flush_logs()  # this turn's log lines before what they tell the clients
     mesh = broker.mesh
     if mesh is not None:
         # Siblings first: they deliver in parallel with our own writes below.
@@ -634,3 +760,530 @@ def timed_out(list conns, Py_ssize_t start, Py_ssize_t end, double now,
             if now - conn.rx_seen_at > conn.keepalive * 1.5:
                 result.append(conn)
     return result
+
+
+# -- the per-client log lines ----------------------------------------------------
+
+# "<Unix time>: ", made once per second (as "%.0f" of a record's time).
+cdef long long _prefix_second = 0
+cdef str _prefix = ""
+
+
+cpdef info_line(logger, str text):
+    """Log an info line the caller formatted (having checked that info is
+    enabled): when the process batches its log lines (raftmq.logsetup), straight
+    into the batch, the text the logging module would write, without a
+    LogRecord; else through ``logger``.  Compiled: a connect and a disconnect
+    each log one.  The append takes no lock: it runs without a GIL switch, and
+    the batch's flush swaps the list before joining it."""
+    global _prefix_second, _prefix
+    handler = _logsetup._fast
+    if handler is None:
+        logger.info("%s", text)
+        return
+    cdef long long second = <long long>(time() + 0.5)
+    if second != _prefix_second:
+        _prefix_second = second
+        _prefix = f"{second}: "
+    line = _prefix + text + "\n"
+    handler.pending.append(line)
+    handler.size += len(line)
+
+
+def flush_logs() -> None:
+    """raftmq.logsetup.flush_logs: write the lines batched so far (cheap when
+    there are none)."""
+    _flush_logs()
+
+
+cdef int _flush_logs() except -1:
+    handler = _logsetup._batching
+    if handler is not None and handler.pending:
+        write_batch(handler)
+    return 0
+
+
+def write_batch(handler) -> None:
+    """BatchingHandler.flush (raftmq.logsetup): one write of the batched lines."""
+    with handler._lock:
+        lines = handler.pending
+        if not lines:
+            return
+        # Swap, then join: info_line appends without the lock.
+        handler.pending = []
+        handler.size = 0
+        text = "".join(lines)
+        try:
+            fd = handler.fd
+            if fd is None:
+                handler.stream.write(text)
+                handler.stream.flush()
+                return
+            data = text.encode("utf-8", "backslashreplace")
+            while data:
+                data = data[os_write(fd, data):]
+        except (OSError, ValueError):
+            pass
+
+
+# -- the acknowledgement rule ------------------------------------------------------
+
+def after_commit(BrokerCore broker, action) -> None:
+    """Broker.after_commit: run ``action`` after everything submitted so far is
+    committed (now if nothing is) and the sibling workers processed what was
+    forwarded to them: the rule for every acknowledgement to a client."""
+    _after_commit(broker, action)
+
+
+cdef int _after_commit(BrokerCore broker, action) except -1:
+    mesh = broker.mesh
+    if mesh is not None and mesh.gating():
+        action = mesh.gated(action)
+    return _after_store(broker, action)
+
+
+def after_store(BrokerCore broker, action) -> None:
+    """Broker.after_store: run ``action`` after everything submitted so far is
+    committed (now if nothing is)."""
+    _after_store(broker, action)
+
+
+cdef int _after_store(BrokerCore broker, action) except -1:
+    if broker.pending_ops:
+        broker._pending_actions.append(action)
+    elif broker.outstanding_batches:
+        broker._last_batch_actions.append(action)
+    else:
+        action()
+    return 0
+
+
+# -- CONNECT --------------------------------------------------------------------
+#
+# A flat run of checks in the order of the standard (MQTT 5 §3.1.4, 3.1.1
+# §3.1.4); each refusal is a CONNACK with the version's code and a close
+# (handlers/connect.py ``refuse``).  Takeover and resume happen only after
+# authentication (as in Mosquitto's ``connect__on_authorised``).  Compiled
+# because a connect storm (issue 4's idle-10k) is one CONNECT per read: typed
+# access to the connection's fields, no bytecode, and the common CONNACKs and
+# log line without generic formatting.
+
+# MQTT 5 CONNACK reason codes (§3.2.2.2) the checks below refuse with.
+cdef int RC_CLIENT_ID_NOT_VALID = 0x85
+cdef int RC_NOT_AUTHORIZED = 0x87
+cdef int RC_BAD_USER_PASS = 0x86
+cdef int RC_BAD_AUTH_METHOD = 0x8C
+cdef int RC_PAYLOAD_FORMAT_INVALID = 0x99
+cdef int RC_RETAIN_NOT_SUPPORTED = 0x9A
+
+# The protocol level as Mosquitto's log line shows it ("p2" for 3.1.1).
+LOG_PROTOCOL = {3: 1, 4: 2, 5: 5}
+
+# [version * 2 + session present] -> the CONNACK accepting a 3.x client:
+# always the same four bytes, encoded once.
+cdef list _plain_connacks = [None] * 10
+
+# handlers/connect.py's refuse(conn, reason_code[, properties]) and
+# _hand_off(broker, conn, owner, raw): set by install_connect.
+cdef object _refuse = None
+cdef object _hand_off = None
+
+
+def install_connect(refuse, hand_off) -> None:
+    """Give handle_connect the refusal and the hand-off (handlers/connect.py)."""
+    global _refuse, _hand_off
+    _refuse = refuse
+    _hand_off = hand_off
+
+
+cdef class DefaultAuth:
+    """raftmq.broker.auth.DefaultAuth (re-exported there): no password
+    database, no ACLs: ``allow_anonymous`` alone decides.  Compiled: asked once
+    per connect."""
+    cdef public bint allow_anonymous
+
+    # The broker skips acl_check calls entirely when this is False (hot path).
+    checks_acl = False
+
+    def __init__(self, allow_anonymous) -> None:
+        self.allow_anonymous = allow_anonymous
+
+    def authenticate(self, client_id, username, password) -> int:
+        # With no password database nothing can prove who a client is, so
+        # without allow_anonymous every client is refused -- user name or not
+        # (Mosquitto 2.0 answers both with "not authorised").
+        if not self.allow_anonymous:
+            return RC_NOT_AUTHORIZED
+        return 0
+
+    def acl_check(self, client, access, topic, qos, retain) -> bool:
+        return True
+
+
+cdef class _SendConnack:
+    """The accepting CONNACK, written once the session's ops are committed."""
+    cdef Connection conn
+    cdef object session
+    cdef bytes connack
+
+    def __call__(self) -> None:
+        cdef Connection conn = self.conn
+        session = self.session
+        if conn.state != C_CONNECTED or session.conn is not conn:
+            return
+        conn._write(self.connack)
+        conn.online = True
+        if session.inflight or session.queue:
+            # [MQTT-4.4.0-1]: resend unacknowledged PUBLISH / PUBREL, then what is queued.
+            conn.broker.router.resume(session)
+
+
+cpdef handle_connect(BrokerCore broker, Connection conn, p):
+    if conn.state != C_NEW:
+        # A second CONNECT is a protocol error [MQTT-3.1.0-2].
+        raise MQTTError(RC_PROTOCOL_ERROR, "second CONNECT")
+    config = broker.config
+    cdef int version = p.protocol_version
+    conn.version = version
+    refusal = broker.ha_refusal
+    if refusal is not None:
+        # mode = "ha", this worker does not serve (raftmq.cluster.ha): 0x9C with
+        # the leader as Server Reference, or 0x88 while no leader is known.
+        # mode = "dynsec-sync": 0x88 while the node is outside a working majority.
+        log.info("Client %s:%d refused: this node does not serve clients now (cluster role).",
+                 *conn.peer)
+        return _refuse(conn, *refusal)
+    raw = conn.raw_head  # what a hand-off would pass on (empty with one worker)
+    conn.raw_head = b""
+    cdef bint v5 = version == 5
+    cdef bint clean_start = p.clean_start
+
+    # -- client identifier [MQTT-3.1.3-5 .. 9] --------------------------------
+    client_id = p.client_id
+    assigned = None
+    mesh = broker.mesh
+    if not client_id:
+        if version == 3:
+            return _refuse(conn, RC_CLIENT_ID_NOT_VALID)  # 3.1 needs 1..23 characters
+        if not config.allow_zero_length_clientid:
+            return _refuse(conn, RC_CLIENT_ID_NOT_VALID)
+        if version == 4 and not clean_start:
+            # 3.1.1: a zero-length id requires CleanSession=1 [MQTT-3.1.3-8].
+            return _refuse(conn, RC_CLIENT_ID_NOT_VALID)
+        client_id = assigned = f"auto-{uuid.uuid4()}" if mesh is None \
+            else mesh.assign_client_id()
+    elif mesh is not None:
+        owner = mesh.owner_of(client_id)
+        if owner != broker.worker_id:
+            return _hand_off(broker, conn, owner, raw)
+
+    # -- MQTT 5 CONNECT properties -------------------------------------------
+    if v5:
+        props = p.properties or {}
+        if props.get("authentication_method") is not None:
+            # No enhanced authentication method is supported: 0x8C [MQTT-4.12.0-1].
+            return _refuse(conn, RC_BAD_AUTH_METHOD)
+        conn.client_receive_max = props.get("receive_maximum", 65535)
+        conn.client_max_packet = props.get("maximum_packet_size", conn.client_max_packet)
+        conn.client_alias_max = props.get("topic_alias_maximum", 0)
+        if conn.client_alias_max:
+            conn.alias_out = {}
+        conn.problem_info = props.get("request_problem_information", 1) != 0
+        expiry = props.get("session_expiry_interval", 0)
+    elif clean_start:
+        expiry = 0  # 3.x clean session: the session ends with the connection
+    else:
+        expiry = config.persistent_client_expiration or EXPIRY_NEVER
+
+    # -- keep alive (MQTT 5 §3.2.2.3.14 Server Keep Alive) -------------------------
+    cdef int keepalive = p.keepalive
+    server_keepalive = None
+    if v5:
+        max_keepalive = config.max_keepalive
+        if max_keepalive and (keepalive > max_keepalive or keepalive == 0):
+            # The broker imposes its own keep alive [MQTT-3.2.2-21]; like Mosquitto
+            # a client asking for none (0) gets max_keepalive too.  A 3.x client
+            # cannot be told, and Mosquitto accepts it with its own value.
+            keepalive = server_keepalive = max_keepalive
+
+    # -- will -----------------------------------------------------------------
+    will = None
+    will_topic = p.will_topic
+    if will_topic is not None:
+        if not valid_topic_name(will_topic):
+            if v5:
+                return _refuse(conn, RC_TOPIC_NAME_INVALID)
+            return conn.close()
+        if p.will_retain and not config.retain_available:
+            if v5:
+                return _refuse(conn, RC_RETAIN_NOT_SUPPORTED)  # [MQTT-3.2.2-13]
+            return conn.close()
+        wprops = dict(p.will_properties) if p.will_properties else {}
+        delay = wprops.pop("will_delay_interval", 0)
+        if wprops.get("payload_format_indicator") == 1:
+            try:
+                p.will_payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return _refuse(conn, RC_PAYLOAD_FORMAT_INVALID)  # [MQTT-3.1.3-11]
+        # A will's Message Expiry Interval stays in its properties: it counts
+        # from when the will is published (will.will_to_publish), not from now.
+        will = (delay, Message(will_topic, bytes(p.will_payload or b""), p.will_qos,
+                               bool(p.will_retain), wprops or None, 0))
+
+    # -- authentication ---------------------------------------------------------
+    username = p.username
+    cdef int rc = 0
+    identity = conn.cert_identity
+    if identity is not None:
+        # use_identity_as_username / use_subject_as_username (broker/tls.py): as
+        # Mosquitto, the certificate names the user, the CONNECT's user name and
+        # password are ignored and no password check is made; ACLs see the name.
+        if not identity:
+            log.info("Client %s:%d refused: no usable client certificate (%s).", conn.peer[0],
+                     conn.peer[1], client_id)
+            return _refuse(conn, RC_BAD_USER_PASS)
+        username = identity
+    else:
+        rc = broker._auth.authenticate(client_id, username, p.password)
+        if rc != 0:
+            log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
+                     client_id)
+            return _refuse(conn, rc if rc >= 0x80 else RC_NOT_AUTHORIZED)
+
+    # -- accepted: take over / resume / create the session ------------------------
+    conn.client_id = client_id
+    conn.username = username
+    conn.keepalive = keepalive
+    conn.will = will
+    conn.clean_start = clean_start
+    conn.state = C_CONNECTED
+    cdef list ops = []
+    mesh = broker.mesh
+    if mesh is not None and mesh.colocate is not None:
+        mesh.colocate.before_connect(client_id)  # connected on a sibling: kicked there
+    session, present = _attach_session(broker, conn, client_id, version, expiry, clean_start,
+                                       username, ops)
+    if session.persistent:
+        ops.append(SessionPut(client_id, version, expiry, clean_start, username))
+        session.durable = True
+        if will is not None:
+            ops.append(WillSet(client_id, will[0], will[1]))
+        elif present:
+            ops.append(WillDelete(client_id))
+    if present and broker.acl_enabled and session.subscriptions:
+        # A resumed session keeps only the subscriptions its client may still
+        # make (Mosquitto re-checks them at CONNECT; spec/dynsec.md §7).
+        for topic_filter, sub in list(session.subscriptions.items()):
+            if not broker.acl_check(conn, ACCESS_SUBSCRIBE, topic_filter, sub.qos, False):
+                broker.router.unsubscribe(session, topic_filter)
+                if session.durable:
+                    ops.append(SubRemove(client_id, topic_filter))
+
+    cdef _SendConnack send = _SendConnack.__new__(_SendConnack)
+    send.conn = conn
+    send.session = session
+    if v5:
+        cprops = dict(broker.connack_properties)
+        if assigned is not None:
+            cprops["assigned_client_identifier"] = assigned
+        if server_keepalive is not None:
+            cprops["server_keep_alive"] = server_keepalive
+        send.connack = Connack(present, 0, cprops or None).encode(version)
+    else:
+        key = version * 2 + present
+        connack = _plain_connacks[key]
+        if connack is None:
+            connack = _plain_connacks[key] = Connack(present, 0, None).encode(version)
+        send.connack = connack
+
+    if log.isEnabledFor(20):  # logging.INFO
+        peer = conn.peer
+        info_line(log, f"New client connected from {peer[0]}:{peer[1]} as {client_id} "
+                       f"(p{LOG_PROTOCOL.get(version, version)}, c{1 if clean_start else 0}, "
+                       f"k{keepalive}"
+                       + (f", u'{username}'" if username is not None else "")
+                       + (f") on worker {broker.worker_id}." if mesh is not None else ")."))
+
+    if ops:
+        broker.commit(ops, send)
+    else:
+        _after_commit(broker, send)
+
+
+# -- DISCONNECT (MQTT 5 §3.14, 3.1.1 §3.14) --------------------------------------
+# Compiled for the same reason as CONNECT: every client of a connect storm
+# ends with one.
+
+def handle_disconnect(BrokerCore broker, Connection conn, p) -> None:
+    session = conn.session
+    reason = p.reason_code or 0
+    props = p.properties
+    expiry = props.get("session_expiry_interval") if props else None
+    if expiry is not None:
+        if session.expiry_interval == 0 and expiry != 0:
+            # [MQTT-3.14.2-2]: from 0 at CONNECT to non-zero here is a protocol error.
+            raise MQTTError(RC_PROTOCOL_ERROR, "session expiry set after CONNECT with 0")
+        if expiry != session.expiry_interval:
+            session.expiry_interval = expiry
+            if session.durable:
+                broker.commit([SessionExpiry(session.client_id, expiry)], None)
+    # Only a normal disconnection (0x00, and every 3.x DISCONNECT) discards the
+    # will [MQTT-3.14.4-3]; 0x04 asks for it, and so does any error reason: a
+    # client closing "without first sending a DISCONNECT with Reason Code 0x00"
+    # gets its will published (MQTT 5 §3.1.2.5).
+    conn.graceful = reason == 0
+    if log.isEnabledFor(20):  # logging.INFO
+        info_line(log, f"Client {conn.client_id} disconnected.")
+    conn.close()
+
+
+# MQTT 5 DISCONNECT reason: Session taken over (§3.14.2.1).
+cdef int RC_SESSION_TAKEN_OVER = 0x8E
+
+
+def attach_session(BrokerCore broker, Connection conn, client_id, int version, expiry,
+                   bint clean, username, list ops):
+    """Broker.attach_session: bind ``conn`` to the session of ``client_id``: take
+    over a connected one [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4,
+    MQTT-3.1.2-5].  Returns (session, session present)."""
+    return _attach_session(broker, conn, client_id, version, expiry, clean, username, ops)
+
+
+cdef tuple _attach_session(BrokerCore broker, Connection conn, client_id, int version, expiry,
+                           bint clean, username, list ops):
+    cdef Session existing = broker.sessions.get(client_id)
+    cdef Session session
+    cdef bint present
+    if existing is not None and existing.conn is None and \
+            0 < existing.expire_at <= broker.loop.time():
+        # Expired but not yet reached by the upkeep tick (e.g. its time
+        # passed while the broker was down): it ends now, will included.
+        log.info("Expiring client %s.", client_id)
+        broker.stats.clients_expired += 1
+        broker.end_session(existing, ops)
+        existing = None
+    if existing is not None and existing.conn is not None:
+        old = existing.conn
+        log.info("Client %s already connected, closing old connection.", client_id)
+        existing.conn = None
+        broker.connected_count -= 1
+        old.session = None
+        old_will = None if old.graceful else old.will
+        old.will = None
+        old.disconnect(RC_SESSION_TAKEN_OVER)
+        if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
+            broker.publish_will(client_id, old_will[1], durable_session=existing)
+    if existing is not None and (clean or not existing.persistent):
+        broker.end_session(existing, ops)
+        existing = None
+    else:
+        wills = broker.wills
+        if wills.pending:
+            wills.cancel(client_id)  # reconnected within the will delay [MQTT-3.1.3-9]
+    if existing is not None:
+        session = existing
+        session.protocol_version = version
+        session.expiry_interval = expiry
+        session.username = username
+        session.expire_at = 0.0
+        present = True
+        broker.router.note_persistence(session)
+    else:
+        session = Session(client_id, version, expiry, username)
+        broker.sessions[client_id] = session
+        present = False
+    session.conn = conn
+    conn.session = session
+    broker.connected_count += 1
+    cdef Stats stats = broker.stats
+    if broker.connected_count > stats.clients_maximum:
+        stats.clients_maximum = broker.connected_count
+    return session, present
+
+
+# -- accept and close -----------------------------------------------------------
+
+def on_connection_made(BrokerCore broker, Connection conn) -> None:
+    """Broker.on_connection_made."""
+    _on_connection_made(broker, conn)
+
+
+cdef int _on_connection_made(BrokerCore broker, Connection conn) except -1:
+    broker.connections.add(conn)
+    broker.stats.connections += 1
+    return 0
+
+
+def end_session(BrokerCore broker, Session session, list ops) -> None:
+    """Broker.end_session: the session ends (expired, clean start, expiry 0 at
+    close): drop it all."""
+    _end_session(broker, session, ops)
+
+
+cdef int _end_session(BrokerCore broker, Session session, list ops) except -1:
+    # (Most sessions that end are a clean client's with nothing of this: a
+    # connect storm's closes skip the calls.)
+    if session.inflight or session.queue:
+        broker.router.requeue_shared(session)
+    if session.subscriptions:
+        broker.router.unsubscribe_all(session)
+    cdef dict sessions = broker.sessions
+    client_id = session.client_id
+    if sessions.get(client_id) is session:
+        del sessions[client_id]
+    if session.durable:
+        ops.append(SessionDelete(client_id))
+        session.durable = False
+    # A will still waiting for its delay is published when the session ends.
+    wills = broker.wills
+    if wills.pending:
+        wills.fire(client_id)
+    return 0
+
+
+def on_connection_lost(BrokerCore broker, Connection conn) -> None:
+    """Broker.on_connection_lost: the session goes offline or ends; the will."""
+    _on_connection_lost(broker, conn)
+
+
+cdef int _on_connection_lost(BrokerCore broker, Connection conn) except -1:
+    broker.connections.discard(conn)  # (a connection handed to a sibling ends here)
+    session_obj = conn.session
+    if session_obj is None:
+        return 0  # never connected or refused
+    cdef Session session = session_obj
+    if session.conn is not conn:
+        return 0  # taken over (attach_session handled it)
+    session.conn = None
+    broker.connected_count -= 1
+    if not conn.graceful and log.isEnabledFor(20):  # logging.INFO
+        info_line(log, f"Client {conn.client_id} closed its connection.")
+    will = None if conn.graceful else conn.will
+    cdef list ops = []
+    client_id = session.client_id
+    if conn.graceful and conn.will is not None and session.durable:
+        ops.append(WillDelete(client_id))
+    expiry = session.expiry_interval
+    if expiry == 0:
+        if will is not None:
+            broker.publish_will(client_id, will[1], durable_session=None)
+        _end_session(broker, session, ops)
+    else:
+        if session.durable and not broker._stopping:
+            # Expiry and will delay count from now, also across a restart
+            # (a session still connected when the broker stops counts from
+            # the restart instead: Broker._load).
+            ops.append(SessionOffline(client_id, int(time() * 1000)))
+        if expiry != EXPIRY_NEVER:
+            broker._schedule_expiry(session, broker.loop.time() + expiry)
+        if will is not None:
+            delay = min(will[0], expiry)
+            if delay == 0:
+                broker.publish_will(client_id, will[1], durable_session=session)
+            else:
+                broker.wills.schedule(client_id, delay, will[1])
+    if ops:
+        broker.pending_ops.extend(ops)
+    if broker.pending_ops or broker._pending_actions:
+        broker.flush_ops()
+    return 0

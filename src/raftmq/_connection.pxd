@@ -57,6 +57,17 @@ cdef class BrokerCore:
     # Store batching (server.py commit / flush_ops).
     cdef public list pending_ops
     cdef public list _pending_actions
+    cdef public long outstanding_batches
+    cdef public list _last_batch_actions
+    # Sessions (broker.sessions is the router's dict) and connected clients (attach_session).
+    cdef public dict sessions
+    cdef public long connected_count
+    # Read per connect and close.
+    cdef public object connections     # set of Connection
+    cdef public object wills           # raftmq.broker.will.Wills
+    cdef public object ha_refusal
+    cdef public object _auth
+    cdef public bint _stopping
 
 
 cdef class Connection:
@@ -92,5 +103,35 @@ cdef class Connection:
     cdef public bytes raw_head
     cdef public object acl_topic
     cdef public object acl_receive
+    # The user name a TLS client certificate gives (use_identity_as_username /
+    # use_subject_as_username, broker/tls.py): None when not in use; "" when
+    # the certificate has no usable name.
+    cdef public object cert_identity
 
     cdef int _write(self, object data) except -1
+
+
+cdef class Session:
+    # What the broker remembers of one client id (raftmq.broker.session
+    # re-exports it and documents the fields); a C struct so that creating
+    # and ending a clean client's session, once per connect, stays cheap.
+    cdef public object client_id
+    cdef public object protocol_version
+    cdef public object expiry_interval
+    cdef public object username
+    cdef public dict subscriptions
+    cdef public dict inflight
+    cdef public object queue
+    cdef public object qos2_in
+    cdef public object will
+    cdef public object conn
+    cdef public double expire_at
+    cdef public long long next_seq
+    cdef public long _next_pid
+    cdef public bint durable
+    cdef public long unwritten
+
+
+# Called from C within the module (and from Python: handlers/connect.py, logsetup).
+cpdef handle_connect(BrokerCore broker, Connection conn, p)
+cpdef info_line(logger, str text)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import sys
 import threading
-import time
 from typing import TextIO
+
+# (The module, not its names: it imports this one too.)  info_line: the
+# per-client lines' compiled append to the batch.
+from raftmq import _connection as _core
 
 LOG_FORMAT = "%(created).0f: %(message)s"
 DEBUG_LOG_FORMAT = "%(created).3f: %(name)s %(levelname)s: %(message)s"
@@ -68,22 +70,8 @@ class BatchingHandler(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if not self.pending:
-                return
-            text = "".join(self.pending)
-            self.pending.clear()
-            self.size = 0
-            try:
-                if self.fd is None:
-                    self.stream.write(text)
-                    self.stream.flush()
-                    return
-                data = text.encode("utf-8", "backslashreplace")
-                while data:
-                    data = data[os.write(self.fd, data):]
-            except (OSError, ValueError):
-                pass
+        # Compiled (the broker writes a batch per loop turn in a connect storm).
+        _core.write_batch(self)
 
     def close(self) -> None:
         self.flush()
@@ -92,33 +80,21 @@ class BatchingHandler(logging.Handler):
 
 _batching: BatchingHandler | None = None
 _fast: BatchingHandler | None = None  # set when info lines may skip the logging module
-_prefix_second = 0  # info(): the "<Unix time>: " prefix, made once per second
-_prefix = ""
 
 
 def info(logger: logging.Logger, fmt: str, *args: object) -> None:
     """``logger.info(fmt, *args)``, for the lines logged per client (connect,
     disconnect): straight into the batch, same text, without a LogRecord, when
     the process logs at info level in batches."""
-    handler = _fast
-    if handler is None or not logger.isEnabledFor(logging.INFO):
+    if _fast is None or not logger.isEnabledFor(logging.INFO):
         logger.info(fmt, *args)
         return
-    global _prefix_second, _prefix
-    second = int(time.time() + 0.5)  # as "%.0f" of the record's time
-    if second != _prefix_second:
-        _prefix_second, _prefix = second, f"{second}: "
-    line = f"{_prefix}{fmt % args}\n"
-    with handler._lock:
-        handler.pending.append(line)
-        handler.size += len(line)
+    _core.info_line(logger, fmt % args)
 
 
 def flush_logs() -> None:
     """Write the lines batched so far (cheap when there are none)."""
-    handler = _batching
-    if handler is not None and handler.pending:
-        handler.flush()
+    _core.flush_logs()
 
 
 def setup_logging(level: str, batched: bool = False) -> None:

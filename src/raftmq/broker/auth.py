@@ -22,10 +22,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-ACCESS_PUBLISH_SEND = "publish_client_send"
-ACCESS_PUBLISH_RECEIVE = "publish_client_receive"
-ACCESS_SUBSCRIBE = "subscribe"
-ACCESS_UNSUBSCRIBE = "unsubscribe"
+from raftmq._connection import (  # noqa: F401 (re-exported; defined with the core that uses them)
+    ACCESS_PUBLISH_RECEIVE,
+    ACCESS_PUBLISH_SEND,
+    ACCESS_SUBSCRIBE,
+    ACCESS_UNSUBSCRIBE,
+    DefaultAuth,
+)
 
 RC_SUCCESS = 0x00
 RC_BAD_USERNAME_OR_PASSWORD = 0x86
@@ -38,22 +41,6 @@ class AuthHook(Protocol):
     def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool: ...
 
 
-class DefaultAuth:
-    """No password database, no ACLs: ``allow_anonymous`` alone decides."""
-
-    # The broker skips acl_check calls entirely when this is False (hot path).
-    checks_acl = False
-
-    def __init__(self, allow_anonymous: bool) -> None:
-        self.allow_anonymous = allow_anonymous
-
-    def authenticate(self, client_id: str, username: str | None, password: bytes | None) -> int:
-        # With no password database nothing can prove who a client is, so
-        # without allow_anonymous every client is refused -- user name or not
-        # (Mosquitto 2.0 answers both with "not authorised").
-        if not self.allow_anonymous:
-            return RC_NOT_AUTHORIZED
-        return RC_SUCCESS
-
-    def acl_check(self, client: Any, access: str, topic: str, qos: int, retain: bool) -> bool:
-        return True
+# DefaultAuth(allow_anonymous): Mosquitto 2.0 without a password file or a
+# plugin -- compiled with the connection (ext/connection.pyx), as it is asked
+# once per connect.

@@ -44,26 +44,11 @@ class Connection(ConnectionCore, asyncio.Protocol):
 
     __slots__ = ()
 
-    # -- asyncio.Protocol ---------------------------------------------------
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = (peer[0], peer[1])
-        self.accepted_at = self.rx_seen_at = self.broker.loop.time()
-        transport.set_write_buffer_limits(high=16 * 1024 * 1024)
-        # (No "New connection from" line: a log line costs about a third of
-        # accepting a client; "New client connected" follows CONNECT.)
-        self.broker.on_connection_made(self)
+    # -- asyncio.Protocol (connection_made, connection_lost and close are the
+    # compiled core's) ---------------------------------------------------------
 
     def eof_received(self) -> bool:
         return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.state = CLOSING
-        self.online = False
-        self.broker.on_connection_lost(self)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -134,17 +119,6 @@ class Connection(ConnectionCore, asyncio.Protocol):
         if sub_ids:
             props["subscription_identifier"] = sub_ids
         return props
-
-    def close(self) -> None:
-        """Flush what is queued and close (the will is sent unless DISCONNECT 0x00 came)."""
-        if self.state == CLOSING or self.transport is None:
-            return
-        if self.out:
-            self.transport.write(b"".join(self.out))
-            self.out.clear()
-        self.state = CLOSING
-        self.online = False
-        self.transport.close()
 
     def disconnect(self, reason_code: int) -> None:
         """MQTT 5: DISCONNECT with ``reason_code`` then close; 3.x: just close."""

@@ -69,12 +69,10 @@ from raftmq.broker.session import EXPIRY_NEVER, SHARE_UNKNOWN, Outgoing, Session
 from raftmq.broker.sys_topics import Stats, SysTopics
 from raftmq.broker.will import Wills, will_to_publish
 from raftmq.logsetup import flush_logs
-from raftmq.logsetup import info as log_info
 from raftmq.state.entries import (
     PUBREC_RECEIVED,
     SENT,
     Message,
-    SessionDelete,
     SessionOffline,
     WillDelete,
     unpack_sub_options,
@@ -86,7 +84,6 @@ log = logging.getLogger("raftmq.broker")
 CONNECT_TIMEOUT = 10.0
 TICK = 0.5
 UPKEEP_SLICE = 500  # connections checked per loop iteration by the upkeep tick
-RC_SESSION_TAKEN_OVER = 0x8E
 RC_KEEP_ALIVE_TIMEOUT = 0x8D
 RC_SERVER_SHUTTING_DOWN = 0x8B
 # Cached publish ACL decisions (send + receive) before the caches start over:
@@ -283,23 +280,13 @@ class Broker(_core.BrokerCore):
                 action = mesh.gated(action)
             self._pending_actions.append(action)
 
-    def after_commit(self, action: Callable[[], None]) -> None:
-        """Run ``action`` after everything submitted so far is committed (now if
-        nothing is) and the sibling workers processed what was forwarded to them:
-        the rule for every acknowledgement to a client."""
-        mesh = self.mesh
-        if mesh is not None and mesh.gating():
-            action = mesh.gated(action)
-        self.after_store(action)
-
-    def after_store(self, action: Callable[[], None]) -> None:
-        """Run ``action`` after everything submitted so far is committed (now if nothing is)."""
-        if self.pending_ops:
-            self._pending_actions.append(action)
-        elif self.outstanding_batches:
-            self._last_batch_actions.append(action)
-        else:
-            action()
+    # after_commit(action): run ``action`` after everything submitted so far is
+    # committed (now if nothing is) and the sibling workers processed what was
+    # forwarded to them: the rule for every acknowledgement to a client.
+    # after_store(action): the same without the siblings.  Compiled with the
+    # connection (ext/connection.pyx): every CONNACK goes through them.
+    after_commit = _core.after_commit
+    after_store = _core.after_store
 
     def after_commit_write(self, conn: Connection, out: Outgoing) -> None:
         """Write an in-flight message of a durable session once its op is committed."""
@@ -346,9 +333,8 @@ class Broker(_core.BrokerCore):
 
     # -- connections and sessions -------------------------------------------------
 
-    def on_connection_made(self, conn: Connection) -> None:
-        self.connections.add(conn)
-        self.stats.connections += 1
+    # on_connection_made(conn): compiled with the connection (ext/connection.pyx).
+    on_connection_made = _core.on_connection_made
 
     def clients_connected(self) -> int:
         return self.connected_count
@@ -357,100 +343,18 @@ class Broker(_core.BrokerCore):
         """Sessions kept without a connection (persistent, offline)."""
         return sum(1 for s in self.sessions.values() if s.conn is None)
 
-    def attach_session(self, conn: Connection, client_id: str, version: int, expiry: int,
-                       clean: bool, username: str | None, ops: list) -> tuple[Session, bool]:
-        """Bind ``conn`` to the session of ``client_id``: take over a connected one
-        [MQTT-3.1.4-3], start clean or resume [MQTT-3.1.2-4, MQTT-3.1.2-5]."""
-        existing = self.sessions.get(client_id)
-        if existing is not None and existing.conn is None and \
-                0 < existing.expire_at <= self.loop.time():
-            # Expired but not yet reached by the upkeep tick (e.g. its time
-            # passed while the broker was down): it ends now, will included.
-            log.info("Expiring client %s.", client_id)
-            self.stats.clients_expired += 1
-            self.end_session(existing, ops)
-            existing = None
-        if existing is not None and existing.conn is not None:
-            old = existing.conn
-            log.info("Client %s already connected, closing old connection.", client_id)
-            existing.conn = None
-            self.connected_count -= 1
-            old.session = None
-            old_will = None if old.graceful else old.will
-            old.will = None
-            old.disconnect(RC_SESSION_TAKEN_OVER)
-            if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
-                self.publish_will(client_id, old_will[1], durable_session=existing)
-        if existing is not None and (clean or not existing.persistent):
-            self.end_session(existing, ops)
-            existing = None
-        else:
-            self.wills.cancel(client_id)  # reconnected within the will delay [MQTT-3.1.3-9]
-        if existing is not None:
-            session = existing
-            session.protocol_version = version
-            session.expiry_interval = expiry
-            session.username = username
-            session.expire_at = 0.0
-            present = True
-            self.router.note_persistence(session)
-        else:
-            session = Session(client_id, version, expiry, username)
-            self.sessions[client_id] = session
-            present = False
-        session.conn = conn
-        conn.session = session
-        self.connected_count += 1
-        connected = self.connected_count
-        if connected > self.stats.clients_maximum:
-            self.stats.clients_maximum = connected
-        return session, present
+    # attach_session(conn, client_id, version, expiry, clean, username, ops)
+    # -> (session, present): bind ``conn`` to the session of ``client_id``
+    # (take over, start clean or resume); compiled with CONNECT
+    # (ext/connection.pyx ``attach_session``).
+    attach_session = _core.attach_session
 
-    def end_session(self, session: Session, ops: list) -> None:
-        """The session ends (expired, clean start, expiry 0 at close): drop it all."""
-        self.router.requeue_shared(session)
-        self.router.unsubscribe_all(session)
-        if self.sessions.get(session.client_id) is session:
-            del self.sessions[session.client_id]
-        if session.durable:
-            ops.append(SessionDelete(session.client_id))
-            session.durable = False
-        # A will still waiting for its delay is published when the session ends.
-        self.wills.fire(session.client_id)
-
-    def on_connection_lost(self, conn: Connection) -> None:
-        self.connections.discard(conn)  # (a connection handed to a sibling ends here)
-        session = conn.session
-        if session is None or session.conn is not conn:
-            return  # never connected, refused, or taken over (attach_session handled it)
-        session.conn = None
-        self.connected_count -= 1
-        if not conn.graceful:
-            log_info(log, "Client %s closed its connection.", conn.client_id)
-        will = None if conn.graceful else conn.will
-        ops: list = []
-        if conn.graceful and conn.will is not None and session.durable:
-            ops.append(WillDelete(session.client_id))
-        if session.expiry_interval == 0:
-            if will is not None:
-                self.publish_will(session.client_id, will[1], durable_session=None)
-            self.end_session(session, ops)
-        else:
-            if session.durable and not self._stopping:
-                # Expiry and will delay count from now, also across a restart
-                # (a session still connected when the broker stops counts from
-                # the restart instead: _load).
-                ops.append(SessionOffline(session.client_id, int(time.time() * 1000)))
-            if session.expiry_interval != EXPIRY_NEVER:
-                self._schedule_expiry(session, self.loop.time() + session.expiry_interval)
-            if will is not None:
-                delay = min(will[0], session.expiry_interval)
-                if delay == 0:
-                    self.publish_will(session.client_id, will[1], durable_session=session)
-                else:
-                    self.wills.schedule(session.client_id, delay, will[1])
-        self.pending_ops.extend(ops)
-        self.flush_ops()
+    # end_session(session, ops): the session ends (expired, clean start, expiry 0
+    # at close): drop it all.  on_connection_lost(conn): the connection closed
+    # (session offline or ended, will).  Compiled with the connection
+    # (ext/connection.pyx): every client of a connect storm ends with both.
+    end_session = _core.end_session
+    on_connection_lost = _core.on_connection_lost
 
     def publish_will(self, client_id: str, will: Message, durable_session: Session | None = None
                      ) -> None:

@@ -17,18 +17,13 @@ No I/O happens here: the connection (protocol.py) and the router
 
 from __future__ import annotations
 
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from raftmq._connection import EXPIRY_NEVER  # noqa: F401 (re-exported)
+from raftmq._connection import Session as CompiledSession
 from raftmq.state.entries import QUEUED, Message
 
-if TYPE_CHECKING:
-    from raftmq.broker.protocol import Connection
-
-_NO_IDS: frozenset = frozenset()
-
-# MQTT 5 §3.1.2.11.2: 0xFFFFFFFF means the session never expires.
-EXPIRY_NEVER = 0xFFFFFFFF
+__all__ = ["EXPIRY_NEVER", "SHARE_UNKNOWN", "Outgoing", "Session", "Subscription"]
 # Outgoing.share of a message loaded from the store, which does not say by
 # which subscription it came (router.requeue_shared then works it out).
 SHARE_UNKNOWN: Any = object()
@@ -74,67 +69,6 @@ class Outgoing:
         self.share: Subscription | None = None
 
 
-class Session:
-    __slots__ = ("client_id", "protocol_version", "expiry_interval", "username", "subscriptions",
-                 "inflight", "queue", "qos2_in", "will", "conn", "expire_at", "next_seq",
-                 "_next_pid", "durable", "unwritten")
-
-    def __init__(self, client_id: str, protocol_version: int, expiry_interval: int,
-                 username: str | None = None) -> None:
-        self.client_id = client_id
-        self.protocol_version = protocol_version
-        self.expiry_interval = expiry_interval
-        self.username = username
-        self.subscriptions: dict[str, Subscription] = {}
-        self.inflight: dict[int, Outgoing] = {}
-        # Created on first use: most sessions never queue or receive QoS 2, and
-        # an empty deque alone is ~600 bytes (memory per idle connection).
-        self.queue: deque[Outgoing] | tuple = ()
-        self.qos2_in: set[int] | frozenset = _NO_IDS
-        self.will: tuple[int, Message] | None = None
-        self.conn: Connection | None = None
-        # loop.time() at which an offline session expires (0 = not scheduled).
-        self.expire_at = 0.0
-        self.next_seq = 1
-        self._next_pid = 0
-        # Whether the store knows this session (a SessionPut was submitted and
-        # no SessionDelete since): its changes must then be submitted too.
-        self.durable = False
-        # In-flight messages waiting for a commit before they are written: a
-        # QoS 1 message may skip that wait only when none is (order).
-        self.unwritten = 0
-
-    @property
-    def persistent(self) -> bool:
-        return self.expiry_interval > 0
-
-    def enqueue(self, out: Outgoing) -> None:
-        queue = self.queue
-        if queue.__class__ is tuple:
-            queue = self.queue = deque()
-        queue.append(out)
-
-    def qos2_add(self, packet_id: int) -> None:
-        if self.qos2_in.__class__ is frozenset:
-            self.qos2_in = set()
-        self.qos2_in.add(packet_id)
-
-    def next_packet_id(self) -> int:
-        """A packet id not used by any in-flight message [MQTT-2.2.1-3]."""
-        pid = self._next_pid
-        inflight = self.inflight
-        for _ in range(65535):
-            pid = pid + 1 if pid < 65535 else 1
-            if pid not in inflight:
-                self._next_pid = pid
-                return pid
-        raise RuntimeError("no free packet identifier")
-
-    def take_seq(self) -> int:
-        seq = self.next_seq
-        self.next_seq = seq + 1
-        return seq
-
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        state: Any = "online" if self.conn is not None else "offline"
-        return f"<Session {self.client_id!r} v{self.protocol_version} {state}>"
+# Session: compiled with the connection (ext/connection.pyx, "Session"): one
+# is created and dropped per clean client, a connect storm's hot path.
+Session = CompiledSession

@@ -58,7 +58,7 @@ class StreamConnection(Connection):
     """A Connection on a TLS or WebSocket listener: it may carry the client
     certificate's identity (``cert_identity``, see broker/tls.py)."""
 
-    __slots__ = ("cert_identity",)
+    __slots__ = ()
 
     def __init__(self, broker: Broker) -> None:
         super().__init__(broker)

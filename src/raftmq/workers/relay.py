@@ -175,7 +175,7 @@ class RelayedConnection(Connection):
     """A TLS / WebSocket client relayed by a sibling: a plain stream here, with
     the real client's address and certificate identity."""
 
-    __slots__ = ("initial", "cert_identity", "relay_peer")
+    __slots__ = ("initial", "relay_peer")
 
     def __init__(self, broker: Broker, initial: bytes, peer: tuple[str, int],
                  identity: str | None) -> None:
