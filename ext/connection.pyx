@@ -1141,6 +1141,27 @@ def handle_disconnect(BrokerCore broker, Connection conn, p) -> None:
 cdef int RC_SESSION_TAKEN_OVER = 0x8E
 
 
+def take_over(BrokerCore broker, Session existing, client_id, bint clean) -> None:
+    """Close the connection of ``existing`` because a new one takes the client id
+    over [MQTT-3.1.4-3]: 5.0 DISCONNECT 0x8E, then its will unless it sent
+    DISCONNECT 0x00 -- at once when the session ends (``clean``, no will delay,
+    not persistent), else left to its delay."""
+    _take_over(broker, existing, client_id, clean)
+
+
+cdef _take_over(BrokerCore broker, Session existing, client_id, bint clean):
+    old = existing.conn
+    log.info("Client %s already connected, closing old connection.", client_id)
+    existing.conn = None
+    broker.connected_count -= 1
+    old.session = None
+    old_will = None if old.graceful else old.will
+    old.will = None
+    old.disconnect(RC_SESSION_TAKEN_OVER)
+    if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
+        broker.publish_will(client_id, old_will[1], durable_session=existing)
+
+
 def attach_session(BrokerCore broker, Connection conn, client_id, int version, expiry,
                    bint clean, username, list ops):
     """Broker.attach_session: bind ``conn`` to the session of ``client_id``: take
@@ -1163,16 +1184,7 @@ cdef tuple _attach_session(BrokerCore broker, Connection conn, client_id, int ve
         broker.end_session(existing, ops)
         existing = None
     if existing is not None and existing.conn is not None:
-        old = existing.conn
-        log.info("Client %s already connected, closing old connection.", client_id)
-        existing.conn = None
-        broker.connected_count -= 1
-        old.session = None
-        old_will = None if old.graceful else old.will
-        old.will = None
-        old.disconnect(RC_SESSION_TAKEN_OVER)
-        if old_will is not None and (clean or old_will[0] == 0 or not existing.persistent):
-            broker.publish_will(client_id, old_will[1], durable_session=existing)
+        _take_over(broker, existing, client_id, clean)
     if existing is not None and (clean or not existing.persistent):
         broker.end_session(existing, ops)
         existing = None

@@ -116,10 +116,11 @@ def worker_pids(broker: BrokerProcess, workers: int, timeout: float = 10.0) -> d
         time.sleep(0.05)
 
 
-def _server_inode(broker: BrokerProcess, client: socket.socket) -> int:
-    """Inode of the broker side of ``client``'s TCP connection (0 until accepted)."""
+def server_inode(port: int, client: socket.socket) -> int:
+    """Inode of the broker side (listening on ``port``) of ``client``'s TCP
+    connection (0 until accepted)."""
     local_port = client.getsockname()[1]
-    want_local = f"0100007F:{broker.port:04X}"
+    want_local = f"0100007F:{port:04X}"
     want_remote = f"0100007F:{local_port:04X}"
     with open("/proc/net/tcp") as f:
         next(f)
@@ -136,7 +137,7 @@ def accepting_worker(broker: BrokerProcess, client: socket.socket, pids: dict[in
     none does within ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        inode = _server_inode(broker, client)
+        inode = server_inode(broker.port, client)
         if inode:
             holders = [index for index, pid in pids.items() if inode in socket_inodes(pid)]
             if len(holders) == 1:

@@ -17,7 +17,7 @@ import struct
 import time
 
 import pytest
-from nodeprobe import log_text, owned_id, socket_inodes, wait_log, worker_pids
+from nodeprobe import log_text, owned_id, server_inode, socket_inodes, wait_log, worker_pids
 
 from support.certs import Certs, make_certs
 from support.helpers import connected, unique
@@ -53,22 +53,10 @@ def node(certs: Certs, tmp_path_factory: pytest.TempPathFactory):
     b.stop()
 
 
-def _server_inode(port: int, client: socket.socket) -> int:
-    local = client.getsockname()[1]
-    want_local, want_remote = f"0100007F:{port:04X}", f"0100007F:{local:04X}"
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if parts[1] == want_local and parts[2] == want_remote:
-                return int(parts[9])
-    return 0
-
-
 def _holder(port: int, client: socket.socket, pids: dict[int, int]) -> int | None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        inode = _server_inode(port, client)
+        inode = server_inode(port, client)
         if inode:
             holders = [i for i, pid in pids.items() if inode in socket_inodes(pid)]
             if len(holders) == 1:

@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from raftmq._connection import take_over
 from raftmq.broker.protocol import CLOSING, CONNECTED, Connection
 from raftmq.state.entries import decode_message, encode_message
 
@@ -424,16 +425,8 @@ class Colocate:
         conn = session.conn if session is not None else None
         if conn is None or getattr(conn, "move_id", None) != move_id:
             return  # gone already, or moved on
-        log.info("Client %s already connected, closing old connection.", client_id)
-        session.conn = None
-        broker.connected_count -= 1
-        conn.session = None
-        will = None if conn.graceful else conn.will
-        conn.will = None
-        conn.disconnect(RC_SESSION_TAKEN_OVER)
+        take_over(broker, session, client_id, True)  # a moved session ends with its connection
         ops: list = []
-        if will is not None:
-            broker.publish_will(client_id, will[1], durable_session=session)
         broker.end_session(session, ops)
         broker.pending_ops.extend(ops)
 
