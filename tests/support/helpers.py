@@ -63,6 +63,13 @@ class Paho:
         if version != 5:
             kw["clean_session"] = clean
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
+        if version == 5:
+            connect_kw.setdefault("clean_start", clean)
+        self._connect(broker.host, broker.port, True, **connect_kw)
+
+    def _connect(self, host: str, port: int, check: bool, **connect_kw: Any) -> None:
+        """Queue what arrives, connect ``self.client``, wait for the CONNACK
+        (``self.rc``; asserted a success when ``check``)."""
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connack: queue.Queue[Any] = queue.Queue()
         self.subacks: queue.Queue[Any] = queue.Queue()
@@ -71,12 +78,12 @@ class Paho:
         self.client.on_message = lambda c, u, msg: self.messages.put(msg)
         self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put(rcs)
         self.client.on_disconnect = lambda *a: self.disconnected.set()
-        if version == 5:
-            connect_kw.setdefault("clean_start", clean)
-        self.client.connect(broker.host, broker.port, keepalive=30, **connect_kw)
+        self.client.connect(host, port, keepalive=30, **connect_kw)
         self.client.loop_start()
-        flags, rc, props = self.connack.get(timeout=5)
-        assert not rc.is_failure, rc
+        flags, rc, _props = self.connack.get(timeout=5)
+        self.rc = rc
+        if check:
+            assert not rc.is_failure, rc
         self.session_present = flags.session_present
 
     def subscribe(self, topic: str, qos: int = 0, **kw: Any) -> Any:

@@ -17,12 +17,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import queue
 import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -296,21 +294,7 @@ class ListenerPaho(Paho):
             self.client.tls_set(**{k: str(v) for k, v in tls.items()})
         if username is not None:
             self.client.username_pw_set(username, password)
-        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-        self.connack: queue.Queue[Any] = queue.Queue()
-        self.subacks: queue.Queue[Any] = queue.Queue()
-        self.disconnected = threading.Event()
-        self.client.on_connect = lambda c, u, flags, rc, props: self.connack.put((flags, rc, props))
-        self.client.on_message = lambda c, u, msg: self.messages.put(msg)
-        self.client.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put(rcs)
-        self.client.on_disconnect = lambda *a: self.disconnected.set()
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
-        flags, rc, _props = self.connack.get(timeout=5)
-        self.rc = rc
-        if expect_rc == 0:
-            assert not rc.is_failure, rc
-        self.session_present = flags.session_present
+        self._connect(host, port, expect_rc == 0)
 
 
 __all__ = ["REPO", "ListenerBroker", "ListenerPaho", "WSSocket", "client_context", "mask_frame",
