@@ -45,6 +45,7 @@ from raftmq.broker.websocket import (
     frame,
     parse_request,
 )
+from raftmq.logsetup import flush_logs
 
 if TYPE_CHECKING:
     from raftmq.broker.server import Broker
@@ -307,6 +308,7 @@ class StreamProtocol(asyncio.Protocol):
     def _refuse(self, exc: HandshakeError) -> None:
         log.info("Client %s:%d: WebSocket handshake refused with %d (%s).", *self.peer,
                  exc.status, exc)
+        flush_logs()  # no client turn follows that would write it
         self._out(exc.response())
         self._drop()
 
@@ -360,6 +362,7 @@ class StreamProtocol(asyncio.Protocol):
     def _tls_failed(self, what: str, exc: Exception) -> None:
         reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
         log.info("Client %s:%d: %s failed (%s), closing.", *self.peer, what, reason)
+        flush_logs()  # no client turn follows that would write it
         self.closing = True
         self.raw.close()  # (after the alert just written)
 
