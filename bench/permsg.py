@@ -185,7 +185,7 @@ def _measure(broker: compare.Broker, name: str, args: argparse.Namespace) -> dic
             "by_call": {s: round(c[s] / msgs, 3) for s in SYSCALLS if c.get(s)},
         }
     return {"broker": name, "ok": result.get("ok"), "lost": result.get("lost"),
-            "loadgen_cpu_us_per_msg": result.get("broker_cpu_us_per_msg"),
+            "broker_cpu_us_per_msg_seen_by_loadgen": result.get("broker_cpu_us_per_msg"),
             "p50": result.get("latency_us", {}).get("p50"), "p99": result.get("latency_us", {}).get("p99"),
             "procs": procs}
 

@@ -365,9 +365,10 @@ class Supervisor:
 def check_listeners(config: Any) -> str | None:
     """An error message if a listener's address cannot be bound.
 
-    The workers bind with SO_REUSEPORT, which would let them silently share a
-    port with another process of the same user (a second node, say); binding
-    once here without it refuses a port that is already taken, as Mosquitto does."""
+    The worker slots' sockets (listen_sockets) use SO_REUSEPORT, which would let
+    them silently share a port with another process of the same user (a second
+    node, say); binding once here without it refuses a port that is already
+    taken, as Mosquitto does."""
     for listener in getattr(config, "listeners", ()):
         try:
             infos = socket.getaddrinfo(listener.host, listener.port, type=socket.SOCK_STREAM,

@@ -551,20 +551,20 @@ class Broker(_core.BrokerCore):
         from raftmq.broker.streams import protocol_factory
 
         listeners = self.config.listeners
+        served: list[tuple[asyncio.AbstractServer, Any]] = []  # (server, its listener)
         if self.listen_sockets:
             # (listener index, socket) pairs of this worker's slot (supervisor.py).
             for index, sock in self.listen_sockets:
-                self.servers.append(await self.loop.create_server(
-                    protocol_factory(self, listeners[index]), sock=sock, backlog=1024))
+                listener = listeners[index]
+                served.append((await self.loop.create_server(
+                    protocol_factory(self, listener), sock=sock, backlog=1024), listener))
         else:
             for listener in listeners:
-                self.servers.append(await self.loop.create_server(
+                served.append((await self.loop.create_server(
                     protocol_factory(self, listener), listener.host, listener.port,
-                    reuse_address=True, reuse_port=self.mesh is not None, backlog=1024))
-        kinds = [index for index, _sock in self.listen_sockets] if self.listen_sockets \
-            else list(range(len(listeners)))
-        for server, index in zip(self.servers, kinds, strict=True):
-            listener = listeners[index]
+                    reuse_address=True, reuse_port=self.mesh is not None, backlog=1024), listener))
+        for server, listener in served:
+            self.servers.append(server)
             kind = "websockets" if listener.websockets else "ipv4"
             for sock in server.sockets:
                 port = sock.getsockname()[1]
