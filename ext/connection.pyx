@@ -1049,6 +1049,13 @@ cpdef handle_connect(BrokerCore broker, Connection conn, p):
             log.info("Client %s:%d refused: not authorised (%s).", conn.peer[0], conn.peer[1],
                      client_id)
             return _refuse(conn, rc if rc >= 0x80 else RC_NOT_AUTHORIZED)
+    if will is not None and will_topic.startswith("$CONTROL/"):
+        # $CONTROL requests run with the sender's rights; a will would run one
+        # unattended after the connection is gone.  Refused as Mosquitto 2.0.22
+        # does (dynsec spec §3.1), whoever the client is.
+        log.info("Client %s:%d refused: a will on %s is not allowed (%s).", conn.peer[0],
+                 conn.peer[1], will_topic, client_id)
+        return _refuse(conn, RC_NOT_AUTHORIZED)
 
     # -- accepted: take over / resume / create the session ------------------------
     conn.client_id = client_id

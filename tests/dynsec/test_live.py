@@ -431,3 +431,23 @@ def test_resumed_session_keeps_only_the_subscriptions_still_allowed(start) -> No
     dave.publish("status/public", b"p", qos=1, pid=2)
     dave.expect(PUBACK)
     assert [p.topic for p in alice.drain_publishes(quiet=0.7)] == ["status/public"]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_will_on_a_control_topic_is_refused_at_connect(start, version: int) -> None:
+    """Even an admin, who may publish to $CONTROL, cannot leave a Will there (a
+    request run unattended once the connection is gone): CONNACK Not authorized.
+    Mosquitto 2.0.22 refuses it (spec §3.1); Debian's 2.0.11 predates the check."""
+    broker = start()
+    if broker.kind == "mosquitto":
+        pytest.skip("Mosquitto 2.0.11 accepts a $CONTROL will (fixed upstream in 2.0.x later)")
+    admin = RawClient("127.0.0.1", broker.port, version=version)
+    will = Will("$CONTROL/dynamic-security/v1", b'{"commands":[{"command":"listClients"}]}', 0,
+                False)
+    connack = admin.connect("w1", username=ADMIN[0], password=ADMIN[1].encode(), will=will)
+    assert connack.reason == (0x87 if version == 5 else 5)
+    # the same admin with a will elsewhere is welcome
+    other = RawClient("127.0.0.1", broker.port, version=version)
+    connack = other.connect("w2", username=ADMIN[0], password=ADMIN[1].encode(),
+                            will=Will("admin/gone", b"x", 0, False))
+    assert connack.reason == 0
