@@ -1,8 +1,8 @@
 """Dynamic security on a real raftmq process, driven by the real ``mosquitto_ctrl``
 (Debian mosquitto-clients) and raw MQTT 5 / 3.1.1 clients (tests/support/mqttraw.py).
 
-The broker is started with tests/dynsec/launcher.py (a raftmq Broker with
-raftmq.dynsec.plugin installed) until ``raftmq serve`` has ``dynsec = true``.
+raftmq runs as the product does: ``raftmq serve`` with ``dynsec = true`` (its
+supervisor, raft process and workers; the document imported at start).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ CTRL = shutil.which("mosquitto_ctrl")
 REQUEST = "$CONTROL/dynamic-security/v1"
 RESPONSE = "$CONTROL/dynamic-security/v1/response"
 ADMIN = ("admin", "adminpass123")
-LAUNCHER = Path(__file__).with_name("launcher.py")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 HAVE_MOSQUITTO = os.path.exists(MOSQUITTO) and os.path.exists(MOSQUITTO_DYNSEC)
@@ -54,8 +53,8 @@ class DynsecBroker:
 
     def __init__(self, workdir: Path, document: dict, allow_anonymous: bool, kind: str = "raftmq",
                  durable: bool = False) -> None:
-        """``durable``: state kept across ``restart()`` -- raftmq as ``raftmq serve``
-        (Raft log + LMDB in the data dir), Mosquitto with ``persistence true``."""
+        """``durable``: Mosquitto with ``persistence true`` (state kept across
+        ``restart()``); raftmq always keeps it (Raft log + LMDB in the data dir)."""
         self.kind = kind
         self.port = free_port()
         self.workdir = workdir
@@ -76,16 +75,12 @@ class DynsecBroker:
         else:
             (data / "dynsec-import.json").write_text(json.dumps(document))
             self.env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + self.env.get("PYTHONPATH", "")
-            if durable:
-                conf = workdir / "raftmq.toml"
-                conf.write_text(f"dynsec = true\nallow_anonymous = {str(allow_anonymous).lower()}\n")
-                self.cmd = [sys.executable, "-m", "raftmq", "serve", "-c", str(conf), "--data-dir",
-                            str(data), "-p", str(self.port), "--host", "127.0.0.1", "-v"]
-            else:
-                self.cmd = [sys.executable, str(LAUNCHER), "--port", str(self.port), "--data-dir",
-                            str(data)]
-                if allow_anonymous:
-                    self.cmd.append("--allow-anonymous")
+            # The product itself: `raftmq serve` with dynsec = true (its workers,
+            # its raft process, the imported document committed at start).
+            conf = workdir / "raftmq.toml"
+            conf.write_text(f"dynsec = true\nallow_anonymous = {str(allow_anonymous).lower()}\n")
+            self.cmd = [sys.executable, "-m", "raftmq", "serve", "-c", str(conf), "--data-dir",
+                        str(data), "-p", str(self.port), "--host", "127.0.0.1", "-v"]
         self.log = open(workdir / "broker.log", "ab")  # noqa: SIM115 - closed in stop()
         self._start()
 
@@ -368,9 +363,12 @@ def test_seeded_admin_from_environment(tmp_path: Path, kind: str) -> None:
     env = dict(os.environ, RAFTMQ_DYNSEC_PASSWORD="seedpass-123")
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     (tmp_path / "data").mkdir()
+    (tmp_path / "raftmq.toml").write_text("dynsec = true\n")
     with open(tmp_path / "log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--port", str(port), "--data-dir",
-                                 str(tmp_path / "data")], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "raftmq", "serve", "-c", str(tmp_path / "raftmq.toml"),
+                                 "--data-dir", str(tmp_path / "data"), "-p", str(port), "--host",
+                                 "127.0.0.1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
         try:
             deadline = time.monotonic() + 15
             while True:
@@ -387,8 +385,8 @@ def test_seeded_admin_from_environment(tmp_path: Path, kind: str) -> None:
             assert out.split() == ["publishClientSend", ":", "deny", "publishClientReceive", ":", "allow",
                                    "subscribe", ":", "deny", "unsubscribe", ":", "allow"]
         finally:
-            proc.terminate()
-            proc.wait(10)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
 
 
 def test_pipelined_requests_answer_in_order_and_read_their_writes(start) -> None:
