@@ -15,7 +15,7 @@ import pytest
 from raft_harness import RaftNode, free_port, wait_for
 
 from raftmq.raft.client import CHANNEL_LOST, RaftStore
-from raftmq.state.entries import Message, RetainSet, SubAdd
+from raftmq.state.entries import Dynsec, Message, RetainSet, SubAdd
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,11 @@ def standalone(tmp_path):
     node.kill9()
 
 
-def test_submit_acknowledges_the_proposer_and_fans_out_to_siblings(standalone) -> None:
+def test_submit_acknowledges_the_proposer_and_fans_out_node_wide_ops_to_siblings(standalone) -> None:
+    """Every proposal is acknowledged to its proposer, in order; a batch with a
+    node-wide op (Dynsec) reaches the node's other workers, a batch of a
+    worker's own state (retained, subscriptions, queues) does not: no sibling
+    decodes it (PROPOSE_LOCAL)."""
     async def main() -> tuple[list, list, list, object, list]:
         w1 = RaftStore(str(standalone.data_dir), worker_id=1, connect_timeout=20)
         w2 = RaftStore(str(standalone.data_dir), worker_id=2, connect_timeout=20)
@@ -43,11 +47,16 @@ def test_submit_acknowledges_the_proposer_and_fans_out_to_siblings(standalone) -
         w1.set_remote_listener(seen1.append)
         w2.set_remote_listener(seen2.append)
         for i in range(50):
-            w1.submit([RetainSet(Message(f"r/{i}", b"v", 1, True))], lambda i=i: done.append(i))
+            ops = [RetainSet(Message(f"r/{i}", b"v", 1, True))]
+            if i % 5 == 0:
+                ops.append(Dynsec({"commands": [], "n": i}))
+            w1.submit(ops, lambda i=i: done.append(i))
         w2.submit([SubAdd("c", "a/#", 1)])
+        w2.submit([Dynsec({"commands": [], "n": -1})])
         deadline = asyncio.get_running_loop().time() + 20
-        while (len(done) < 50 or len(seen2) < 50 or not seen1 or not roles) and asyncio.get_running_loop().time() < deadline:
+        while (len(done) < 50 or len(seen2) < 10 or not seen1 or not roles) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # anything that should not come has had its chance
         w3 = RaftStore(str(standalone.data_dir), worker_id=3)
         state = w3.load()
         await w3.close()
@@ -58,9 +67,11 @@ def test_submit_acknowledges_the_proposer_and_fans_out_to_siblings(standalone) -
     done, seen1, seen2, state, roles = asyncio.run(main())
     assert roles[-1][:2] == ("leader", 1)
     assert done == list(range(50))  # in submission order
-    assert [ops[0].message.topic for ops in seen2] == [f"r/{i}" for i in range(50)]
-    assert seen1 == [[SubAdd("c", "a/#", 1)]]  # only the sibling's entry, not its own
-    assert set(state.retained) == {f"r/{i}" for i in range(50)}
+    # w2 sees w1's batches that carry a Dynsec op, whole, and nothing else
+    assert [(ops[0].message.topic, ops[1].change["n"]) for ops in seen2] == \
+        [(f"r/{i}", i) for i in range(0, 50, 5)]
+    assert seen1 == [[Dynsec({"commands": [], "n": -1})]]  # not w2's SubAdd, never its own
+    assert set(state.retained) == {f"r/{i}" for i in range(50)}  # all committed
 
 
 def test_raft_process_restart_fails_pending_and_reports(standalone) -> None:

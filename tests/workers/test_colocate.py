@@ -146,6 +146,43 @@ def test_publisher_moves_to_its_subscriber(node, version, qos):
             assert got == list(range(1, p.n + 1)), (before, got[:5], len(got))
 
 
+def test_publisher_with_messages_always_in_flight_moves(node):
+    """A QoS 1 publisher that keeps 20 messages in flight, to a persistent
+    subscriber: every PUBACK waits for a commit (and, across workers, for the
+    sibling), so there is never a moment with nothing owed to it.  It is held
+    (not read) until what it is owed is written, then moves; every PUBACK
+    comes, in order, and the subscriber gets every message once, in order."""
+    pids = worker_pids(node, 2)
+    topic = unique("coloc/inflight/")
+    sid, pid_ = owned_id(0, 2, "fsub"), owned_id(1, 2, "fpub")
+    mark = len(log_text(node))
+    window, extra = 20, 300
+    with Paho(node, sid, 4, clean=False) as sub:
+        sub.subscribe(topic, 1)
+        c = _raw(node, pid_, 4)
+        with c:
+            assert accepting_worker(node, c.sock, pids) == 1
+            moved = _moved(node, pid_, mark)
+            sent = acked = 0
+            total = None
+            deadline = time.monotonic() + 20
+            while total is None or acked < total:
+                assert time.monotonic() < deadline, ("no move in time", sent, acked)
+                while sent - acked < window and (total is None or sent < total):
+                    sent += 1
+                    c.publish(topic, b"%d" % sent, 1, pid=(sent - 1) % 65535 + 1)
+                ack = c.expect(PUBACK)
+                acked += 1
+                assert ack.pid == (acked - 1) % 65535 + 1, (ack, acked)
+                if total is None and moved():
+                    total = sent + extra
+            assert accepting_worker(node, c.sock, pids) == 0
+            got = _received_in_order(sub, total)
+            assert got == list(range(1, total + 1)), (len(got), got[:5])
+    with Paho(node, sid, 4, clean=True):
+        pass  # ends the persistent session
+
+
 def test_moved_client_takeover_and_sys(node):
     """A moved connection (3.1.1 and 5.0) is taken over by a new CONNECT with its
     id (5.0: DISCONNECT 0x8E), whatever worker accepts it; the clients

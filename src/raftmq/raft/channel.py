@@ -10,6 +10,9 @@ Worker -> raft process
                                                  flags bit 0: send me ENTRY frames (fan-out);
                                                  bit 1: send me ROLE frames only (ha standby)
     PROPOSE   u64 request id | entry data         data = encode_ops(ops); many per write
+    PROPOSE_LOCAL  (as PROPOSE)                   the same, but nobody else on this node needs
+                                                 the entry: no ENTRY fan-out to the other
+                                                 workers (raftmq.state.entries.NODE_WIDE)
     LOAD      (empty)                             "send me the committed state"
     ADMIN     u64 request id | JSON request       cluster status / add / remove / transfer
 Raft process -> worker
@@ -43,6 +46,7 @@ HELLO = 1
 PROPOSE = 2
 LOAD = 3
 ADMIN = 4
+PROPOSE_LOCAL = 5
 COMMITTED = 10
 FAILED = 11
 ENTRY = 12

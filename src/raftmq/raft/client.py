@@ -35,7 +35,7 @@ from collections.abc import Callable
 import orjson
 
 from raftmq.raft import channel as ch
-from raftmq.state.entries import LoadedState, Op, decode_ops, encode_ops
+from raftmq.state.entries import LoadedState, Op, decode_ops, encode_ops, node_wide
 
 log = logging.getLogger("raftmq.raft.client")
 
@@ -122,7 +122,9 @@ class RaftStore:
         rid = self._next_id
         self._next_id += 1
         self._pending[rid] = done
-        proto.send(ch.request_frame(ch.PROPOSE, rid, encode_ops(ops)))
+        # A batch no sibling needs is not fanned out to them (entries.NODE_WIDE_TAGS).
+        kind = ch.PROPOSE if node_wide(ops) else ch.PROPOSE_LOCAL
+        proto.send(ch.request_frame(kind, rid, encode_ops(ops)))
 
     def flush(self) -> int:
         """Write the proposals submitted so far now, not at the end of the loop

@@ -172,6 +172,9 @@ class RaftProcess:
         # Forwarded proposals answered FAILED (leader changed) may still commit:
         # their entry is then fanned out to the proposer too, like a remote one.
         self._forward_lost: set[tuple[int, int]] = set()
+        # Proposals (conn, request) of PROPOSE_LOCAL frames until they commit or
+        # fail: their entries are not fanned out to this node's other workers.
+        self._local: set[tuple[int, int]] = set()
         self._waiting_loads: list[ch.FrameProtocol] = []
         self._admin_waits: list[tuple[Any, ch.FrameProtocol, int, float]] = []
         self._learners_to_promote: set[int] = set()
@@ -388,6 +391,12 @@ class RaftProcess:
         for kind, body in frames:
             if kind == ch.PROPOSE:
                 proposals.append((cid, ch.U64.unpack_from(body)[0], body[8:]))
+            elif kind == ch.PROPOSE_LOCAL:
+                rid = ch.U64.unpack_from(body)[0]
+                proposals.append((cid, rid, body[8:]))
+                if len(self._local) > 1_000_000:
+                    self._local.clear()  # ids of proposals long gone (at worst: fanned out)
+                self._local.add((cid, rid))
             elif kind == ch.HELLO:
                 proto.worker_id = ch.U32.unpack_from(body)[0]
                 proto.fanout = len(body) > 4 and bool(body[4] & 1)
@@ -581,6 +590,7 @@ class RaftProcess:
         conns = self._conns
         done: dict[int, list[int]] = {}
         fanout = [c for c in conns.values() if c.fanout]
+        local = self._local
         unpack = ENVELOPE.unpack_from
         # A follower with no workers listening has nobody to tell: skip the walk.
         for e in committed if (pending or fanout) else ():
@@ -601,6 +611,9 @@ class RaftProcess:
                     done[cid] = [rid]
                 else:
                     lst.append(rid)
+            if local and origin == me and (cid, rid) in local:
+                local.discard((cid, rid))
+                continue  # its proposer's alone (PROPOSE_LOCAL): no fan-out
             if fanout:
                 frame = None
                 for c in fanout:
@@ -760,8 +773,10 @@ class RaftProcess:
 
     def _fail_requests(self, reqs: list[tuple[int, int, bytes]], reason: int) -> None:
         by_conn: dict[int, list[int]] = {}
+        local = self._local
         for cid, rid, _ in reqs:
             by_conn.setdefault(cid, []).append(rid)
+            local.discard((cid, rid))
         self._send_failed(by_conn, reason)
 
     def _fail_all(self, reason: int) -> None:
@@ -769,6 +784,7 @@ class RaftProcess:
         for cid, rid in self._pending:
             by_conn.setdefault(cid, []).append(rid)
         self._pending.clear()
+        self._local.clear()
         if self._proposals:
             for cid, rid, _ in self._proposals:
                 by_conn.setdefault(cid, []).append(rid)

@@ -410,6 +410,20 @@ def _compact(op: Any) -> bytes | None:
         return None
 
 
+# The ops the other workers of the node must see when one worker commits them
+# (the raft process fans them out, raftmq.raft.channel ENTRY): dynamic-security
+# changes, which every worker's authentication and ACLs follow.  Everything
+# else a worker commits is its own (its sessions, its queues) or reaches its
+# siblings over the mesh (forwarded and retained messages), so a batch without
+# them is proposed PROPOSE_LOCAL and no sibling decodes it.
+NODE_WIDE_TAGS = frozenset({Dynsec.TAG})
+
+
+def node_wide(ops: list[Op]) -> bool:
+    """Whether some op of ``ops`` is one every worker of the node must see."""
+    return any(op.TAG in NODE_WIDE_TAGS for op in ops)
+
+
 def encode_ops(ops: list[Op]) -> bytes:
     parts = [_U32.pack(len(ops))]
     for op in ops:

@@ -16,12 +16,15 @@ with at least MIN_MESSAGES in the window, all to X, is a candidate; it moves
 only when its state can move whole:
 
 - CONNECTED and online, no subscriptions, nothing in flight or queued either
-  way (no QoS 2 receive state, no QoS 1 PUBACK waiting), no partial packet in
-  the parser, nothing in its output buffer nor in the transport's;
+  way (no QoS 2 receive state), no partial packet in the parser, nothing in
+  its output buffer nor in the transport's;
 - a session that ends with the connection (3.1.1 clean session, 5.0 expiry 0,
   never written to the store): nothing durable names the worker holding it;
-- the worker has no store batch or gated acknowledgement outstanding (an
-  acknowledgement closure holds the connection it will write to);
+- nothing owed to it: the candidates are first *held* (not read) until
+  everything submitted before is committed and acknowledged by the siblings
+  (``Broker.after_commit``), so a QoS 1 publisher's PUBACKs waiting for a
+  commit are written before it moves (an acknowledgement closure holds the
+  connection it writes to); a held connection that still cannot move reads on;
 - it did not move in the last MIN_STAY seconds (no ping-pong);
 - X is not clearly busier: after the move X would hold at most RATIO x our
   connections + SLACK (counts from the siblings' STATS frames, adjusted for
@@ -201,63 +204,107 @@ class Colocate:
             return
         self.tally = {}
         candidates = [(cid, t[0]) for cid, t in tally.items() if t[0] >= 0 and t[1] >= MIN_MESSAGES]
-        if not candidates:
-            return
-        self._round(candidates, 0, self.mesh.connected_per_worker(), [0, 0, 0, 0])
+        if candidates:
+            self._hold(candidates, now)
 
-    def _round(self, candidates: list, start: int, counts: dict[int, int], done: list) -> None:
-        """Move candidates from ``start`` on; when a target's hand-off queue is
-        full (it reads it once per loop turn) go on a moment later.
+    def _hold(self, candidates: list, now: float) -> None:
+        """Stop reading the candidates that may move, then go on (``_round``) once
+        everything submitted so far is committed and the siblings processed what
+        was forwarded: every acknowledgement owed to a held connection (a QoS 1
+        PUBACK waiting for its commit) is then written, and nothing new can be
+        owed to it, as it reads nothing.  So a publisher that always has a
+        message in flight can move too, after a pause of one commit."""
+        broker = self.broker
+        if broker._stopping:
+            return
+        held = []
+        for client_id, dest in candidates:
+            session = broker.sessions.get(client_id)
+            conn = session.conn if session is not None else None
+            if conn is None or not self._may_move(conn, session, now):
+                continue
+            conn.transport.pause_reading()
+            held.append((conn, dest))
+            if len(held) >= MAX_PER_ROUND:
+                break
+        if not held:
+            return
+        self._pending_round = True
+        # (call_soon: the acknowledgements those commits wrote are flushed first.)
+        broker.after_commit(lambda: broker.loop.call_soon(
+            self._round, held, 0, self.mesh.connected_per_worker(), [0, 0, 0, 0]))
+
+    def _round(self, held: list, start: int, counts: dict[int, int], done: list) -> None:
+        """Move the held connections from ``start`` on; when a target's hand-off
+        queue is full (it reads it once per loop turn) go on a moment later.
         ``done``: moved, cannot move now, kept by the load rule, pauses."""
         self._pending_round = None
         broker = self.broker
-        if broker.pending_ops or broker._pending_actions or broker.outstanding_batches \
-                or self.mesh._waiters or broker._stopping:
-            return  # an acknowledgement may wait to be written to one of them
-        now = time.monotonic()
-        for i in range(start, len(candidates)):
-            if done[0] >= MAX_PER_ROUND:
-                break
-            client_id, dest = candidates[i]
-            session = broker.sessions.get(client_id)
-            conn = session.conn if session is not None else None
-            if conn is None:
-                continue  # gone (or moved already, after the window was counted)
-            if not self._movable(conn, session, now):
+        if any(conn.out for conn, _dest in held[start:]):
+            broker._flush()
+        for i in range(start, len(held)):
+            conn, dest = held[i]
+            session = conn.session
+            if session is None or session.conn is not conn or conn.state != CONNECTED:
+                continue  # closed or taken over meanwhile
+            if broker._stopping or not self._drained(conn, session):
                 done[1] += 1
+                self._release(conn)
                 continue
             if not self._balanced(counts, dest):
                 done[2] += 1
+                self._release(conn)
                 continue
             moved = self.move(conn, dest)
             if moved is None and not broker._stopping and done[3] < ROUND_RETRIES:
                 done[3] += 1
                 self._pending_round = broker.loop.call_later(
-                    ROUND_PAUSE, self._round, candidates, i, counts, done)
+                    ROUND_PAUSE, self._round, held, i, counts, done)
                 return
             if moved:
                 done[0] += 1
                 counts[dest] = counts.get(dest, 0) + 1
                 counts[self.index] -= 1
+            else:
+                self._release(conn)
         if broker.debug:
             log.debug("Worker %d: %d candidates to move, %d moved, %d cannot move now, %d kept "
-                      "by the load rule.", self.index, len(candidates), *done[:3])
+                      "by the load rule.", self.index, len(held), *done[:3])
 
-    def _movable(self, conn: Connection, session: Any, now: float) -> bool:
-        if conn.state != CONNECTED or not conn.online or conn.paused or conn.out or conn.dirty:
+    @staticmethod
+    def _release(conn: Connection) -> None:
+        """A held connection stays: it reads again (unless its own output
+        backlog paused it, which resumes it when drained)."""
+        transport = conn.transport
+        if transport is not None and not conn.paused and not transport.is_closing():
+            transport.resume_reading()
+
+    def _may_move(self, conn: Connection, session: Any, now: float) -> bool:
+        """What a wait cannot change: the connection and its session can move whole."""
+        if conn.state != CONNECTED or not conn.online or conn.paused:
             return False
         if session.subscriptions or session.inflight or session.queue or session.qos2_in \
                 or session.unwritten or session.durable or session.expiry_interval:
-            return False
-        if conn.qos1_in_pending or conn.parser.buffered or conn.parser.error is not None:
             return False
         if now - getattr(conn, "moved_at", -MIN_STAY) < MIN_STAY:
             return False
         transport = conn.transport
         # (A TLS session could not follow its socket: such a connection stays.)
         return transport is not None and not transport.is_closing() \
-            and transport.get_write_buffer_size() == 0 \
             and transport.get_extra_info("sslcontext") is None
+
+    def _drained(self, conn: Connection, session: Any) -> bool:
+        """After the hold: nothing owed to it, nothing half-read, nothing unwritten."""
+        if conn.paused or conn.out or conn.dirty or conn.qos1_in_pending:
+            return False
+        if session.subscriptions or session.inflight or session.queue or session.qos2_in \
+                or session.unwritten:
+            return False  # a SUBSCRIBE or QoS 2 PUBLISH read before the hold
+        if conn.parser.buffered or conn.parser.error is not None:
+            return False
+        transport = conn.transport
+        return transport is not None and not transport.is_closing() \
+            and transport.get_write_buffer_size() == 0
 
     def _balanced(self, counts: dict[int, int], dest: int) -> bool:
         ours = counts.get(self.index, 0)
@@ -274,8 +321,9 @@ class Colocate:
     # -- the move (source side) ---------------------------------------------------
 
     def move(self, conn: Connection, dest: int) -> bool | None:
-        """Move ``conn`` to sibling ``dest``; False (and untouched) if it cannot,
-        None (untouched) if not now: the target's hand-off queue is full."""
+        """Move ``conn`` (held: not reading) to sibling ``dest``; False (and
+        untouched) if it cannot, None (untouched) if not now: the target's
+        hand-off queue is full."""
         mesh = self.mesh
         broker = self.broker
         sibling = mesh.siblings.get(dest)
@@ -288,10 +336,8 @@ class Colocate:
         move_id = int.from_bytes(os.urandom(8), "little") >> 1 or 1
         body = _encode_state(conn, move_id)
         transport = conn.transport
-        transport.pause_reading()
         sent = self.handoff.move(conn, dest, body)
         if not sent:
-            transport.resume_reading()
             return sent
         # After the FWD frames of everything this client published here.
         mesh.send_moved(sibling, move_id, client_id)
