@@ -400,8 +400,10 @@ def test_kill_target_right_after_move(tmp_path):
 
 
 def test_fan_in_does_not_pile_onto_one_worker(node):
-    """20 publishers on worker 1, one subscriber on worker 0: some move, but the
-    load rule stops the moves while worker 1 still holds several of them."""
+    """20 publishers on worker 1, one subscriber on worker 0: at this light load
+    locality wins and most move, but the connection cap of the load rule stops
+    the moves while worker 1 still holds several of them (the CPU part of the
+    rule: tests/unit/test_colocate_rule.py)."""
     pids = worker_pids(node, 2)
     topic = unique("coloc/fanin/")
     mark = len(log_text(node))

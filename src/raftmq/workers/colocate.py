@@ -26,12 +26,16 @@ only when its state can move whole:
   commit are written before it moves (an acknowledgement closure holds the
   connection it writes to); a held connection that still cannot move reads on;
 - it did not move in the last MIN_STAY seconds (no ping-pong);
-- X is not clearly busier: after the move X would hold at most RATIO x our
-  connections + SLACK (counts from the siblings' STATS frames, adjusted for
-  this round's moves).  Once a sibling is refused it stays refused until its
-  count falls back under RELEASE_RATIO x ours + SLACK / 2 (hysteresis), so
-  many publishers to one subscriber (fan-in) stop moving once that worker
-  holds its share, instead of piling onto it.
+- X has room for it, by CPU: every worker reports the share of a core it
+  used over the last STATS interval.  X is refused when, with the mover's
+  estimated share added (ours / our connections), it would be at least BUSY
+  *and* busier than we would be by more than MARGIN: locality wins while X
+  has room or is the idler one, and many publishers to one subscriber
+  (fan-in) stop moving once that worker is the busy one instead of piling
+  onto a single core.  Once refused, X stays refused until it is below
+  RELEASE or no busier than us (hysteresis).  Loads are adjusted for this
+  round's moves.  A cap on connections (at most CAP_RATIO x ours + CAP_SLACK
+  after the move) keeps lagging load figures from emptying a worker.
 - at most MAX_PER_ROUND moves per window, and only between a client id's
   owner worker and one other (away from home, or back home): the owner's
   directory (below) then always knows where the id is.
@@ -83,8 +87,11 @@ WINDOW = 1.0  # seconds of traffic a decision looks at
 MIN_MESSAGES = 16  # messages in the window, all to one sibling, to be a candidate
 MIN_STAY = 10.0  # seconds a moved connection stays before it may move again
 MAX_PER_ROUND = 128  # moves per window and worker (a move costs ~0.1 ms of the tick)
-RATIO, SLACK = 1.25, 4  # refuse X when it would hold more than RATIO x ours + SLACK
-RELEASE_RATIO = 1.1  # ... until it holds at most RELEASE_RATIO x ours + SLACK / 2
+# The load rule, in thousandths of a core (the siblings' STATS frames).
+BUSY = 700  # refuse X at this load after the move ...
+MARGIN = 100  # ... when it would also be busier than us by more than this
+RELEASE = 550  # a refused X is asked again below this load (or when no busier)
+CAP_RATIO, CAP_SLACK = 3, 8  # never more than CAP_RATIO x our connections + CAP_SLACK
 # A marker whose socket did not come, or a socket whose marker did not come
 # while the link to its sender stayed up (a broken link serves it at once).
 ARRIVAL_TIMEOUT = 60.0
@@ -231,10 +238,13 @@ class Colocate:
             return
         self._pending_round = True
         # (call_soon: the acknowledgements those commits wrote are flushed first.)
+        mesh = self.mesh
         broker.after_commit(lambda: broker.loop.call_soon(
-            self._round, held, 0, self.mesh.connected_per_worker(), [0, 0, 0, 0]))
+            self._round, held, 0, mesh.load_per_worker(), mesh.connected_per_worker(),
+            [0, 0, 0, 0]))
 
-    def _round(self, held: list, start: int, counts: dict[int, int], done: list) -> None:
+    def _round(self, held: list, start: int, loads: dict[int, int], counts: dict[int, int],
+               done: list) -> None:
         """Move the held connections from ``start`` on; when a target's hand-off
         queue is full (it reads it once per loop turn) go on a moment later.
         ``done``: moved, cannot move now, kept by the load rule, pauses."""
@@ -251,20 +261,24 @@ class Colocate:
                 done[1] += 1
                 self._release(conn)
                 continue
-            if not self._balanced(counts, dest):
+            share = self._balanced(loads, counts, dest)
+            if share is None:
                 done[2] += 1
                 self._release(conn)
                 continue
             moved = self.move(conn, dest)
+            if moved:  # this round's later decisions see it
+                loads[dest] = loads.get(dest, 0) + share
+                loads[self.index] -= share
+                counts[dest] = counts.get(dest, 0) + 1
+                counts[self.index] -= 1
             if moved is None and not broker._stopping and done[3] < ROUND_RETRIES:
                 done[3] += 1
                 self._pending_round = broker.loop.call_later(
-                    ROUND_PAUSE, self._round, held, i, counts, done)
+                    ROUND_PAUSE, self._round, held, i, loads, counts, done)
                 return
             if moved:
                 done[0] += 1
-                counts[dest] = counts.get(dest, 0) + 1
-                counts[self.index] -= 1
             else:
                 self._release(conn)
         if broker.debug:
@@ -306,17 +320,22 @@ class Colocate:
         return transport is not None and not transport.is_closing() \
             and transport.get_write_buffer_size() == 0
 
-    def _balanced(self, counts: dict[int, int], dest: int) -> bool:
-        ours = counts.get(self.index, 0)
-        theirs = counts.get(dest, 0)
+    def _balanced(self, loads: dict[int, int], counts: dict[int, int], dest: int) -> int | None:
+        """The load rule (module docstring): the mover's estimated load if it
+        may move to ``dest``, else None."""
+        me = self.index
+        ours, theirs = loads.get(me, 0), loads.get(dest, 0)
+        share = ours // max(1, counts.get(me, 0))
         if dest in self.refused:
-            if theirs > ours * RELEASE_RATIO + SLACK / 2:
-                return False
+            if theirs >= RELEASE and theirs > ours:
+                return None
             self.refused.discard(dest)
-        if theirs + 1 > (ours - 1) * RATIO + SLACK:
+        if theirs + share >= BUSY and theirs + share > ours - share + MARGIN:
             self.refused.add(dest)
-            return False
-        return True
+            return None
+        if counts.get(dest, 0) + 1 > (counts.get(me, 0) - 1) * CAP_RATIO + CAP_SLACK:
+            return None
+        return share
 
     # -- the move (source side) ---------------------------------------------------
 

@@ -21,7 +21,8 @@ connects to the lower; both directions use it).  On it flow frames::
 - SYNC(seq): nothing but a sequence number to acknowledge (a barrier).
 - ACK(seq): every frame of the receiver's up to ``seq`` was processed and
   what it changed in the store is committed.
-- STATS(counters): the sender's ``$SYS`` counters, every upkeep tick.
+- STATS(counters): the sender's ``$SYS`` counters, every upkeep tick, then its
+  connected clients, offline sessions, subscriptions and CPU load (colocate.py).
 - FWD_SHARED: as FWD, for the listed share groups only: a message that a
   member which left had not acknowledged, for another member (MQTT 5 §4.8.2).
 - AGAIN(incarnation, seq): the next FWD is a QoS 2 message that the previous
@@ -99,6 +100,7 @@ import asyncio
 import logging
 import os
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -209,6 +211,10 @@ class Mesh:
         # (client id, packet id) -> Qos2InAdd.forwards of our previous process
         self.prev_forwards: dict[tuple[str, int], list] = {}
         self.colocate: Any = None  # colocate.Colocate when connections may move
+        # This worker's CPU use over the last STATS interval (thousandths of a
+        # core), sent with the STATS: colocate's load rule.
+        self.cpu_load = 0
+        self._cpu_at, self._cpu_used = time.monotonic(), time.process_time()
 
     # -- ownership (used by handle_connect) ---------------------------------------
 
@@ -738,8 +744,12 @@ class Mesh:
         broker = self.broker
         stats = broker.stats
         values = [getattr(stats, f) for f in STAT_FIELDS]
+        now, cpu = time.monotonic(), time.process_time()
+        if now > self._cpu_at:
+            self.cpu_load = int((cpu - self._cpu_used) * 1000 / (now - self._cpu_at))
+        self._cpu_at, self._cpu_used = now, cpu
         values += [broker.connected_count, broker.disconnected_count(),
-                   broker.router.subscription_count]
+                   broker.router.subscription_count, self.cpu_load]
         frame_body = orjson.dumps(values)
         frame = _LEN.pack(1 + len(frame_body)) + bytes((STATS,)) + frame_body
         for sibling in self._sibling_list:
@@ -750,9 +760,10 @@ class Mesh:
     def sibling_totals(self) -> list[int]:
         """Sum of the siblings' last STATS: STAT_FIELDS, then connected,
         disconnected sessions, subscriptions."""
-        totals = [0] * (len(STAT_FIELDS) + 3)
+        n = len(STAT_FIELDS) + 3
+        totals = [0] * n
         for sibling in self._sibling_list:
-            for i, value in enumerate(sibling.stats):
+            for i, value in enumerate(sibling.stats[:n]):
                 totals[i] += value
         return totals
 
@@ -765,6 +776,15 @@ class Mesh:
             # the set of $SYS topics -- and the retained count -- stays put.
             counts[sibling.index] = sibling.stats[connected] if sibling.stats else 0
         return counts
+
+    def load_per_worker(self) -> dict[int, int]:
+        """Thousandths of a core each worker used over its last STATS interval."""
+        at = len(STAT_FIELDS) + 3
+        loads = {self.index: self.cpu_load}
+        for sibling in self._sibling_list:
+            stats = sibling.stats
+            loads[sibling.index] = stats[at] if stats and len(stats) > at else 0
+        return loads
 
     # -- receiving -------------------------------------------------------------------
 
