@@ -35,7 +35,7 @@ from collections.abc import Callable
 import orjson
 
 from raftmq.raft import channel as ch
-from raftmq.state.entries import LoadedState, Op, decode_ops, encode_ops, node_wide
+from raftmq.state.entries import LoadedState, Op, decode_ops, encode_batch, encode_ops
 
 log = logging.getLogger("raftmq.raft.client")
 
@@ -123,8 +123,8 @@ class RaftStore:
         self._next_id += 1
         self._pending[rid] = done
         # A batch no sibling needs is not fanned out to them (entries.NODE_WIDE_TAGS).
-        kind = ch.PROPOSE if node_wide(ops) else ch.PROPOSE_LOCAL
-        proto.send(ch.request_frame(kind, rid, encode_ops(ops)))
+        data, wide = encode_batch(ops)
+        proto.send(ch.request_frame(ch.PROPOSE if wide else ch.PROPOSE_LOCAL, rid, data))
 
     def flush(self) -> int:
         """Write the proposals submitted so far now, not at the end of the loop

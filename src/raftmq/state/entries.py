@@ -415,17 +415,19 @@ def _compact(op: Any) -> bytes | None:
 # changes, which every worker's authentication and ACLs follow.  Everything
 # else a worker commits is its own (its sessions, its queues) or reaches its
 # siblings over the mesh (forwarded and retained messages), so a batch without
-# them is proposed PROPOSE_LOCAL and no sibling decodes it.
+# them is proposed PROPOSE_LOCAL and no sibling decodes it (encode_batch).
 NODE_WIDE_TAGS = frozenset({Dynsec.TAG})
 
 
-def node_wide(ops: list[Op]) -> bool:
-    """Whether some op of ``ops`` is one every worker of the node must see."""
-    return any(op.TAG in NODE_WIDE_TAGS for op in ops)
-
-
 def encode_ops(ops: list[Op]) -> bytes:
+    return encode_batch(ops)[0]
+
+
+def encode_batch(ops: list[Op]) -> tuple[bytes, bool]:
+    """The encoded batch, and whether some op of it is one every worker of the
+    node must see (NODE_WIDE_TAGS), found in the same pass."""
     parts = [_U32.pack(len(ops))]
+    wide = False
     for op in ops:
         tag = op.TAG
         if _QUEUE_ADD_TAG <= tag <= _QUEUE_REMOVE_TAG:
@@ -433,11 +435,13 @@ def encode_ops(ops: list[Op]) -> bytes:
             if b is not None:
                 parts.append(b)
                 continue
+        elif tag in NODE_WIDE_TAGS:
+            wide = True
         head = orjson.dumps(_HEADER_FIELDS[tag](op))
         msg = getattr(op, "message", None)
         mb = encode_message(msg) if msg is not None else b""
         parts += (_OP_HEAD.pack(tag, len(head)), head, _U32.pack(len(mb)), mb)
-    return b"".join(parts)
+    return b"".join(parts), wide
 
 
 def decode_ops(b: bytes | memoryview) -> list[Op]:

@@ -600,8 +600,9 @@ class StateMachine:
                     log.error("entry %d: unknown op tag %d ignored", index, tag)
         except (MalformedBatch, ValueError, TypeError, IndexError, struct.error) as exc:
             # Deterministic on every member: the same bytes fail the same way.
-            # Ops before the bad one stay applied (entries are atomic per batch
-            # of the log, not per op; a well-formed proposer never gets here).
+            # A batch that does not parse applies nothing (iter_raw_ops checks
+            # it whole); an op that fails later leaves the ops before it
+            # applied (a well-formed proposer never gets here).
             log.error("entry %d: malformed op batch: %s", index, exc)
             errors = (errors or []) + [f"malformed: {exc}"]
         return errors, direct

@@ -214,6 +214,7 @@ class Mesh:
         # This worker's CPU use over the last STATS interval (thousandths of a
         # core), sent with the STATS: colocate's load rule.
         self.cpu_load = 0
+        self._all_known = False  # every sibling told us its interest (Sibling.known)
         self._cpu_at, self._cpu_used = time.monotonic(), time.process_time()
 
     # -- ownership (used by handle_connect) ---------------------------------------
@@ -464,6 +465,7 @@ class Mesh:
             self.remote_durable.unsubscribe(topic_filter, sibling.index)
         sibling.durable.clear()
         sibling.known = True
+        self._all_known = all(s.known for s in self._sibling_list)
 
     # -- forwarding ------------------------------------------------------------------
 
@@ -495,6 +497,13 @@ class Mesh:
                             sibling.out.append(frame)
                     if not self._flush_scheduled:
                         self._schedule_flush()
+                return local_shared
+            if not indexes and not shared_remote and not retain and not local_shared \
+                    and self._all_known:
+                # QoS 1/2 that no sibling wants (a co-located pair): nothing to send.
+                self.matched = 0
+                if self.colocate is not None and sender_id:
+                    self._note(sender_id, message.topic, (), False)
                 return local_shared
         else:
             if not qos and not retain:
