@@ -124,6 +124,16 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
 _PROBE_CONNECT = bytes((0x10, 23, 0, 4)) + b"MQTT" + bytes((4, 2, 0, 10, 0, 11)) + b"bench-probe"
 _CONNACK_OK = bytes((0x20, 2, 0, 0))
 SETTLE = 1.0  # seconds between serving and the load: start-up work of either broker is over
+# --pin-broker / --pin-loadgen: CPU lists for taskset.  On this VM a wake-up
+# across vCPUs costs ~80 us and ~23 us of CPU per message at 10k msg/s, for
+# Mosquitto as for raftmq, and which placement the scheduler picks varies from
+# run to run: a latency comparison without pinning measures that choice.
+PIN: dict[str, str | None] = {"broker": None, "loadgen": None}
+
+
+def pinned(cmd: list[str], who: str) -> list[str]:
+    cpus = PIN[who]
+    return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
 def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -260,7 +270,7 @@ class Broker:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    self.command(port, workdir), stdout=log, stderr=subprocess.STDOUT, env=env,
+                    pinned(self.command(port, workdir), "broker"), stdout=log, stderr=subprocess.STDOUT, env=env,
                     cwd=workdir, preexec_fn=raise_nofile, start_new_session=True,
                 )
             try:
@@ -311,6 +321,7 @@ def run_one(broker: Broker, sc: Scenario, duration: float, warmup: float, mqtt: 
             if not sc.idle:
                 args += ["-d", str(duration), "--warmup", str(warmup)]
             args += list(sc.loadgen_args) + ["--mqtt", "5" if mqtt == "5" else "4"]
+            args = pinned(args, "loadgen")
             budget = duration + warmup + 60
             try:
                 r = subprocess.run(args, capture_output=True, text=True, timeout=budget)
@@ -459,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="connects (default): both brokers log each client connect/disconnect "
                     "(Mosquitto's default log types, raftmq's info level); quiet: warnings only, both")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    ap.add_argument("--pin-broker", help="CPU list (taskset -c) for both brokers and their children")
+    ap.add_argument("--pin-loadgen", help="CPU list (taskset -c) for the load generator")
     args = ap.parse_args(argv)
     try:
         worker_counts: list[int | None] = [int(w) for w in args.workers.split(",")] if args.workers else [None]
@@ -467,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.raftmq_config and (args.workers or args.durability != "none"):
         ap.error("--workers/--durability go into the generated config; put them in --raftmq-config instead")
 
+    PIN["broker"], PIN["loadgen"] = args.pin_broker, args.pin_loadgen
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
@@ -507,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['date']}  {info['nproc']} × {info['cpu_model']}  kernel {info['kernel']}  "
         f"{info['mosquitto']}  raftmq {info['raftmq_commit']}"
         + (f" workers={args.workers}" if args.workers else "")
-        + f" durability={args.durability} mqtt={args.mqtt} logs={args.logs}",
+        + f" durability={args.durability} mqtt={args.mqtt} logs={args.logs}"
+        + (f" pin broker={args.pin_broker} loadgen={args.pin_loadgen}" if args.pin_broker or args.pin_loadgen else ""),
         file=sys.stderr,
     )
     raw: dict[str, dict[str, list[dict]]] = {sc.name: {b.name: [] for b in brokers} for sc in scenarios}
@@ -539,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "rounds": rounds, "duration_s": duration, "warmup_s": args.warmup,
                 "workers": args.workers, "durability": args.durability, "mqtt": args.mqtt,
-                "logs": args.logs,
+                "logs": args.logs, "pin_broker": args.pin_broker, "pin_loadgen": args.pin_loadgen,
                 "raftmq_config": args.raftmq_config,
                 "skipped_brokers": skipped,
             },
