@@ -75,11 +75,24 @@ STOP_TIMEOUT = 15.0
 # child dies or a signal comes): a safety net, not a poll.
 WATCH_INTERVAL = 5.0
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def name_process(name: str) -> None:
+    """Set this process's name as ``ps``, ``top`` and ``pgrep`` show it
+    (/proc/PID/comm, 15 bytes): "raftmq", "raftmq-raft", "raftmq-worker-N"
+    instead of N times "python"."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _die_with_parent(parent_pid: int, name: str) -> None:
     """Child side: SIGKILL us when the supervisor dies (Linux), and leave its
-    process group so terminal signals go to the supervisor only."""
+    process group so terminal signals go to the supervisor only; take ``name``."""
+    name_process(name)
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -100,7 +113,7 @@ def _setup_child_logging(level: str, batched: bool = False) -> None:
 
 
 def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durability: str, level: str) -> None:
-    _die_with_parent(parent_pid)
+    _die_with_parent(parent_pid, "raftmq-raft")
     _setup_child_logging(level)
     from raftmq.raft.process import run_node
 
@@ -109,7 +122,7 @@ def _raft_child(parent_pid: int, settings: ClusterSettings, data_dir: str, durab
 
 def _worker_child(parent_pid: int, config: Any, index: int, count: int, run_dir: str,
                   serving: Any = None, sockets: tuple[tuple[int, socket.socket], ...] = ()) -> None:
-    _die_with_parent(parent_pid)
+    _die_with_parent(parent_pid, f"raftmq-worker-{index}" if index < 10 else f"raftmq-w{index}")
     _setup_child_logging(config.log_level, batched=True)
     import functools
 
@@ -463,6 +476,7 @@ def serve(config: Any) -> int:
 def run_node(config: Any, settings: ClusterSettings) -> int:
     """Check what would only fail later in a child (mode, listeners, secret
     file), then run the supervisor; exit status."""
+    name_process("raftmq")
     mode = getattr(config, "mode", "standalone")
     if mode in ("ha", "dynsec-sync"):
         if settings.standalone or settings.listen is None:

@@ -110,3 +110,25 @@ def _cmdline(pid: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_processes_are_named_for_ps_and_pgrep(node_factory) -> None:
+    """`ps`/`top`/`pgrep` tell the node's processes apart: the supervisor, the raft
+    process (the LMDB writer) and each worker by its index."""
+    node = node_factory(extra="workers = 2")
+    wait_for(lambda: len([p for p in descendants(node.proc.pid) if _comm(p).startswith("raftmq-")]) == 3,
+             20, "the named children")
+    names = {p: _comm(p) for p in descendants(node.proc.pid)}
+    raft = [p for p, n in names.items() if n == "raftmq-raft"]
+    assert len(raft) == 1 and _is_raft(raft[0]), names
+    assert sorted(n for n in names.values() if n.startswith("raftmq-worker-")) == \
+        ["raftmq-worker-0", "raftmq-worker-1"], names
+    assert _comm(node.proc.pid) == "raftmq"
