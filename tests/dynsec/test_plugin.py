@@ -59,6 +59,7 @@ class FakeBroker:
         self.published: list[dict] = []
         self.connections: list = []
         self.kicked: list = []
+        self.kick_wills: list = []  # with_will of each disconnect_clients call
 
     def commit(self, ops, action) -> None:
         self.batches.append((ops, action))
@@ -83,9 +84,14 @@ class FakeBroker:
         assert message.topic == "$CONTROL/dynamic-security/v1/response" and message.qos == 0
         self.published.append(json.loads(message.payload))
 
-    def disconnect_clients(self, predicate, reason_code) -> int:
+    def disconnect_clients(self, predicate, reason_code, with_will=True) -> int:
+        """As Broker.disconnect_clients: ``with_will=False`` discards the Will."""
         hit = [c for c in self.connections if predicate(c)]
         self.kicked += [(c.username, reason_code) for c in hit]
+        self.kick_wills.append(with_will)
+        if not with_will:
+            for c in hit:
+                c.will = None
         return len(hit)
 
     def request(self, payload: dict) -> None:
@@ -148,43 +154,17 @@ def test_kicks_use_reason_0x98_and_drop_the_will() -> None:
     assert alice.will is None and carol.will is not None
 
 
-def test_kick_deletes_the_stored_will_of_a_durable_session() -> None:
-    """A broker without ``with_will``: the plugin drops the Will itself and commits
-    WillDelete for a durable session (else a restart would publish it)."""
+def test_kick_asks_the_broker_to_drop_the_will() -> None:
+    """Kicks pass ``with_will=False``: the broker discards the Will and deletes a
+    durable session's stored one (Broker.disconnect_clients; the restart case
+    is tests/dynsec/test_live.py)."""
     broker, _plugin = _installed()
-    durable = SimpleNamespace(username="alice", client_id="a1", will=(0, object()),
-                              session=SimpleNamespace(client_id="a1", durable=True))
-    transient = SimpleNamespace(username="alice", client_id="a2", will=(0, object()),
-                                session=SimpleNamespace(client_id="a2", durable=False))
-    no_will = SimpleNamespace(username="alice", client_id="a3", will=None,
-                              session=SimpleNamespace(client_id="a3", durable=True))
-    broker.connections = [durable, transient, no_will]
-    broker.request({"commands": [{"command": "disableClient", "username": "alice"}]})
-    broker.complete()
-    assert len(broker.kicked) == 3 and durable.will is None and transient.will is None
-    assert [[(type(op).__name__, op.client_id) for op in ops] for ops, _ in broker.batches] == \
-        [[("WillDelete", "a1")]]
-    assert broker.flushed
-
-
-class WithWillBroker(FakeBroker):
-    """A broker whose disconnect_clients takes ``with_will`` (PROPOSED-broker-kick.diff)."""
-
-    def disconnect_clients(self, predicate, reason_code, with_will=True) -> int:
-        hit = [c for c in self.connections if predicate(c)]
-        self.kicked += [(c.username, reason_code, with_will) for c in hit]
-        return len(hit)
-
-
-def test_kick_asks_a_broker_with_the_parameter_to_drop_the_will() -> None:
-    broker = WithWillBroker(FakeStore(example_document()))
-    install(broker, SimpleNamespace(allow_anonymous=False, data_dir=None), environ={})
     alice = SimpleNamespace(username="alice", client_id="a", will=(0, object()))
     broker.connections = [alice]
     broker.request({"commands": [{"command": "disableClient", "username": "alice"}]})
     broker.complete()
-    assert broker.kicked == [("alice", 0x98, False)]
-    assert broker.batches == []  # the broker drops it (and deletes a stored one) itself
+    assert broker.kicked == [("alice", 0x98)] and broker.kick_wills == [False]
+    assert broker.batches == []  # the broker deletes a stored will itself
 
 
 def test_remote_changes_are_applied_without_a_response() -> None:

@@ -29,7 +29,6 @@ once per node, by worker 0; the other workers receive them the same way.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -40,7 +39,7 @@ from raftmq.dynsec.commands import REQUEST_TOPIC, RESPONSE_TOPIC, Outcome, apply
 from raftmq.dynsec.jsontext import dumps
 from raftmq.dynsec.kicks import REASON_ADMINISTRATIVE_ACTION, Kicks
 from raftmq.dynsec.model import DynsecState
-from raftmq.state.entries import Dynsec, Message, SubRemove, WillDelete
+from raftmq.state.entries import Dynsec, Message, SubRemove
 
 log = logging.getLogger("raftmq.dynsec")
 
@@ -186,38 +185,11 @@ class DynsecPlugin:
         discarded for good -- not published, and deleted from a durable session's
         stored state, which a restart would otherwise publish (spec §7; Mosquitto
         kicks with ``with_will = false``)."""
-        broker = self.broker
-        if _takes_with_will(broker):
-            n = broker.disconnect_clients(lambda conn: kicks.matches(conn.username),
-                                          REASON_ADMINISTRATIVE_ACTION, with_will=False)
-        else:  # a broker without the parameter: drop the Will here
-            ops: list[Any] = []
-
-            def matches(conn: Any) -> bool:
-                if not kicks.matches(conn.username):
-                    return False
-                if conn.will is not None:
-                    conn.will = None
-                    session = getattr(conn, "session", None)
-                    if session is not None and getattr(session, "durable", False):
-                        ops.append(WillDelete(session.client_id))
-                return True
-
-            n = broker.disconnect_clients(matches, REASON_ADMINISTRATIVE_ACTION)
-            if ops:
-                broker.commit(ops, None)
-                broker.flush_ops()  # outside packet handling: nothing else would submit them
+        n = self.broker.disconnect_clients(lambda conn: kicks.matches(conn.username),
+                                           REASON_ADMINISTRATIVE_ACTION, with_will=False)
         if n:
             log.info("Dynamic security: disconnected %d client(s) after a configuration change.", n)
         return n
-
-
-def _takes_with_will(broker: Any) -> bool:
-    """Whether ``broker.disconnect_clients`` has the ``with_will`` parameter."""
-    try:
-        return "with_will" in inspect.signature(broker.disconnect_clients).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def seed_change(loaded: dict[str, Any] | None, data_dir: str | os.PathLike[str] | None,
