@@ -39,3 +39,68 @@ def test_connection_cap_whatever_the_load() -> None:
     # idle workers: locality wins, up to CAP_RATIO x ours + CAP_SLACK connections there
     assert c._balanced({0: 0, 1: 0}, {0: 5, 1: 19}, 1) == 0  # 20 <= 4 * 3 + 8
     assert c._balanced({0: 0, 1: 0}, {0: 5, 1: 20}, 1) is None
+
+
+# -- the hold: a candidate with PUBACKs still owed is held, then moved ----------
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _held_setup():
+    from raftmq.broker.protocol import CONNECTED
+
+    waiting: list = []  # after_commit actions: run when the test says "committed"
+    soon: list = []
+    session = SimpleNamespace(subscriptions={}, inflight={}, queue=[], qos2_in=set(), unwritten=0,
+                              durable=False, expiry_interval=0)
+    conn = SimpleNamespace(state=CONNECTED, online=True, paused=False, transport=_Transport(),
+                           out=[], dirty=False, qos1_in_pending=3, session=session,
+                           parser=SimpleNamespace(buffered=0, error=None))
+    session.conn = conn
+    broker = SimpleNamespace(sessions={"pub": session}, _stopping=False, debug=False,
+                             after_commit=waiting.append, _flush=lambda: None,
+                             loop=SimpleNamespace(call_soon=lambda f, *a: soon.append((f, a))))
+    mesh = SimpleNamespace(index=0, colocate=None, load_per_worker=lambda: {0: 400, 1: 200},
+                           connected_per_worker=lambda: {0: 10, 1: 10})
+    c = co.Colocate(broker, mesh, SimpleNamespace(on_moved=None))  # type: ignore[arg-type]
+    moves: list = []
+    c.move = lambda conn, dest: moves.append((conn, dest)) or True  # type: ignore[method-assign]
+    return c, conn, waiting, soon, moves
+
+
+def test_a_publisher_owed_pubacks_is_held_then_moved_once_they_are_written() -> None:
+    c, conn, waiting, soon, moves = _held_setup()
+    c._hold([("pub", 1)], 100.0)
+    assert not conn.transport.reading and moves == []  # held, not moved while owed
+    conn.qos1_in_pending = 0  # the commit came: its PUBACKs were written ...
+    waiting.pop()()  # ... and after them the hold's own action
+    f, args = soon.pop()
+    f(*args)
+    assert moves == [(conn, 1)]
+
+
+def test_a_held_publisher_still_owed_reads_on() -> None:
+    c, conn, waiting, soon, moves = _held_setup()
+    c._hold([("pub", 1)], 100.0)
+    waiting.pop()()
+    f, args = soon.pop()
+    f(*args)  # still 3 PUBACKs owed (a later commit): it stays, reading again
+    assert moves == [] and conn.transport.reading
