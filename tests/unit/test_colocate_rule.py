@@ -75,14 +75,19 @@ def _held_setup():
                            out=[], dirty=False, qos1_in_pending=3, session=session,
                            parser=SimpleNamespace(buffered=0, error=None))
     session.conn = conn
+    timers: list = []
     broker = SimpleNamespace(sessions={"pub": session}, _stopping=False, debug=False,
                              after_commit=waiting.append, _flush=lambda: None,
-                             loop=SimpleNamespace(call_soon=lambda f, *a: soon.append((f, a))))
+                             loop=SimpleNamespace(
+                                 call_soon=lambda f, *a: soon.append((f, a)),
+                                 call_later=lambda d, f, *a: timers.append((f, a))
+                                 or SimpleNamespace(cancel=lambda: None)))
     mesh = SimpleNamespace(index=0, colocate=None, load_per_worker=lambda: {0: 400, 1: 200},
                            connected_per_worker=lambda: {0: 10, 1: 10})
     c = co.Colocate(broker, mesh, SimpleNamespace(on_moved=None))  # type: ignore[arg-type]
     moves: list = []
     c.move = lambda conn, dest: moves.append((conn, dest)) or True  # type: ignore[method-assign]
+    c.timers = timers  # type: ignore[attr-defined]
     return c, conn, waiting, soon, moves
 
 
@@ -104,3 +109,16 @@ def test_a_held_publisher_still_owed_reads_on() -> None:
     f, args = soon.pop()
     f(*args)  # still 3 PUBACKs owed (a later commit): it stays, reading again
     assert moves == [] and conn.transport.reading
+
+
+def test_a_hold_that_waits_too_long_is_given_up() -> None:
+    """The commit does not come within HOLD_MAX (the raft process restarting):
+    the candidate reads on and stays; the late commit then moves nothing."""
+    c, conn, waiting, soon, moves = _held_setup()
+    c._hold([("pub", 1)], 100.0)
+    (f, args), = c.timers  # type: ignore[attr-defined]
+    f(*args)
+    assert conn.transport.reading and c._pending_round is None
+    conn.qos1_in_pending = 0
+    waiting.pop()()
+    assert soon == [] and moves == []

@@ -97,6 +97,7 @@ CAP_RATIO, CAP_SLACK = 3, 8  # never more than CAP_RATIO x our connections + CAP
 ARRIVAL_TIMEOUT = 60.0
 ROUND_PAUSE = 0.002  # seconds before a round goes on after a target's queue was full
 ROUND_RETRIES = 100  # pauses per round before the rest waits for the next window
+HOLD_MAX = 1.0  # seconds a candidate may be held (not read) waiting for what it is owed
 
 RC_SESSION_TAKEN_OVER = 0x8E
 
@@ -180,7 +181,7 @@ class Colocate:
         self.away: dict[str, tuple[int, int]] = {}
         self.arrivals: dict[int, _Arrival] = {}  # move id -> what came so far
         self.refused: set[int] = set()  # siblings refused by the load rule (hysteresis)
-        self._pending_round: Any = None  # the rest of a round, after a full queue
+        self._pending_round: Any = None  # a hold's timer, or the rest of a round (a full queue)
         self.moved_out = 0
         self.moved_in = 0
         mesh.colocate = self
@@ -236,12 +237,30 @@ class Colocate:
                 break
         if not held:
             return
-        self._pending_round = True
-        # (call_soon: the acknowledgements those commits wrote are flushed first.)
+        # A hold that outlasts HOLD_MAX (a commit or a sibling's acknowledgement
+        # stuck: the raft process or a sibling restarting) is given up: they read
+        # on, and stay.
+        loop = broker.loop
+        timer = loop.call_later(HOLD_MAX, self._give_up, held)
+        self._pending_round = timer
         mesh = self.mesh
-        broker.after_commit(lambda: broker.loop.call_soon(
-            self._round, held, 0, mesh.load_per_worker(), mesh.connected_per_worker(),
-            [0, 0, 0, 0]))
+
+        def committed() -> None:
+            if self._pending_round is not timer:
+                return  # given up meanwhile
+            timer.cancel()
+            # (call_soon: the acknowledgements those commits wrote are flushed first.)
+            self._pending_round = loop.call_soon(
+                self._round, held, 0, mesh.load_per_worker(), mesh.connected_per_worker(),
+                [0, 0, 0, 0])
+
+        broker.after_commit(committed)
+
+    def _give_up(self, held: list) -> None:
+        self._pending_round = None
+        for conn, _dest in held:
+            if conn.state == CONNECTED:
+                self._release(conn)
 
     def _round(self, held: list, start: int, loads: dict[int, int], counts: dict[int, int],
                done: list) -> None:
