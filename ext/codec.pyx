@@ -726,14 +726,8 @@ cdef class Connack(Packet):
 
 @cython.no_gc
 cdef class Publish(Packet):
-    """PUBLISH (3.3). ``topic`` is str ("" with a topic alias in 5.0), ``payload`` bytes."""
-    cdef public object topic
-    cdef public object payload
-    cdef public int qos
-    cdef public bint retain
-    cdef public bint dup
-    cdef public int packet_id
-    cdef public object properties
+    """PUBLISH (3.3). ``topic`` is str ("" with a topic alias in 5.0), ``payload`` bytes.
+    Its fields are declared in src/raftmq/_codec.pxd (the protocol core reads them)."""
 
     _fields = ("topic", "payload", "qos", "retain", "dup", "packet_id", "properties")
     type = PUBLISH

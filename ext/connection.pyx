@@ -43,7 +43,8 @@ from os import write as os_write
 from time import time
 from collections import deque
 
-from raftmq._codec import Connack, Connect, MQTTError, Parser, Publish, encode_publish
+from raftmq._codec cimport Publish
+from raftmq._codec import Connack, Connect, MQTTError, Parser, encode_publish
 from raftmq._trie import valid_topic_name
 import raftmq.logsetup as _logsetup
 from raftmq.state.entries import (Message, QueueAdd, SessionDelete, SessionExpiry,
@@ -354,7 +355,7 @@ def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
                 if fast < 0:
                     fast = not broker.debug
                     size_limit = broker.config.message_size_limit
-                if fast and _publish_qos0(broker, conn, packet, size_limit):
+                if fast and _publish_qos0(broker, conn, <Publish>packet, size_limit):
                     continue
             if type(packet) is Connect:  # (the same handler, called from C)
                 handle_connect(broker, conn, packet)
@@ -368,7 +369,7 @@ def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
         conn.disconnect(RC_IMPLEMENTATION_SPECIFIC)
 
 
-cdef bint _publish_qos0(BrokerCore broker, Connection conn, packet,
+cdef bint _publish_qos0(BrokerCore broker, Connection conn, Publish packet,
                         Py_ssize_t size_limit) except -1:
     """handlers/publish.py handle_publish for a QoS 0 PUBLISH without retain,
     properties or a '$' topic (False, untouched, for any other: its handler
@@ -596,7 +597,7 @@ cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topi
         sub = match[1]
         if sub.no_local and client_id == sender_id:
             continue  # [MQTT-3.8.3-3]
-        c = (<object>sessions[client_id]).conn
+        c = (<Session?>sessions[client_id]).conn
         if c is None:
             continue
         conn = <Connection>c
