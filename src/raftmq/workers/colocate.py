@@ -316,8 +316,7 @@ class Colocate:
         """What a wait cannot change: the connection and its session can move whole."""
         if conn.state != CONNECTED or not conn.online or conn.paused:
             return False
-        if session.subscriptions or session.inflight or session.queue or session.qos2_in \
-                or session.unwritten or session.durable or session.expiry_interval:
+        if _carries_state(session) or session.durable or session.expiry_interval:
             return False
         if now - getattr(conn, "moved_at", -MIN_STAY) < MIN_STAY:
             return False
@@ -330,8 +329,7 @@ class Colocate:
         """After the hold: nothing owed to it, nothing half-read, nothing unwritten."""
         if conn.paused or conn.out or conn.dirty or conn.qos1_in_pending:
             return False
-        if session.subscriptions or session.inflight or session.queue or session.qos2_in \
-                or session.unwritten:
+        if _carries_state(session):
             return False  # a SUBSCRIBE or QoS 2 PUBLISH read before the hold
         if conn.parser.buffered or conn.parser.error is not None:
             return False
@@ -556,6 +554,13 @@ class Colocate:
                 # Its marker will not come (what it forwarded before is lost
                 # with the link, as any QoS 0 message in flight there).
                 self._adopt(move_id)
+
+
+def _carries_state(session: Any) -> bool:
+    """Whether the session holds what a move does not carry: subscriptions,
+    messages in flight or queued either way, QoS 2 receive state."""
+    return bool(session.subscriptions or session.inflight or session.queue or session.qos2_in
+                or session.unwritten)
 
 
 def _encode_state(conn: Connection, move_id: int) -> bytes:
