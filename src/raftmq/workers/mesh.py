@@ -141,7 +141,12 @@ RESEND_WARN = 100_000
 MATCH_CACHE_LIMIT = 10_000
 
 # The $SYS counters exchanged for node totals, in STATS order: sys_topics' own.
+# A STATS frame is STAT_FIELDS, then connected clients, offline sessions and
+# subscriptions (summed too: STAT_SUMMED values), then the CPU load.
 STAT_FIELDS = NODE_COUNTERS
+STAT_CONNECTED = len(STAT_FIELDS)
+STAT_SUMMED = STAT_CONNECTED + 3
+STAT_CPU = STAT_SUMMED
 
 
 class Sibling:
@@ -769,30 +774,27 @@ class Mesh:
     def sibling_totals(self) -> list[int]:
         """Sum of the siblings' last STATS: STAT_FIELDS, then connected,
         disconnected sessions, subscriptions."""
-        n = len(STAT_FIELDS) + 3
-        totals = [0] * n
+        totals = [0] * STAT_SUMMED
         for sibling in self._sibling_list:
-            for i, value in enumerate(sibling.stats[:n]):
+            for i, value in enumerate(sibling.stats[:STAT_SUMMED]):
                 totals[i] += value
         return totals
 
     def connected_per_worker(self) -> dict[int, int]:
         """Connected clients by worker index (siblings as of their last STATS)."""
-        connected = len(STAT_FIELDS)
         counts = {self.index: self.broker.connected_count}
         for sibling in self._sibling_list:
             # Every worker from the first interval on (0 until it reports), so
             # the set of $SYS topics -- and the retained count -- stays put.
-            counts[sibling.index] = sibling.stats[connected] if sibling.stats else 0
+            counts[sibling.index] = sibling.stats[STAT_CONNECTED] if sibling.stats else 0
         return counts
 
     def load_per_worker(self) -> dict[int, int]:
         """Thousandths of a core each worker used over its last STATS interval."""
-        at = len(STAT_FIELDS) + 3
         loads = {self.index: self.cpu_load}
         for sibling in self._sibling_list:
             stats = sibling.stats
-            loads[sibling.index] = stats[at] if stats and len(stats) > at else 0
+            loads[sibling.index] = stats[STAT_CPU] if len(stats) > STAT_CPU else 0
         return loads
 
     # -- receiving -------------------------------------------------------------------
