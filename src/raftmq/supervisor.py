@@ -78,15 +78,19 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
 
+def _prctl(option: int, arg: Any) -> None:
+    """prctl(2) through libc (Linux); nothing where it is missing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def name_process(name: str) -> None:
     """Set this process's name as ``ps``, ``top`` and ``pgrep`` show it
     (/proc/PID/comm, 15 bytes): "raftmq", "raftmq-raft", "raftmq-worker-N"
     instead of N times "python"."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    _prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
 
 
 def _die_with_parent(parent_pid: int, name: str) -> None:
@@ -97,11 +101,7 @@ def _die_with_parent(parent_pid: int, name: str) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
         os._exit(1)
 
