@@ -142,7 +142,6 @@ def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float) -> Non
     and a load started during their start-up was measured in a state that
     lasted the whole run (p50 97 us instead of 16 us at 10k msg/s, both
     processes kept on one vCPU): the load starts once both brokers are idle."""
-    wait_for_port(port, proc, timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -12,7 +12,7 @@ Worker -> raft process
     PROPOSE   u64 request id | entry data         data = encode_ops(ops); many per write
     PROPOSE_LOCAL  (as PROPOSE)                   the same, but nobody else on this node needs
                                                  the entry: no ENTRY fan-out to the other
-                                                 workers (raftmq.state.entries.NODE_WIDE)
+                                                 workers (raftmq.state.entries.NODE_WIDE_TAGS)
     LOAD      (empty)                             "send me the committed state"
     ADMIN     u64 request id | JSON request       cluster status / add / remove / transfer
 Raft process -> worker
