@@ -46,7 +46,6 @@ from collections import deque
 from raftmq._codec cimport Publish
 from raftmq._codec import Connack, Connect, MQTTError, Parser, encode_publish
 from raftmq._trie import valid_topic_name
-import raftmq.logsetup as _logsetup
 from raftmq.state.entries import (Message, QueueAdd, SessionDelete, SessionExpiry,
                                    SessionOffline, SessionPut, SubRemove, WillDelete, WillSet)
 
@@ -765,6 +764,35 @@ def timed_out(list conns, Py_ssize_t start, Py_ssize_t end, double now,
 
 # -- the per-client log lines ----------------------------------------------------
 
+cdef class LogBatch:
+    """The lines a raftmq.logsetup.BatchingHandler formatted and has not written
+    yet.  Compiled so that the broker's question at every flush -- is a line
+    waiting? -- is a C field read: it is asked once per loop turn (or read),
+    and nearly always answered no."""
+    cdef public list lines
+    cdef public Py_ssize_t size
+
+    def __init__(self) -> None:
+        self.lines = []
+        self.size = 0
+
+
+# The process's batching handler and its batch (install_log_batch), or None:
+# lines go through the logging module.  ``_fast_info``: info lines may skip it.
+cdef object _batch_handler = None
+cdef LogBatch _batch = None
+cdef bint _fast_info = False
+
+
+def install_log_batch(handler, bint fast_info) -> None:
+    """raftmq.logsetup.setup_logging: the handler whose batch the broker flushes
+    and, with ``fast_info``, info_line appends to."""
+    global _batch_handler, _batch, _fast_info
+    _batch_handler = handler
+    _batch = handler.batch if handler is not None else None
+    _fast_info = fast_info and handler is not None
+
+
 # "<Unix time>: ", made once per second (as "%.0f" of a record's time).
 cdef long long _prefix_second = 0
 cdef str _prefix = ""
@@ -778,8 +806,7 @@ cpdef info_line(logger, str text):
     each log one.  The append takes no lock: it runs without a GIL switch, and
     the batch's flush swaps the list before joining it."""
     global _prefix_second, _prefix
-    handler = _logsetup._fast
-    if handler is None:
+    if not _fast_info:
         logger.info("%s", text)
         return
     cdef long long second = <long long>(time() + 0.5)
@@ -787,8 +814,9 @@ cpdef info_line(logger, str text):
         _prefix_second = second
         _prefix = f"{second}: "
     line = _prefix + text + "\n"
-    handler.pending.append(line)
-    handler.size += len(line)
+    cdef LogBatch batch = _batch
+    batch.lines.append(line)
+    batch.size += len(line)
 
 
 def flush_logs() -> None:
@@ -797,22 +825,22 @@ def flush_logs() -> None:
     _flush_logs()
 
 
-cdef int _flush_logs() except -1:
-    handler = _logsetup._batching
-    if handler is not None and handler.pending:
-        write_batch(handler)
+cdef inline int _flush_logs() except -1:
+    if _batch is not None and _batch.size:
+        write_batch(_batch_handler)
     return 0
 
 
 def write_batch(handler) -> None:
     """BatchingHandler.flush (raftmq.logsetup): one write of the batched lines."""
+    cdef LogBatch batch = handler.batch
     with handler._lock:
-        lines = handler.pending
+        lines = batch.lines
         if not lines:
             return
         # Swap, then join: info_line appends without the lock.
-        handler.pending = []
-        handler.size = 0
+        batch.lines = []
+        batch.size = 0
         text = "".join(lines)
         try:
             fd = handler.fd

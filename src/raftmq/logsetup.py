@@ -51,8 +51,9 @@ class BatchingHandler(logging.Handler):
             self.fd: int | None = stream.fileno()
         except (AttributeError, OSError, ValueError):
             self.fd = None
-        self.pending: list[str] = []
-        self.size = 0
+        # The formatted lines waiting for their write (compiled: the broker
+        # asks at every flush whether one is waiting).
+        self.batch = _core.LogBatch()
         self._lock = threading.Lock()  # logging from another thread stays safe
         atexit.register(self.flush)
 
@@ -62,10 +63,11 @@ class BatchingHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        batch = self.batch
         with self._lock:
-            self.pending.append(line)
-            self.size += len(line)
-            full = self.size >= FLUSH_BYTES
+            batch.lines.append(line)
+            batch.size += len(line)
+            full = batch.size >= FLUSH_BYTES
         if full or record.levelno >= logging.WARNING:
             self.flush()
 
@@ -114,6 +116,7 @@ def setup_logging(level: str, batched: bool = False) -> None:
         handler = _batching = BatchingHandler(sys.stderr)
         if level != "debug":  # debug lines carry the logger name and level: the slow path
             _fast = _batching
+        _core.install_log_batch(_batching, _fast is not None)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(DEBUG_LOG_FORMAT if level == "debug" else LOG_FORMAT))
