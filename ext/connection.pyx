@@ -140,6 +140,24 @@ cdef class RouterCore:
 cdef frozenset _NO_IDS = frozenset()
 
 
+cdef class Subscription:
+    """One subscription of one session, with its MQTT 5 options."""
+
+    def __init__(self, str topic_filter, int qos, bint no_local=False,
+                 bint retain_as_published=False, int retain_handling=0, long sub_id=0,
+                 share_group=None, str match_filter=None) -> None:
+        self.topic_filter = topic_filter
+        self.qos = qos
+        self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        self.retain_handling = retain_handling
+        self.sub_id = sub_id
+        self.share_group = share_group
+        self.match_filter = match_filter if match_filter is not None else topic_filter
+        # Announced to sibling workers as a persistent session's (workers/mesh.py).
+        self.durable = False
+
+
 cdef class Session:
     """What the broker remembers of one client id (see raftmq.broker.session)."""
 
@@ -589,11 +607,12 @@ cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topi
     cdef bint marked = False
     cdef Py_ssize_t delivered = 0, dropped = 0
     cdef Connection conn
+    cdef Subscription sub
     cdef tuple match
     for m in normal:
         match = <tuple>m
         client_id = match[0]
-        sub = match[1]
+        sub = <Subscription?>match[1]
         if sub.no_local and client_id == sender_id:
             continue  # [MQTT-3.8.3-3]
         c = (<Session?>sessions[client_id]).conn
@@ -612,10 +631,9 @@ cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topi
         retain = message_retain and sub.retain_as_published
         version = conn.version
         if version == 5 and (not plain or sub.sub_id or conn.client_alias_max):
-            sub_id = sub.sub_id
             message = _message(message, topic, payload, 0, message_retain, props, expiry_at)
             data = conn.encode_publish_v5(message, 0, retain, False, 0,
-                                          [sub_id] if sub_id else None)
+                                          [sub.sub_id] if sub.sub_id else None)
             if data is None:
                 dropped += 1
                 continue

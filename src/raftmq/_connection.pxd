@@ -132,6 +132,21 @@ cdef class Session:
     cdef public long unwritten
 
 
+cdef class Subscription:
+    # One subscription of one session (raftmq.broker.session re-exports it and
+    # documents the fields); a C struct so that the fan-out reads a
+    # subscriber's options per delivery without attribute lookups.
+    cdef public str topic_filter
+    cdef public int qos
+    cdef public bint no_local
+    cdef public bint retain_as_published
+    cdef public int retain_handling
+    cdef public long sub_id
+    cdef public object share_group
+    cdef public str match_filter
+    cdef public bint durable
+
+
 # Called from C within the module (and from Python: handlers/connect.py, logsetup).
 cpdef handle_connect(BrokerCore broker, Connection conn, p)
 cpdef info_line(logger, str text)

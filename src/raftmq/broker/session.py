@@ -3,7 +3,12 @@
 A ``Session`` outlives its network connection when its expiry interval is
 non-zero (MQTT 5 §4.1, 3.1.1 clean session 0).  It holds:
 
-- ``subscriptions``: topic filter (as sent, ``$share/...`` included) -> ``Subscription``;
+- ``subscriptions``: topic filter (as sent, ``$share/...`` included) ->
+  ``Subscription``: its options (qos, no_local, retain_as_published,
+  retain_handling, sub_id), share_group, match_filter (the filter without
+  ``$share/<group>/``) and durable (announced to sibling workers as a persistent
+  session's).  Compiled with the connection (ext/connection.pyx), like
+  ``Session``: the QoS 0 fan-out reads a subscriber's options per delivery;
 - ``inflight``: outgoing QoS 1/2 messages sent and not yet acknowledged, by
   packet id, in the order they were sent (dict order);
 - ``queue``: outgoing QoS 1/2 messages waiting for a free in-flight slot or for
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raftmq._connection import EXPIRY_NEVER  # noqa: F401 (re-exported)
+from raftmq._connection import EXPIRY_NEVER, Subscription  # noqa: F401 (re-exported)
 from raftmq._connection import Session as CompiledSession
 from raftmq.state.entries import QUEUED, Message
 
@@ -27,27 +32,6 @@ __all__ = ["EXPIRY_NEVER", "SHARE_UNKNOWN", "Outgoing", "Session", "Subscription
 # Outgoing.share of a message loaded from the store, which does not say by
 # which subscription it came (router.requeue_shared then works it out).
 SHARE_UNKNOWN: Any = object()
-
-
-class Subscription:
-    """One subscription of one session, with its MQTT 5 options."""
-
-    __slots__ = ("topic_filter", "qos", "no_local", "retain_as_published", "retain_handling",
-                 "sub_id", "share_group", "match_filter", "durable")
-
-    def __init__(self, topic_filter: str, qos: int, no_local: bool = False,
-                 retain_as_published: bool = False, retain_handling: int = 0, sub_id: int = 0,
-                 share_group: str | None = None, match_filter: str | None = None) -> None:
-        self.topic_filter = topic_filter
-        self.qos = qos
-        self.no_local = no_local
-        self.retain_as_published = retain_as_published
-        self.retain_handling = retain_handling
-        self.sub_id = sub_id
-        self.share_group = share_group
-        self.match_filter = match_filter if match_filter is not None else topic_filter
-        # Announced to sibling workers as a persistent session's (workers/mesh.py).
-        self.durable = False
 
 
 class Outgoing:
