@@ -602,7 +602,10 @@ cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topi
     cdef bint plain = props is None and not expiry_at
     cdef bint retain
     cdef int version, slot
-    encoded = [None, None, None, None]  # [v5 * 2 + retain]
+    # The PUBLISH bytes per (MQTT 5 or not, retain flag): the usual one (3.x,
+    # no retain) in its own variable, the others in a list made on first use.
+    plain_v3 = None
+    encoded = None  # [v5 * 2 + retain]
     cdef list dirty = broker._dirty  # (mark_dirty's append inlined: one call less per delivery)
     cdef bint marked = False
     cdef Py_ssize_t delivered = 0, dropped = 0
@@ -639,10 +642,18 @@ cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topi
                 continue
         else:
             slot = (2 if version == 5 else 0) + retain
-            data = encoded[slot]
-            if data is None:
-                data = encoded[slot] = encode_publish(topic, payload, 0, retain, False, 0, None,
-                                                      version)
+            if slot == 0:
+                data = plain_v3
+                if data is None:
+                    data = plain_v3 = encode_publish(topic, payload, 0, False, False, 0, None,
+                                                     version)
+            else:
+                if encoded is None:
+                    encoded = [None, None, None, None]
+                data = encoded[slot]
+                if data is None:
+                    data = encoded[slot] = encode_publish(topic, payload, 0, retain, False, 0,
+                                                          None, version)
         if conn.paused or len(data) > conn.client_max_packet:
             dropped += 1  # slow reader (QoS 0 is dropped) or too big for it
             continue
