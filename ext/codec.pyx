@@ -1160,12 +1160,7 @@ cdef class Parser:
     header included, as MQTT 5's Maximum Packet Size does).
     """
 
-    cdef public int protocol_version
-    cdef public Py_ssize_t max_packet_size
-    cdef public bint is_server
-    cdef public object error     # the MQTTError that broke the stream; later feed() calls raise it
-    cdef bytearray _buf          # bytes of an incomplete frame, kept across feed() calls
-    cdef Py_ssize_t _need        # total size of the incomplete frame once its header is known
+    # (Its fields and methods are declared in src/raftmq/_codec.pxd.)
 
     def __init__(self, Py_ssize_t max_packet_size=268435455, bint is_server=True):
         self.max_packet_size = max_packet_size
@@ -1180,7 +1175,7 @@ cdef class Parser:
         """Bytes held of an incomplete packet."""
         return len(self._buf)
 
-    def feed(self, data) -> list:
+    cpdef list feed(self, data):
         """Parse ``data`` (bytes, bytearray, memoryview); return the complete packets."""
         cdef Py_buffer view
         cdef Py_ssize_t used

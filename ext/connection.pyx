@@ -344,7 +344,7 @@ cdef class Connection:
 
 # -- packets of one read ------------------------------------------------------
 
-def handle_packets(BrokerCore broker, Connection conn, list packets) -> None:
+cpdef handle_packets(BrokerCore broker, Connection conn, list packets):
     """Handle every packet parsed from one read, in order.
 
     A QoS 0 PUBLISH of the common kind is handled here; any other packet goes

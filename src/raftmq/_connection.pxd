@@ -7,6 +7,9 @@
 # ``Connection`` subclasses this with the methods that are not per message.
 
 
+from raftmq._codec cimport Parser
+
+
 cdef class Stats:
     # Counters bumped on the hot path (raftmq.broker.sys_topics re-exports it).
     cdef public long long bytes_received
@@ -73,7 +76,7 @@ cdef class BrokerCore:
 cdef class Connection:
     cdef public BrokerCore broker
     cdef public object transport
-    cdef public object parser
+    cdef public Parser parser
     cdef public int state              # NEW / CONNECTED / CLOSING
     cdef public list out               # bytes queued for this turn's single write
     cdef public bint dirty             # in the broker's dirty list this turn
