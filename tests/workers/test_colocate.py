@@ -415,11 +415,18 @@ def test_fan_in_does_not_pile_onto_one_worker(node):
                 for c in pubs:
                     c.publish(topic, b"x")
                 time.sleep(0.02)
+            # The last window's decision may still move some (up to WINDOW plus a
+            # tick after the last message): read placement and log until they agree.
             time.sleep(1.5)
-            where = [accepting_worker(node, c.sock, pids) for c in pubs]
-            moved = len(re.findall(r"Client fpub\S* moved from worker 1 to worker 0",
-                                   log_text(node)[mark:]))
-            assert where.count(0) == moved >= 1, where
+            deadline = time.monotonic() + 5
+            while True:
+                where = [accepting_worker(node, c.sock, pids) for c in pubs]
+                moved = len(re.findall(r"Client fpub\S* moved from worker 1 to worker 0",
+                                       log_text(node)[mark:]))
+                if where.count(0) == moved or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            assert where.count(0) == moved >= 1, (where, moved)
             assert where.count(1) >= 4, where
         finally:
             for c in pubs:
