@@ -402,7 +402,7 @@ def test_kill_target_right_after_move(tmp_path):
 def test_fan_in_does_not_pile_onto_one_worker(node):
     """20 publishers on worker 1, one subscriber on worker 0: at this light load
     locality wins and most move, but the connection cap of the load rule stops
-    the moves while worker 1 still holds several of them (the CPU part of the
+    the moves while worker 1 still holds some of them (the CPU part of the
     rule: tests/unit/test_colocate_rule.py)."""
     pids = worker_pids(node, 2)
     topic = unique("coloc/fanin/")
@@ -427,7 +427,11 @@ def test_fan_in_does_not_pile_onto_one_worker(node):
                     break
                 time.sleep(0.3)
             assert where.count(0) == moved >= 1, (where, moved)
-            assert where.count(1) >= 4, where
+            # Without the cap all 20 would move.  With it 16 do when these are the
+            # only clients of the node; a client of an earlier test still counted
+            # on either worker (the rule counts every connected client, a sibling's
+            # as of its last STATS) shifts that by one or two.
+            assert where.count(1) >= 2, where
         finally:
             for c in pubs:
                 c.close()
