@@ -43,8 +43,8 @@ from os import write as os_write
 from time import time
 from collections import deque
 
-from raftmq._codec cimport Publish
-from raftmq._codec import Connack, Connect, MQTTError, Parser, encode_publish
+from raftmq._codec cimport Publish, _encode_publish
+from raftmq._codec import Connack, Connect, MQTTError, Parser
 from raftmq._trie import valid_topic_name
 from raftmq.state.entries import (Message, QueueAdd, SessionDelete, SessionExpiry,
                                    SessionOffline, SessionPut, SubRemove, WillDelete, WillSet)
@@ -303,6 +303,7 @@ cdef class Connection:
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self._tx_write = transport.write
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (peer[0], peer[1])
@@ -315,6 +316,7 @@ cdef class Connection:
     def connection_lost(self, exc) -> None:
         self.state = C_CLOSING
         self.online = False
+        self._tx_write = None
         _on_connection_lost(self.broker, self)
 
     def close(self) -> None:
@@ -532,7 +534,7 @@ cdef Py_ssize_t _route(RouterCore router, message, topic, payload, int qos, bint
             if conn.version == 5:
                 data = router._encode_v5(conn, message, 0, False, sub.sub_id)
             else:
-                data = encode_publish(topic, payload, 0, False, False, 0, None, conn.version)
+                data = _encode_publish(topic, payload, 0, False, False, 0, None, conn.version)
             if data is not None and not conn.paused and len(data) <= conn.client_max_packet:
                 conn._write(data)
                 delivered += 1
@@ -645,15 +647,15 @@ cdef Py_ssize_t _fanout_qos0(RouterCore router, BrokerCore broker, message, topi
             if slot == 0:
                 data = plain_v3
                 if data is None:
-                    data = plain_v3 = encode_publish(topic, payload, 0, False, False, 0, None,
-                                                     version)
+                    data = plain_v3 = _encode_publish(topic, payload, 0, False, False, 0, None,
+                                                      version)
             else:
                 if encoded is None:
                     encoded = [None, None, None, None]
                 data = encoded[slot]
                 if data is None:
-                    data = encoded[slot] = encode_publish(topic, payload, 0, retain, False, 0,
-                                                          None, version)
+                    data = encoded[slot] = _encode_publish(topic, payload, 0, retain, False, 0,
+                                                           None, version)
         if conn.paused or len(data) > conn.client_max_packet:
             dropped += 1  # slow reader (QoS 0 is dropped) or too big for it
             continue
@@ -756,7 +758,7 @@ cdef int _flush(BrokerCore broker) except -1:
         data = out[0] if k == 1 else b"".join(out)
         out.clear()
         nbytes += len(data)
-        conn.transport.write(data)
+        conn._tx_write(data)
     broker.stats.messages_sent += sent
     broker.stats.bytes_sent += nbytes
     return 0

@@ -76,6 +76,7 @@ cdef class BrokerCore:
 cdef class Connection:
     cdef public BrokerCore broker
     cdef public object transport
+    cdef object _tx_write              # transport.write, bound once (called per flush)
     cdef public Parser parser
     cdef public int state              # NEW / CONNECTED / CLOSING
     cdef public list out               # bytes queued for this turn's single write
