@@ -1,6 +1,8 @@
-# The codec's packet classes that the protocol core (ext/connection.pyx) reads
-# field by field on every message: declared here so their fields are C struct
-# members there, not attribute lookups.  The rest of ext/codec.pyx is its own.
+# What the protocol core (ext/connection.pyx) uses of the codec on every message:
+# the packet classes it reads field by field, the parser it feeds once per read
+# and the PUBLISH encoder of the QoS 0 fan-out -- declared here so that those
+# are C struct members and C calls there, not attribute lookups and Python
+# calls.  The rest of ext/codec.pyx is its own.
 
 from libc.stdint cimport uint8_t
 
