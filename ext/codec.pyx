@@ -39,7 +39,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport uint8_t
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from buf cimport Reader, Writer, put_u16, put_u32, put_varint, varint_size
 
@@ -1169,6 +1169,8 @@ cdef class Parser:
         self._buf = bytearray()
         self._need = 0
         self.error = None
+        self._topic_raw = None
+        self._topic = None
 
     @property
     def buffered(self) -> int:
@@ -1362,7 +1364,23 @@ cdef class Parser:
     cdef object _parse_publish(self, uint8_t first, Reader* r):
         cdef Publish pkt = Publish.__new__(Publish)
         cdef int qos = (first >> 1) & 3
-        pkt.topic = rd_str(r)
+        # A publisher usually sends to one topic again and again: the topic of
+        # the previous PUBLISH is kept, raw and decoded, and reused when the
+        # bytes are the same -- no decode and no new str, whose hash (the
+        # router's lookups) is then computed once, not per message.
+        cdef Py_ssize_t n = rd_u16(r)
+        if r.n < n:
+            _fail(RC_MALFORMED, "string longer than the packet")
+        cached = self._topic_raw
+        if cached is not None and PyBytes_GET_SIZE(cached) == n and \
+                memcmp(PyBytes_AS_STRING(cached), r.p, n) == 0:
+            pkt.topic = self._topic
+        else:
+            pkt.topic = _decode_utf8(r.p, n)  # (checked: only valid bytes are kept)
+            self._topic_raw = PyBytes_FromStringAndSize(<const char*>r.p, n)
+            self._topic = pkt.topic
+        r.p += n
+        r.n -= n
         pkt.qos = qos
         pkt.retain = first & 1
         pkt.dup = (first & 0x08) != 0

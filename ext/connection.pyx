@@ -415,7 +415,7 @@ cdef bint _publish_qos0(BrokerCore broker, Connection conn, Publish packet,
     return True
 
 
-def check_topic_name(str topic) -> None:
+cpdef check_topic_name(str topic):
     """A PUBLISH's topic name (after topic alias resolution) must not be empty
     [MQTT-3.3.2-1] nor hold a wildcard [MQTT-3.3.2-2]."""
     if not topic:

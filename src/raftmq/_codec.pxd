@@ -31,6 +31,8 @@ cdef class Parser:
     cdef public object error     # the MQTTError that broke the stream; later feed() calls raise it
     cdef bytearray _buf          # bytes of an incomplete frame, kept across feed() calls
     cdef Py_ssize_t _need        # total size of the incomplete frame once its header is known
+    cdef bytes _topic_raw        # the previous PUBLISH's topic name as sent, and decoded
+    cdef object _topic
 
     cpdef list feed(self, data)
     cdef Py_ssize_t _parse_frames(self, const uint8_t* p, Py_ssize_t n, list out) except -1

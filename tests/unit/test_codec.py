@@ -607,6 +607,20 @@ def test_packets_before_the_error_are_attached():
     assert p.error is info.value
 
 
+def test_repeated_topic_is_reused_and_a_changed_one_decoded():
+    """The parser keeps the previous PUBLISH's topic: the same bytes give the same
+    str object; other bytes of the same length, or bad UTF-8 after a good
+    topic, are decoded and checked as ever."""
+    p = make_parser(4, "c2s")
+    a1, a2, b, a3 = p.feed(b"".join(Publish(topic=t, payload=b"x").encode(4)
+                                    for t in ("room/1", "room/1", "room/2", "room/1")))
+    assert [x.topic for x in (a1, a2, b, a3)] == ["room/1", "room/1", "room/2", "room/1"]
+    assert a2.topic is a1.topic
+    with pytest.raises(MQTTError) as info:
+        p.feed(pkt(0x30, s(b"room/\xff"), b""))  # same length as "room/1"
+    assert info.value.reason_code == 0x81
+
+
 def test_too_large_is_refused_from_the_header_alone():
     p = make_parser(4, "c2s", max_packet_size=100)
     ok = Publish(topic="t", payload=b"x" * 95)  # 1 + 1 + 2 + 1 + 95 = 100 bytes in all
