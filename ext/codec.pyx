@@ -275,14 +275,20 @@ cdef object _decode_utf8(const uint8_t* s, Py_ssize_t n):
         _fail(RC_MALFORMED, "ill-formed UTF-8 string [MQTT-1.5.4-1]")
 
 
-cdef inline object rd_str(Reader* r):
-    cdef Py_ssize_t n = rd_u16(r)
-    cdef const uint8_t* s
-    if r.n < n:
+cdef inline const uint8_t* rd_str_bytes(Reader* r, Py_ssize_t* n) except NULL:
+    """The bytes of a UTF-8 string field (length in ``n``), not decoded yet."""
+    n[0] = rd_u16(r)
+    if r.n < n[0]:
         _fail(RC_MALFORMED, "string longer than the packet")
-    s = r.p
-    r.p += n
-    r.n -= n
+    cdef const uint8_t* s = r.p
+    r.p += n[0]
+    r.n -= n[0]
+    return s
+
+
+cdef inline object rd_str(Reader* r):
+    cdef Py_ssize_t n
+    cdef const uint8_t* s = rd_str_bytes(r, &n)
     return _decode_utf8(s, n)
 
 
@@ -1368,19 +1374,16 @@ cdef class Parser:
         # the previous PUBLISH is kept, raw and decoded, and reused when the
         # bytes are the same -- no decode and no new str, whose hash (the
         # router's lookups) is then computed once, not per message.
-        cdef Py_ssize_t n = rd_u16(r)
-        if r.n < n:
-            _fail(RC_MALFORMED, "string longer than the packet")
+        cdef Py_ssize_t n
+        cdef const uint8_t* raw = rd_str_bytes(r, &n)
         cached = self._topic_raw
         if cached is not None and PyBytes_GET_SIZE(cached) == n and \
-                memcmp(PyBytes_AS_STRING(cached), r.p, n) == 0:
+                memcmp(PyBytes_AS_STRING(cached), raw, n) == 0:
             pkt.topic = self._topic
         else:
-            pkt.topic = _decode_utf8(r.p, n)  # (checked: only valid bytes are kept)
-            self._topic_raw = PyBytes_FromStringAndSize(<const char*>r.p, n)
+            pkt.topic = _decode_utf8(raw, n)  # (checked: only valid bytes are kept)
+            self._topic_raw = PyBytes_FromStringAndSize(<const char*>raw, n)
             self._topic = pkt.topic
-        r.p += n
-        r.n -= n
         pkt.qos = qos
         pkt.retain = first & 1
         pkt.dup = (first & 0x08) != 0
